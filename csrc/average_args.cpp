@@ -1,0 +1,174 @@
+#include "average_args.h"
+
+#include <ATen/ops/empty_strided.h>
+#include <c10/util/Exception.h>
+
+namespace swa_fast {
+namespace {
+
+// Rank of a floating dtype's precision; 0 for anything else.
+int float_rank(c10::ScalarType t) {
+  switch (t) {
+    case c10::ScalarType::Half:
+    case c10::ScalarType::BFloat16:
+      return 1;
+    case c10::ScalarType::Float:
+      return 2;
+    case c10::ScalarType::Double:
+      return 3;
+    default:
+      return 0;
+  }
+}
+
+void check_same_device(const char* op, const at::Tensor& t, const char* list, size_t i, c10::Device device) {
+  TORCH_CHECK(
+      t.device() == device, op, ": ", list, "[", i, "] is on ", t.device(), " but averaged[0] is on ", device,
+      "; all tensors of one call must be on one device");
+}
+
+void check_weight(const char* op, const at::Tensor& weight, c10::Device device, bool read_value) {
+  TORCH_CHECK(weight.dim() == 0, op, ": weight must be a 0-dim tensor, got shape ", weight.sizes());
+  TORCH_CHECK(
+      weight.scalar_type() == c10::ScalarType::Float || weight.scalar_type() == c10::ScalarType::Double, op,
+      ": weight must be float32 or float64, got ", weight.scalar_type());
+  TORCH_CHECK(
+      weight.device() == device, op, ": weight is on ", weight.device(), " but the averaged tensors are on ",
+      device, "; create it there (e.g. torch.tensor(w, device=...))");
+  // Reading a CPU scalar is free; a device scalar would cost a sync, so the
+  // range of a device weight is the caller's promise (the Python API checks
+  // Python floats before they become tensors).
+  if (read_value && weight.is_cpu()) {
+    const double w = weight.item<double>();
+    TORCH_CHECK(w >= 0.0 && w <= 1.0, op, ": weight must be in [0, 1], got ", w);
+  }
+}
+
+void check_skip(const char* op, const std::optional<at::Tensor>& skip, c10::Device device) {
+  if (!skip.has_value()) {
+    return;
+  }
+  TORCH_CHECK(
+      skip->dim() == 0 && skip->scalar_type() == c10::ScalarType::Bool, op,
+      ": skip must be a 0-dim bool tensor, got dtype ", skip->scalar_type(), " and shape ", skip->sizes());
+  TORCH_CHECK(
+      skip->device() == device, op, ": skip is on ", skip->device(), " but the averaged tensors are on ", device);
+}
+
+}  // namespace
+
+bool is_supported_dtype_pair(c10::ScalarType averaged, c10::ScalarType current) {
+  if (at::isComplexType(averaged) || at::isComplexType(current)) {
+    return false;
+  }
+  if (averaged == current) {
+    return true;
+  }
+  const int avg_rank = float_rank(averaged);
+  const int cur_rank = float_rank(current);
+  return avg_rank >= 2 && cur_rank > 0 && cur_rank < avg_rank;
+}
+
+bool is_fusable_pair(const at::Tensor& averaged, const at::Tensor& current) {
+  return is_supported_dtype_pair(averaged.scalar_type(), current.scalar_type()) && averaged.is_non_overlapping_and_dense();
+}
+
+void validate_average_args(
+    const char* op,
+    at::TensorList averaged,
+    at::TensorList sq_mean,
+    bool with_moments,
+    at::TensorList current,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& skip,
+    bool read_weight_value) {
+  TORCH_CHECK(
+      averaged.size() == current.size(), op, ": averaged has ", averaged.size(), " tensors but current has ",
+      current.size());
+  if (with_moments) {
+    TORCH_CHECK(
+        sq_mean.size() == averaged.size(), op, ": mean has ", averaged.size(), " tensors but sq_mean has ",
+        sq_mean.size());
+  }
+  if (averaged.empty()) {
+    return;  // an empty update is a no-op, not an error
+  }
+  const c10::Device device = averaged[0].device();
+  check_weight(op, weight, device, read_weight_value);
+  check_skip(op, skip, device);
+
+  for (size_t i = 0; i < averaged.size(); ++i) {
+    const at::Tensor& avg = averaged[i];
+    const at::Tensor& cur = current[i];
+    check_same_device(op, avg, "averaged", i, device);
+    check_same_device(op, cur, "current", i, device);
+    TORCH_CHECK(
+        avg.sizes() == cur.sizes(), op, ": shape mismatch at index ", i, ": averaged[", i, "] has shape ",
+        avg.sizes(), " but current[", i, "] has shape ", cur.sizes());
+    TORCH_CHECK(
+        !at::isComplexType(avg.scalar_type()), op, ": averaged[", i, "] is complex (", avg.scalar_type(),
+        "), which swa_fast does not average");
+    const bool avg_floating = at::isFloatingType(avg.scalar_type());
+    TORCH_CHECK(
+        avg_floating || !at::isFloatingType(cur.scalar_type()), op, ": averaged[", i, "] has non-floating dtype ",
+        avg.scalar_type(), " but current[", i, "] is ", cur.scalar_type(),
+        "; a running average needs a floating averaged tensor (integer/bool tensors are only copied, "
+        "from a tensor of the same dtype)");
+    TORCH_CHECK(
+        is_supported_dtype_pair(avg.scalar_type(), cur.scalar_type()), op, ": averaged[", i, "] has dtype ",
+        avg.scalar_type(), " but current[", i, "] has dtype ", cur.scalar_type(),
+        "; current must have the averaged dtype or a lower-precision floating dtype");
+    TORCH_CHECK(
+        avg.is_non_overlapping_and_dense(), op, ": averaged[", i,
+        "] is a strided view (not dense); averages must be whole tensors, e.g. parameters or .contiguous() copies");
+    if (with_moments) {
+      const at::Tensor& sq = sq_mean[i];
+      TORCH_CHECK(avg_floating, op, ": mean[", i, "] has dtype ", avg.scalar_type(), "; moments need floating tensors");
+      check_same_device(op, sq, "sq_mean", i, device);
+      TORCH_CHECK(
+          sq.sizes() == avg.sizes() && sq.strides() == avg.strides() && sq.scalar_type() == avg.scalar_type(), op,
+          ": sq_mean[", i, "] must match mean[", i, "] in shape, strides and dtype; got shape ", sq.sizes(),
+          " and dtype ", sq.scalar_type(), " for mean's ", avg.sizes(), " and ", avg.scalar_type());
+    }
+  }
+}
+
+std::vector<at::Tensor> check_average_args(
+    const char* op,
+    at::TensorList averaged,
+    at::TensorList sq_mean,
+    bool with_moments,
+    at::TensorList current,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& skip) {
+  validate_average_args(op, averaged, sq_mean, with_moments, current, weight, skip, /*read_weight_value=*/true);
+  std::vector<at::Tensor> laid_out;
+  laid_out.reserve(current.size());
+  for (size_t i = 0; i < averaged.size(); ++i) {
+    const at::Tensor& avg = averaged[i];
+    const at::Tensor& cur = current[i];
+    if (cur.strides() == avg.strides() || avg.numel() <= 1) {
+      laid_out.push_back(cur);
+    } else {
+      // A layout mismatch (e.g. channels_last model, contiguous average) costs
+      // one copy here instead of a strided kernel.
+      at::Tensor copy = at::empty_strided(avg.sizes(), avg.strides(), cur.options());
+      copy.copy_(cur);
+      laid_out.push_back(std::move(copy));
+    }
+  }
+  return laid_out;
+}
+
+c10::Device check_nonfinite_args(at::TensorList tensors) {
+  TORCH_CHECK(!tensors.empty(), "nonfinite_flag: needs at least one tensor to know the device of the flag");
+  const c10::Device device = tensors[0].device();
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(
+        tensors[i].device() == device, "nonfinite_flag: tensors[", i, "] is on ", tensors[i].device(),
+        " but tensors[0] is on ", device);
+  }
+  return device;
+}
+
+}  // namespace swa_fast

@@ -1,0 +1,55 @@
+// Argument checks shared by the CPU and CUDA kernels of the averaging ops.
+//
+// Every check runs on the host before any tensor is written, so bad input
+// raises with nothing modified, and none of them reads device memory (no sync).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <optional>
+#include <vector>
+
+namespace swa_fast {
+
+// True when `current` may be averaged into `averaged`: the same dtype, or a
+// floating `current` of lower precision than a floating `averaged` (an fp32
+// or fp64 shadow of a half-precision model). Integer/bool pairs must match.
+bool is_supported_dtype_pair(c10::ScalarType averaged, c10::ScalarType current);
+
+// True when the fused ops take this pair as it is: a supported dtype pair and
+// a dense (non-overlapping) averaged tensor. Devices and shapes are not
+// considered. Python uses it to route the rare other pairs around the kernels.
+bool is_fusable_pair(const at::Tensor& averaged, const at::Tensor& current);
+
+// Every check of average_ / average_moments_ (pass an empty `sq_mean` for
+// average_). Reads nothing but metadata unless `read_weight_value`, so the
+// fake kernels run it on fake tensors under torch.compile too.
+void validate_average_args(
+    const char* op,
+    at::TensorList averaged,
+    at::TensorList sq_mean,
+    bool with_moments,
+    at::TensorList current,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& skip,
+    bool read_weight_value);
+
+// Validates the arguments of average_ / average_moments_ (pass an empty
+// `sq_mean` for average_) and returns the current tensors laid out exactly
+// like their averaged counterparts: the same tensor when strides already
+// match, else a dense copy with the averaged tensor's strides. The kernels can
+// then walk every pair as two flat arrays.
+std::vector<at::Tensor> check_average_args(
+    const char* op,
+    at::TensorList averaged,
+    at::TensorList sq_mean,
+    bool with_moments,
+    at::TensorList current,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& skip);
+
+// Checks the list of nonfinite_flag; returns the device all tensors are on.
+c10::Device check_nonfinite_args(at::TensorList tensors);
+
+}  // namespace swa_fast

@@ -1,0 +1,79 @@
+// The op library: schemas for torch.ops.swa_fast.* and the build facts that
+// `python -m swa_fast info` and the import-time staleness check read.
+//
+// Kernels register themselves per dispatch key next to their code
+// (csrc/cpu/*.cpp for CPU, csrc/cuda/*.cu for CUDA).
+
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "average_args.h"
+
+#ifndef SWA_FAST_SOURCE_HASH
+#define SWA_FAST_SOURCE_HASH "unknown"
+#endif
+#ifndef SWA_FAST_TORCH_VERSION
+#define SWA_FAST_TORCH_VERSION "unknown"
+#endif
+#ifndef SWA_FAST_CPU_CAPABILITY_NAME
+#define SWA_FAST_CPU_CAPABILITY_NAME "default"
+#endif
+#ifndef SWA_FAST_CUDA_ARCHS
+#define SWA_FAST_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(swa_fast, m) {
+  // averaged[i] = lerp(averaged[i], current[i], weight) for every i, in place,
+  // in one fused pass. weight: 0-dim float32/float64 tensor on the averaged
+  // device. weight == 1 is an exact copy. Integer/bool tensors are copied.
+  // skip: optional 0-dim bool on the same device; when true nothing changes
+  // (read on the device, so the decision costs no host sync).
+  m.def("average_(Tensor(a!)[] averaged, Tensor[] current, Tensor weight, Tensor? skip=None) -> ()");
+  // SWAG moments in the same pass: mean[i] = lerp(mean[i], x, w) and
+  // sq_mean[i] = lerp(sq_mean[i], x*x, w) with x = current[i].
+  m.def(
+      "average_moments_(Tensor(a!)[] mean, Tensor(b!)[] sq_mean, Tensor[] current, Tensor weight, "
+      "Tensor? skip=None) -> ()");
+  // 0-dim bool on the tensors' device: true when any element of any floating
+  // tensor is NaN or +-Inf. Pair with the skip argument above.
+  m.def("nonfinite_flag(Tensor[] tensors) -> Tensor");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["source_hash"] = SWA_FAST_SOURCE_HASH;
+  info["torch_version"] = SWA_FAST_TORCH_VERSION;
+  info["cpu_capability"] = SWA_FAST_CPU_CAPABILITY_NAME;
+#ifdef SWA_FAST_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_archs"] = SWA_FAST_CUDA_ARCHS;
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = "";
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "swa_fast kernels; the ops live in torch.ops.swa_fast";
+  m.def("build_info", &build_info, "How this extension was built");
+  m.def(
+      "is_fusable_pair", &swa_fast::is_fusable_pair, pybind11::arg("averaged"), pybind11::arg("current"),
+      "Whether the fused ops take this (averaged, current) pair as it is (dtypes and layout)");
+  m.def(
+      "validate_average_args",
+      [](const std::string& op, const std::vector<at::Tensor>& averaged, const std::vector<at::Tensor>& sq_mean,
+         bool with_moments, const std::vector<at::Tensor>& current, const at::Tensor& weight,
+         const std::optional<at::Tensor>& skip) {
+        swa_fast::validate_average_args(
+            op.c_str(), averaged, sq_mean, with_moments, current, weight, skip, /*read_weight_value=*/false);
+      },
+      "The kernels' argument checks on metadata only (for the fake kernels)");
+  m.def(
+      "check_nonfinite_args", [](const std::vector<at::Tensor>& tensors) { swa_fast::check_nonfinite_args(tensors); },
+      "nonfinite_flag's argument checks (for its fake kernel)");
+}

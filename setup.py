@@ -1,0 +1,128 @@
+"""Build swa_fast and its one extension, ``swa_fast._C``.
+
+Install torch first, then build without isolation so pip does not fetch a
+second torch into a temporary build environment:
+
+    pip install torch==2.13.0
+    pip install --no-build-isolation -e .
+
+Environment switches:
+  SWA_FAST_CUDA=0|1             force the CUDA kernels off / on (default: on when
+                                torch has CUDA and nvcc is found).
+  SWA_FAST_CPU_CAPABILITY=auto|avx2|default
+                                x86 vector ISA for the CPU kernels (default auto:
+                                AVX2+FMA when this machine has it, as torch's own
+                                kernels do; see docs/ARCHITECTURE.md).
+  TORCH_CUDA_ARCH_LIST          the GPU architectures to compile for, as for torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import shutil
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+
+
+def _load_source_hash():
+    spec = importlib.util.spec_from_file_location("_source_hash", ROOT / "swa_fast" / "_source_hash.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.source_hash
+
+
+def _want_cuda(torch, cpp_extension) -> bool:
+    forced = os.environ.get("SWA_FAST_CUDA")
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise SystemExit(f"SWA_FAST_CUDA must be 0 or 1, got {forced!r}")
+        if forced == "1" and (torch.version.cuda is None or cpp_extension.CUDA_HOME is None):
+            raise SystemExit("SWA_FAST_CUDA=1 but torch has no CUDA or nvcc (CUDA_HOME) was not found")
+        return forced == "1"
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _host_has_avx2_fma() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+def _cpu_capability() -> str:
+    choice = os.environ.get("SWA_FAST_CPU_CAPABILITY", "auto").lower()
+    if choice not in ("auto", "avx2", "default"):
+        raise SystemExit(f"SWA_FAST_CPU_CAPABILITY must be auto, avx2 or default, got {choice!r}")
+    is_x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if choice == "auto":
+        choice = "avx2" if is_x86 and _host_has_avx2_fma() else "default"
+    if choice == "avx2" and not is_x86:
+        raise SystemExit("SWA_FAST_CPU_CAPABILITY=avx2 needs an x86-64 machine")
+    return choice
+
+
+def _extension():
+    import torch
+    from torch.utils import cpp_extension
+
+    with_cuda = _want_cuda(torch, cpp_extension)
+    cpu_capability = _cpu_capability()
+    sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
+    sources += sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cpu").glob("*.cpp"))
+    cuda_archs = ""
+    if with_cuda:
+        sources += sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cuda").glob("*.cu"))
+        arch_flags = cpp_extension._get_cuda_arch_flags()
+        cuda_archs = ";".join(sorted({f.split("code=")[-1] for f in arch_flags if "code=" in f}))
+
+    defines = [
+        ("SWA_FAST_SOURCE_HASH", f'"{_load_source_hash()(CSRC, with_cuda)}"'),
+        ("SWA_FAST_TORCH_VERSION", f'"{torch.__version__}"'),
+        ("SWA_FAST_CPU_CAPABILITY_NAME", f'"{cpu_capability}"'),
+        ("SWA_FAST_CUDA_ARCHS", f'"{cuda_archs}"'),
+    ]
+    cxx = ["-O3", "-std=c++17"]
+    if cpu_capability == "avx2":
+        # Same ISA and vector classes torch uses for its AVX2/AVX512 kernels: the
+        # fused multiply-add in lerp then rounds exactly like torch.lerp does.
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    link = []
+    if torch._C.has_openmp and platform.system() == "Linux":
+        # at::parallel_for is header code: without -fopenmp it silently runs
+        # on one thread. The loader reuses the libgomp torch already loaded.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+    if with_cuda:
+        defines.append(("SWA_FAST_WITH_CUDA", "1"))
+    extension_class = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    return extension_class(
+        name="swa_fast._C",
+        sources=sources,
+        include_dirs=[str(CSRC)],
+        define_macros=defines,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
+        extra_link_args=link,
+    ), cpp_extension.BuildExtension
+
+
+def main() -> None:
+    extension, build_ext = _extension()
+    if shutil.which("ninja") is None:
+        print("swa_fast: ninja not found; compiling serially (pip install ninja for parallel builds)")
+    setup(
+        packages=find_packages(include=["swa_fast", "swa_fast.*"]),
+        ext_modules=[extension],
+        cmdclass={"build_ext": build_ext.with_options(use_ninja=shutil.which("ninja") is not None)},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""swa_fast: fused weight averaging for PyTorch.
+
+``from swa_fast import swa_utils`` is a drop-in for ``torch.optim.swa_utils``
+whose averaging runs as fused multi-tensor kernels (C++ on CPU, CUDA on GPU).
+The kernels themselves are ``torch.ops.swa_fast.*``, wrapped here as
+:func:`average_`, :func:`average_moments_` and :func:`nonfinite_flag`.
+"""
+
+__version__ = "0.1.0"
+
+from swa_fast._ops import BUILD_INFO, average_, average_moments_, nonfinite_flag  # noqa: E402  (loads _C)
+from swa_fast import swa_utils  # noqa: E402
+
+__all__ = ["BUILD_INFO", "average_", "average_moments_", "nonfinite_flag", "swa_utils", "__version__"]

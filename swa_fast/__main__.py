@@ -1,0 +1,66 @@
+"""``python -m swa_fast info`` and ``python -m swa_fast bench``."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import runpy
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+def info_lines() -> List[str]:
+    """What `python -m swa_fast info` prints: versions, compiled kernels, GPU seen."""
+    import torch
+
+    import swa_fast
+
+    build = swa_fast.BUILD_INFO
+    lines = [
+        f"swa_fast {swa_fast.__version__}",
+        f"torch {torch.__version__} (swa_fast._C built against {build['torch_version']})",
+        f"python {platform.python_version()} on {platform.machine()}",
+        f"CPU kernels: compiled ({build['cpu_capability']} vector ISA), {torch.get_num_threads()} threads",
+    ]
+    if build["cuda"]:
+        lines.append(f"CUDA kernels: compiled for {build['cuda_archs'] or 'default archs'}")
+    else:
+        lines.append("CUDA kernels: not compiled (CPU-only build)")
+    lines.append(f"torch CUDA: {torch.version.cuda or 'none (CPU build of torch)'}")
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            lines.append(f"GPU {index}: {props.name}, sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB")
+    else:
+        lines.append("GPU: none seen")
+    lines.append(f"sources: {build['source_hash']}")
+    return lines
+
+
+def _bench(argv: List[str]) -> int:
+    runner = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+    if not runner.is_file():
+        print("swa_fast bench runs benchmarks/run.py from a source checkout; none was found next to this install.")
+        return 2
+    sys.argv = [str(runner), *argv]
+    runpy.run_path(str(runner), run_name="__main__")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m swa_fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, compiled kernels and the GPU seen")
+    sub.add_parser("bench", help="the side-by-side benchmark runner (benchmarks/run.py); options pass through")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "info":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        print("\n".join(info_lines()))
+        return 0
+    return _bench(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

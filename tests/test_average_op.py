@@ -1,0 +1,214 @@
+"""torch.ops.swa_fast.average_ / average_moments_ / nonfinite_flag against pure-torch references."""
+
+import pytest
+import torch
+
+import swa_fast
+from conftest import devices
+from reference import lerp_reference, moments_reference, torch_lerp
+
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SIZES = [0, 1, 3, 8, 17, 1023, 40_000, 100_003]  # tails, one chunk, several chunks
+WEIGHTS = [1e-3, 0.25, 1 / 3, 0.5, 0.75, 0.999]
+
+
+def make(n, dtype, device, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("weight", WEIGHTS)
+def test_bitwise_equal_to_torch_lerp(device, dtype, weight):
+    averaged = [make(n, dtype, device, seed=i) for i, n in enumerate(SIZES)]
+    current = [make(n, dtype, device, seed=100 + i) for i, n in enumerate(SIZES)]
+    expected = [torch_lerp(a, c, weight) for a, c in zip(averaged, current)]
+    swa_fast.average_(averaged, current, weight)
+    for got, want in zip(averaged, expected):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float64])
+def test_device_weight_tensor_matches_float_weight(device, weight_dtype):
+    averaged = [make(1000, torch.float32, device, 0)]
+    current = [make(1000, torch.float32, device, 1)]
+    expected = torch_lerp(averaged[0], current[0], float(torch.tensor(0.3, dtype=weight_dtype)))
+    swa_fast.average_(averaged, current, torch.tensor(0.3, dtype=weight_dtype, device=device))
+    assert torch.equal(averaged[0], expected)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize(
+    "avg_dtype,cur_dtype",
+    [
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float16),
+        (torch.float64, torch.float32),
+        (torch.float64, torch.bfloat16),
+    ],
+)
+def test_lower_precision_current_against_float64(device, avg_dtype, cur_dtype):
+    averaged = [make(n, avg_dtype, device, i) for i, n in enumerate(SIZES)]
+    current = [make(n, cur_dtype, device, 50 + i) for i, n in enumerate(SIZES)]
+    for weight in (0.1, 0.7):
+        expected = [lerp_reference(a, c, weight) for a, c in zip(averaged, current)]
+        scale = [torch.maximum(a.double().abs(), c.double().abs()) for a, c in zip(averaged, current)]
+        swa_fast.average_(averaged, current, weight)
+        for got, want, size in zip(averaged, expected, scale):
+            # The kernel rounds (b - a) and the fused multiply-add in the
+            # averaged dtype: within two units in the last place of the inputs.
+            error = (got.double() - want.double()).abs()
+            assert bool((error <= 2 * torch.finfo(avg_dtype).eps * size).all())
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_weight_one_is_an_exact_copy_even_of_inf(device, dtype):
+    averaged = [make(37, dtype, device, 0)]
+    current = make(37, dtype, device, 1)
+    current[3] = float("inf")
+    current[5] = float("-inf")
+    swa_fast.average_(averaged, [current], 1.0)
+    assert torch.equal(averaged[0], current)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("weight", [0.2, 0.6, 1.0])
+def test_moments_match_two_lerps(device, dtype, weight):
+    mean = [make(n, dtype, device, i) for i, n in enumerate(SIZES)]
+    sq_mean = [m * m + 0.5 for m in mean]
+    current = [make(n, dtype, device, 30 + i) for i, n in enumerate(SIZES)]
+    expected = [moments_reference(m, s, c, weight) for m, s, c in zip(mean, sq_mean, current)]
+    swa_fast.average_moments_(mean, sq_mean, current, weight)
+    for m, s, (want_m, want_s) in zip(mean, sq_mean, expected):
+        assert torch.equal(m, want_m)
+        assert torch.equal(s, want_s)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_moments_with_bf16_current_into_fp32(device):
+    mean = [make(5000, torch.float32, device, 0)]
+    sq_mean = [mean[0] * mean[0]]
+    current = [make(5000, torch.bfloat16, device, 1)]
+    expected = moments_reference(mean[0], sq_mean[0], current[0], 0.125)
+    swa_fast.average_moments_(mean, sq_mean, current, 0.125)
+    assert torch.equal(mean[0], expected[0])
+    assert torch.equal(sq_mean[0], expected[1])
+
+
+@pytest.mark.parametrize("device", devices())
+def test_integer_and_bool_tensors_are_copied(device):
+    averaged = [torch.zeros(5, dtype=torch.long, device=device), torch.zeros(3, dtype=torch.bool, device=device)]
+    current = [torch.arange(5, device=device), torch.tensor([True, False, True], device=device)]
+    swa_fast.average_(averaged, current, 0.25)
+    assert torch.equal(averaged[0], current[0])
+    assert torch.equal(averaged[1], current[1])
+
+
+@pytest.mark.parametrize("device", devices())
+def test_skip_flag_leaves_everything_untouched(device):
+    averaged = [make(100, torch.float32, device, 0), make(7, torch.float16, device, 1)]
+    sq_mean = [a * a for a in averaged]
+    current = [make(100, torch.float32, device, 2), make(7, torch.float16, device, 3)]
+    before = [a.clone() for a in averaged] + [s.clone() for s in sq_mean]
+    skip = torch.tensor(True, device=device)
+    swa_fast.average_(averaged, current, 0.5, skip=skip)
+    swa_fast.average_moments_(averaged, sq_mean, current, 0.5, skip=skip)
+    for got, want in zip(averaged + sq_mean, before):
+        assert torch.equal(got, want)
+    swa_fast.average_(averaged, current, 0.5, skip=torch.tensor(False, device=device))
+    assert torch.equal(averaged[0], torch_lerp(before[0], current[0], 0.5))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_flag_finds_any_position(device, dtype, bad):
+    tensors = [make(n, dtype, device, i) for i, n in enumerate([5, 70_001, 1])] + [torch.arange(4, device=device)]
+    assert not swa_fast.nonfinite_flag(tensors).item()
+    for index, position in [(0, 4), (1, 0), (1, 65_537), (1, 70_000), (2, 0)]:
+        poisoned = [t.clone() for t in tensors]
+        poisoned[index][position] = bad
+        flag = swa_fast.nonfinite_flag(poisoned)
+        assert flag.dtype == torch.bool and flag.dim() == 0 and flag.device.type == device
+        assert flag.item()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_empty_lists_are_a_no_op(device):
+    swa_fast.average_([], [], 0.5)
+    swa_fast.average_moments_([], [], [], 0.5)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_many_tensors_and_mixed_dtypes_in_one_call(device):
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    averaged = [make(1 + (i * 37) % 300, dtypes[i % 4], device, i) for i in range(400)]
+    current = [make(a.numel(), a.dtype, device, 1000 + i) for i, a in enumerate(averaged)]
+    expected = [torch_lerp(a, c, 0.1) for a, c in zip(averaged, current)]
+    swa_fast.average_(averaged, current, 0.1)
+    for got, want in zip(averaged, expected):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_current_with_other_layout_is_read_correctly(device):
+    averaged = make(2 * 3 * 4 * 5, torch.float32, device, 0).reshape(2, 3, 4, 5)
+    current = make(2 * 3 * 4 * 5, torch.float32, device, 1).reshape(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    offset_view = make(121, torch.float32, device, 2)[1:]  # storage offset, misaligned
+    averaged_flat = make(120, torch.float32, device, 3)
+    expected = [torch_lerp(averaged, current.contiguous(), 0.3), torch_lerp(averaged_flat, offset_view, 0.3)]
+    swa_fast.average_([averaged, averaged_flat], [current, offset_view], 0.3)
+    assert torch.equal(averaged, expected[0])
+    assert torch.equal(averaged_flat, expected[1])
+
+
+@pytest.mark.parametrize("device", devices())
+def test_channels_last_averages(device):
+    averaged = make(2 * 3 * 4 * 5, torch.float32, device, 0).reshape(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    current = make(2 * 3 * 4 * 5, torch.float32, device, 1).reshape(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    expected = torch_lerp(averaged, current, 0.6)
+    swa_fast.average_([averaged], [current], 0.6)
+    assert torch.equal(averaged, expected)
+    assert averaged.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck_every_op(device):
+    def sample():
+        return (
+            [make(33, torch.float32, device, 0), make(5, torch.float64, device, 1)],
+            [make(33, torch.bfloat16, device, 2), make(5, torch.float64, device, 3)],
+        )
+
+    averaged, current = sample()
+    weight = torch.tensor(0.25, device=device)
+    torch.library.opcheck(torch.ops.swa_fast.average_.default, (averaged, current, weight, None))
+    averaged, current = sample()
+    torch.library.opcheck(
+        torch.ops.swa_fast.average_.default, (averaged, current, weight, torch.tensor(False, device=device))
+    )
+    mean, current = sample()
+    sq_mean = [m * m for m in mean]
+    torch.library.opcheck(torch.ops.swa_fast.average_moments_.default, (mean, sq_mean, current, weight, None))
+    torch.library.opcheck(torch.ops.swa_fast.nonfinite_flag.default, (current,))
+
+
+def test_ops_work_under_torch_compile():
+    def step(averaged, current, weight):
+        skip = torch.ops.swa_fast.nonfinite_flag(current)
+        torch.ops.swa_fast.average_(averaged, current, weight, skip)
+        return averaged[0].sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    eager_avg = [make(100, torch.float32, "cpu", 0), make(10, torch.float32, "cpu", 1)]
+    compiled_avg = [t.clone() for t in eager_avg]
+    current = [make(100, torch.float32, "cpu", 2), make(10, torch.float32, "cpu", 3)]
+    weight = torch.tensor(0.5)
+    step(eager_avg, current, weight)
+    compiled(compiled_avg, current, weight)
+    for a, b in zip(eager_avg, compiled_avg):
+        assert torch.equal(a, b)

@@ -1,0 +1,70 @@
+"""The build facts, `python -m swa_fast info`, and the import errors that say how to build."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import swa_fast
+from swa_fast import _ops
+from swa_fast.__main__ import info_lines
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_build_info_describes_this_build():
+    info = swa_fast.BUILD_INFO
+    assert info["torch_version"] == torch.__version__
+    assert info["cpu_capability"] in ("avx2", "default")
+    assert isinstance(info["cuda"], bool)
+    if info["cuda"]:
+        assert info["cuda_archs"]
+
+
+def test_info_command_prints_versions_kernels_and_gpu():
+    result = subprocess.run([sys.executable, "-m", "swa_fast", "info"], capture_output=True, text=True, check=True)
+    out = result.stdout
+    assert f"swa_fast {swa_fast.__version__}" in out
+    assert f"torch {torch.__version__}" in out
+    assert "CPU kernels: compiled" in out
+    assert "CUDA kernels:" in out
+    assert ("GPU 0:" in out) == torch.cuda.is_available()
+    assert out.splitlines() == info_lines()
+
+
+def run_import(prelude: str) -> subprocess.CompletedProcess:
+    code = textwrap.dedent(prelude) + "\nimport swa_fast\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_missing_extension_says_how_to_build():
+    result = run_import("import sys\nsys.modules['swa_fast._C'] = None\n")
+    assert result.returncode != 0
+    assert "ImportError" in result.stderr
+    assert "swa_fast._C could not be loaded" in result.stderr
+    assert _ops.BUILD_COMMAND in result.stderr
+
+
+def test_stale_extension_says_how_to_rebuild(monkeypatch):
+    monkeypatch.delenv("SWA_FAST_SKIP_SOURCE_CHECK", raising=False)
+    monkeypatch.setattr(_ops, "source_hash", lambda csrc, with_cuda: "0000000000000000")
+    with pytest.raises(ImportError, match="swa_fast._C is stale") as error:
+        _ops._load_extension()
+    assert _ops.BUILD_COMMAND in str(error.value)
+
+
+def test_extension_for_another_torch_is_refused(monkeypatch):
+    real = _ops._C.build_info
+
+    class FakeC:
+        @staticmethod
+        def build_info():
+            return {**real(), "torch_version": "1.0.0"}
+
+    monkeypatch.setitem(sys.modules, "swa_fast._C", FakeC)
+    monkeypatch.setattr(swa_fast, "_C", FakeC, raising=False)
+    with pytest.raises(ImportError, match=r"built for torch 1.0.0"):
+        _ops._load_extension()
