@@ -1,0 +1,436 @@
+// CUDA kernels of average_, average_moments_ and nonfinite_flag.
+//
+// Structure (mirrors csrc/cpu/average_cpu.cpp section by section):
+//   1. check_average_args validates everything on the host;
+//   2. the tensor pairs are grouped by (averaged dtype, current dtype) and
+//      each group goes through multi_tensor_apply (multi_tensor_apply.cuh):
+//      fixed-size chunks, one CUDA block per chunk, many tensors per launch;
+//   3. each chunk runs LerpFunctor<avg_t, cur_t, kMoments>, which converts to
+//      the arithmetic type (fp32, fp64 for fp64) in registers and applies
+//      torch's lerp formula, with 16-byte vector accesses where aligned.
+//
+// Unlike the CPU kernels, the host never reads weight or skip: every thread
+// reads them from device memory, so an update costs no sync and can be
+// captured in a CUDA graph.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "average_args.h"
+#include "cuda/multi_tensor_apply.cuh"
+
+namespace swa_fast {
+namespace {
+
+// ---------------------------------------------------------------------------
+// torch's lerp formula (CPU: lerp_in_place)
+// ---------------------------------------------------------------------------
+
+// Correctly rounded fused multiply-add and multiply. The explicit intrinsics
+// pin down the rounding: torch's CUDA lerp is compiled with nvcc's default
+// contraction, which turns `a + w*(b-a)` and `b - (b-a)*(1-w)` into one fma
+// each, and __fmul_rn keeps x*x (moments) from being fused into the lerp.
+__device__ __forceinline__ float fma_rn(float a, float b, float c) {
+  return __fmaf_rn(a, b, c);
+}
+__device__ __forceinline__ double fma_rn(double a, double b, double c) {
+  return __fma_rn(a, b, c);
+}
+__device__ __forceinline__ float mul_rn(float a, float b) {
+  return __fmul_rn(a, b);
+}
+__device__ __forceinline__ double mul_rn(double a, double b) {
+  return __dmul_rn(a, b);
+}
+
+// torch's lerp (ATen/native/Lerp.h) for one weight, written like the CPU
+// kernel's: w < 0.5 ? fma(w, b-a, a) : fma(w-1, b-a, b). w - 1 == -(1 - w)
+// exactly, so the second form equals torch's fused b - (b-a)*(1-w).
+template <typename opmath_t>
+struct Lerp {
+  opmath_t coeff;  // w, or w - 1 for large weights
+  bool small;      // |w| < 0.5: start from a, else from b
+
+  __device__ __forceinline__ explicit Lerp(opmath_t w)
+      : coeff(fabs(w) < opmath_t(0.5) ? w : w - opmath_t(1)), small(fabs(w) < opmath_t(0.5)) {}
+
+  __device__ __forceinline__ opmath_t operator()(opmath_t a, opmath_t b) const {
+    return fma_rn(coeff, b - a, small ? a : b);
+  }
+};
+
+// The weight arrives as a 0-dim float32 or float64 tensor; reading it as
+// double first keeps "w == 1" the exact test the CPU kernel makes.
+__device__ __forceinline__ double read_weight(const void* weight, bool weight_is_double) {
+  return weight_is_double ? *static_cast<const double*>(weight)
+                          : static_cast<double>(*static_cast<const float*>(weight));
+}
+
+__device__ __forceinline__ bool should_skip(const bool* skip) {
+  return skip != nullptr && *skip;
+}
+
+// ---------------------------------------------------------------------------
+// One chunk of one tensor pair, plus squares for moments (CPU: lerp_chunk,
+// copy_chunk)
+// ---------------------------------------------------------------------------
+
+// Lists: {averaged, current}, or {mean, sq_mean, current} for moments.
+// weight == 1 is an exact copy, as torch's first AveragedModel update is,
+// even when current holds Inf.
+template <typename avg_t, typename cur_t, bool kMoments>
+struct LerpFunctor {
+  using opmath_t = at::opmath_type<avg_t>;
+  static constexpr int kDepth = kMoments ? 3 : 2;
+  static constexpr int kCur = kDepth - 1;
+  static constexpr int kILP = mta::kVectorWidth<avg_t>;
+
+  const void* weight;
+  bool weight_is_double;
+  const bool* skip;  // nullptr: never skip
+
+  __device__ __forceinline__ void operator()(const mta::Chunk<kDepth>& chunk) const {
+    if (should_skip(skip)) {
+      return;
+    }
+    const double w = read_weight(weight, weight_is_double);
+    const bool copy = w == 1.0;
+    const Lerp<opmath_t> lerp(static_cast<opmath_t>(w));
+
+    avg_t* avg = chunk.template ptr<avg_t>(0);
+    avg_t* sq = kMoments ? chunk.template ptr<avg_t>(1) : nullptr;
+    const cur_t* cur = chunk.template ptr<cur_t>(kCur);
+
+    // One element; s is only touched for moments.
+    const auto update = [&](avg_t& a, avg_t& s, cur_t c) {
+      const opmath_t x = static_cast<opmath_t>(c);
+      a = copy ? static_cast<avg_t>(x) : static_cast<avg_t>(lerp(static_cast<opmath_t>(a), x));
+      if constexpr (kMoments) {
+        const opmath_t x2 = mul_rn(x, x);  // rounded once, as sq.lerp_(x*x, w) sees it
+        s = copy ? static_cast<avg_t>(x2) : static_cast<avg_t>(lerp(static_cast<opmath_t>(s), x2));
+      }
+    };
+
+    const bool aligned = mta::is_aligned<mta::kVectorBytes>(avg) &&
+        mta::is_aligned<kILP * sizeof(cur_t)>(cur) && (!kMoments || mta::is_aligned<mta::kVectorBytes>(sq));
+    mta::for_each_in_chunk<kILP>(
+        chunk.size, aligned,
+        [&](int v) {
+          auto a = mta::load_vector<kILP>(avg, v);
+          const auto c = mta::load_vector<kILP>(cur, v);
+          mta::AlignedVector<avg_t, kILP> s;
+          if constexpr (kMoments) {
+            s = mta::load_vector<kILP>(sq, v);
+          }
+#pragma unroll
+          for (int k = 0; k < kILP; ++k) {
+            update(a.val[k], s.val[k], c.val[k]);
+          }
+          mta::store_vector(avg, v, a);
+          if constexpr (kMoments) {
+            mta::store_vector(sq, v, s);
+          }
+        },
+        [&](int i) {
+          avg_t a = avg[i];
+          avg_t s;
+          if constexpr (kMoments) {
+            s = sq[i];
+          }
+          update(a, s, cur[i]);
+          avg[i] = a;
+          if constexpr (kMoments) {
+            sq[i] = s;
+          }
+        });
+  }
+};
+
+// Integer and bool tensors (e.g. BatchNorm's num_batches_tracked) are copied.
+// Only the element size matters, so all of them share four instantiations,
+// and they obey skip like the floating tensors (a cudaMemcpyAsync could not).
+template <typename word_t>
+struct CopyFunctor {
+  static constexpr int kILP = mta::kVectorWidth<word_t>;
+
+  const bool* skip;
+
+  __device__ __forceinline__ void operator()(const mta::Chunk<2>& chunk) const {
+    if (should_skip(skip)) {
+      return;
+    }
+    word_t* dst = chunk.template ptr<word_t>(0);
+    const word_t* src = chunk.template ptr<word_t>(1);
+    const bool aligned = mta::is_aligned<mta::kVectorBytes>(dst) && mta::is_aligned<mta::kVectorBytes>(src);
+    mta::for_each_in_chunk<kILP>(
+        chunk.size, aligned, [&](int v) { mta::store_vector(dst, v, mta::load_vector<kILP>(src, v)); },
+        [&](int i) { dst[i] = src[i]; });
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Grouping by dtype and dispatch (CPU: run_chunk, split_into_chunks)
+// ---------------------------------------------------------------------------
+
+// Calls f(avg_tag, cur_tag) with TypeTag<avg_t>, TypeTag<cur_t> for the
+// floating pairs is_supported_dtype_pair accepts; only these are compiled.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+template <typename F>
+void dispatch_floating_pair(const char* op, at::ScalarType avg, at::ScalarType cur, F&& f) {
+  using at::BFloat16;
+  using at::Half;
+  using at::ScalarType;
+  if (avg == ScalarType::Double) {
+    switch (cur) {
+      case ScalarType::Double:
+        return f(TypeTag<double>{}, TypeTag<double>{});
+      case ScalarType::Float:
+        return f(TypeTag<double>{}, TypeTag<float>{});
+      case ScalarType::Half:
+        return f(TypeTag<double>{}, TypeTag<Half>{});
+      case ScalarType::BFloat16:
+        return f(TypeTag<double>{}, TypeTag<BFloat16>{});
+      default:
+        break;
+    }
+  } else if (avg == ScalarType::Float) {
+    switch (cur) {
+      case ScalarType::Float:
+        return f(TypeTag<float>{}, TypeTag<float>{});
+      case ScalarType::Half:
+        return f(TypeTag<float>{}, TypeTag<Half>{});
+      case ScalarType::BFloat16:
+        return f(TypeTag<float>{}, TypeTag<BFloat16>{});
+      default:
+        break;
+    }
+  } else if (avg == ScalarType::Half && cur == ScalarType::Half) {
+    return f(TypeTag<Half>{}, TypeTag<Half>{});
+  } else if (avg == ScalarType::BFloat16 && cur == ScalarType::BFloat16) {
+    return f(TypeTag<BFloat16>{}, TypeTag<BFloat16>{});
+  }
+  TORCH_CHECK(false, op, ": averaging ", cur, " into ", avg, " is not implemented on CUDA");
+}
+
+// The tensors of one launch group: lists[d][i] for depth d, pair i.
+struct Group {
+  at::ScalarType avg_dtype;
+  at::ScalarType cur_dtype;
+  std::vector<std::vector<at::Tensor>> lists;
+};
+
+Group& group_for(std::vector<Group>& groups, at::ScalarType avg, at::ScalarType cur, int depth) {
+  for (Group& g : groups) {
+    if (g.avg_dtype == avg && g.cur_dtype == cur) {
+      return g;
+    }
+  }
+  groups.push_back(Group{avg, cur, std::vector<std::vector<at::Tensor>>(depth)});
+  return groups.back();
+}
+
+// Copies only care about the element size: integer and bool tensors are
+// grouped under one representative dtype per size (bool and uint8 share a
+// launch, as do int64 and uint64).
+at::ScalarType copy_key(at::ScalarType dtype) {
+  switch (c10::elementSize(dtype)) {
+    case 1:
+      return at::ScalarType::Byte;
+    case 2:
+      return at::ScalarType::Short;
+    case 4:
+      return at::ScalarType::Int;
+    case 8:
+      return at::ScalarType::Long;
+    default:
+      return dtype;
+  }
+}
+
+// A dtype without a kernel here (float8, sub-byte types) raises before any
+// group is launched, so no call leaves the lists half updated.
+void check_group_has_kernel(const char* op, const Group& group) {
+  if (at::isFloatingType(group.avg_dtype)) {
+    dispatch_floating_pair(op, group.avg_dtype, group.cur_dtype, [](auto, auto) {});
+    return;
+  }
+  const size_t size = c10::elementSize(group.avg_dtype);
+  TORCH_CHECK(
+      size == 1 || size == 2 || size == 4 || size == 8, op, ": copying ", group.avg_dtype,
+      " tensors is not implemented on CUDA");
+}
+
+template <bool kMoments>
+void run_group(const char* op, const Group& group, const at::Tensor& weight, const bool* skip) {
+  if (!at::isFloatingType(group.avg_dtype)) {
+    TORCH_INTERNAL_ASSERT(!kMoments, op, ": moments of a non-floating tensor passed the argument checks");
+    // Integer groups are keyed by element size (see copy_key).
+    switch (c10::elementSize(group.avg_dtype)) {
+      case 1:
+        return mta::multi_tensor_apply<2>(group.lists, 1, CopyFunctor<uint8_t>{skip});
+      case 2:
+        return mta::multi_tensor_apply<2>(group.lists, 1, CopyFunctor<uint16_t>{skip});
+      case 4:
+        return mta::multi_tensor_apply<2>(group.lists, 1, CopyFunctor<uint32_t>{skip});
+      case 8:
+        return mta::multi_tensor_apply<2>(group.lists, 1, CopyFunctor<uint64_t>{skip});
+      default:
+        TORCH_INTERNAL_ASSERT(false, op, ": no copy kernel for ", group.avg_dtype, " (check_group_has_kernel)");
+    }
+  }
+  const void* weight_ptr = weight.const_data_ptr();
+  const bool weight_is_double = weight.scalar_type() == at::ScalarType::Double;
+  dispatch_floating_pair(op, group.avg_dtype, group.cur_dtype, [&](auto avg_tag, auto cur_tag) {
+    using avg_t = typename decltype(avg_tag)::type;
+    using cur_t = typename decltype(cur_tag)::type;
+    using Functor = LerpFunctor<avg_t, cur_t, kMoments>;
+    mta::multi_tensor_apply<Functor::kDepth>(group.lists, kMoments ? 2 : 1, Functor{weight_ptr, weight_is_double, skip});
+  });
+}
+
+// ---------------------------------------------------------------------------
+// average_ / average_moments_ (CPU: average_cpu_impl)
+// ---------------------------------------------------------------------------
+
+template <bool kMoments>
+void average_cuda_impl(
+    const char* op,
+    at::TensorList averaged,
+    at::TensorList sq_mean,
+    at::TensorList current,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& skip) {
+  const std::vector<at::Tensor> cur = check_average_args(op, averaged, sq_mean, kMoments, current, weight, skip);
+  if (averaged.empty()) {
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(averaged[0].device());
+  const bool* skip_ptr = skip.has_value() ? skip->const_data_ptr<bool>() : nullptr;
+
+  constexpr int kDepth = kMoments ? 3 : 2;
+  std::vector<Group> groups;
+  for (size_t i = 0; i < averaged.size(); ++i) {
+    const at::ScalarType avg_dtype = averaged[i].scalar_type();
+    Group& group = at::isFloatingType(avg_dtype)
+        ? group_for(groups, avg_dtype, cur[i].scalar_type(), kDepth)
+        : group_for(groups, copy_key(avg_dtype), copy_key(avg_dtype), kDepth);
+    group.lists[0].push_back(averaged[i]);
+    if constexpr (kMoments) {
+      group.lists[1].push_back(sq_mean[i]);
+    }
+    group.lists[kDepth - 1].push_back(cur[i]);
+  }
+  for (const Group& group : groups) {
+    check_group_has_kernel(op, group);
+  }
+  for (const Group& group : groups) {
+    run_group<kMoments>(op, group, weight, skip_ptr);
+  }
+}
+
+void average_cuda(
+    at::TensorList averaged,
+    at::TensorList current,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& skip) {
+  average_cuda_impl<false>("swa_fast.average_", averaged, {}, current, weight, skip);
+}
+
+void average_moments_cuda(
+    at::TensorList mean,
+    at::TensorList sq_mean,
+    at::TensorList current,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& skip) {
+  average_cuda_impl<true>("swa_fast.average_moments_", mean, sq_mean, current, weight, skip);
+}
+
+// ---------------------------------------------------------------------------
+// nonfinite_flag (CPU: block_has_nonfinite, nonfinite_flag_cpu)
+// ---------------------------------------------------------------------------
+
+// Any thread that sees NaN/Inf stores true. Many threads storing the same
+// value is a benign race with a deterministic result, and needs no atomics.
+template <typename T>
+struct NonfiniteFunctor {
+  static constexpr int kILP = mta::kVectorWidth<T>;
+
+  bool* flag;
+
+  __device__ __forceinline__ void operator()(const mta::Chunk<1>& chunk) const {
+    using opmath_t = at::opmath_type<T>;
+    const T* values = chunk.template ptr<T>(0);
+    bool found = false;
+    mta::for_each_in_chunk<kILP>(
+        chunk.size, mta::is_aligned<mta::kVectorBytes>(values),
+        [&](int v) {
+          const auto x = mta::load_vector<kILP>(values, v);
+#pragma unroll
+          for (int k = 0; k < kILP; ++k) {
+            found |= !isfinite(static_cast<opmath_t>(x.val[k]));
+          }
+        },
+        [&](int i) { found |= !isfinite(static_cast<opmath_t>(values[i])); });
+    if (found) {
+      *flag = true;
+    }
+  }
+};
+
+at::Tensor nonfinite_flag_cuda(at::TensorList tensors) {
+  const c10::Device device = check_nonfinite_args(tensors);
+  const c10::cuda::CUDAGuard guard(device);
+  at::Tensor flag = tensors[0].new_empty({}, at::TensorOptions().dtype(at::kBool).device(device));
+  C10_CUDA_CHECK(
+      cudaMemsetAsync(flag.mutable_data_ptr(), 0, sizeof(bool), c10::cuda::getCurrentCUDAStream(device.index())));
+
+  // Only the floating tensors can hold NaN/Inf; views are read densely.
+  std::vector<std::vector<std::vector<at::Tensor>>> by_dtype;  // one depth-1 list per dtype
+  std::vector<at::ScalarType> dtypes;
+  for (const at::Tensor& t : tensors) {
+    if (!at::isFloatingType(t.scalar_type())) {
+      continue;
+    }
+    size_t g = 0;
+    while (g < dtypes.size() && dtypes[g] != t.scalar_type()) {
+      ++g;
+    }
+    if (g == dtypes.size()) {
+      dtypes.push_back(t.scalar_type());
+      by_dtype.emplace_back(1);
+    }
+    by_dtype[g][0].push_back(t.is_non_overlapping_and_dense() ? t : t.contiguous());
+  }
+  bool* flag_ptr = flag.mutable_data_ptr<bool>();
+  for (size_t g = 0; g < dtypes.size(); ++g) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtypes[g], "swa_fast_nonfinite", [&] {
+      mta::multi_tensor_apply<1>(by_dtype[g], 0, NonfiniteFunctor<scalar_t>{flag_ptr});
+    });
+  }
+  return flag;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(swa_fast, CUDA, m) {
+  m.impl("average_", &average_cuda);
+  m.impl("average_moments_", &average_moments_cuda);
+  m.impl("nonfinite_flag", &nonfinite_flag_cuda);
+}
+
+}  // namespace swa_fast

@@ -1,0 +1,567 @@
+"""GPU tests of the CUDA kernels (csrc/cuda/average_cuda.cu, multi_tensor_apply.cuh).
+
+What only the CUDA path has: bitwise parity with torch's own CUDA lerp, the
+vectorized / scalar split (sizes around the vector width, misaligned views),
+the launch loop (more tensors or chunks than one launch holds, tensors over
+2^31 elements), device-side weight and skip (no host sync, CUDA graphs).
+Run on a GPU machine with ``pytest -m cuda``; elsewhere every test skips.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"),
+]
+
+if CUDA:  # importing swa_fast without a GPU is the other test files' business
+    import swa_fast
+
+DEVICE = "cuda"
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# 0 and 1; around the vector widths (2, 4, 8 elements); a tail after whole
+# vectors; one chunk (65536) plus one; several chunks with a ragged end.
+SIZES = [0, 1, 3, 4, 5, 1023, 65537, 200003]
+# Both branches of torch's lerp (|w| < 0.5 and not), and values whose
+# float32 rounding lands on either side of 0.5.
+WEIGHTS = [1e-3, 0.1, 0.3, 0.49999997, 0.5, 0.7, 0.999]
+
+
+def make(n, dtype, seed, device=DEVICE):
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(n, generator=generator, dtype=torch.float64)
+    if dtype.is_floating_point:
+        return values.to(device=device, dtype=dtype)
+    if dtype == torch.bool:
+        return (values > 0).to(device)
+    if dtype == torch.uint8:
+        values = values.abs()
+    return (values * 50).round().clamp(-100, 100).to(device=device, dtype=dtype)
+
+
+def foreach_lerp(averaged, current, weight):
+    """torch's own CUDA lerp on clones (what swa_utils' foreach path computes)."""
+    result = [a.clone() for a in averaged]
+    torch._foreach_lerp_(result, list(current), weight)
+    return result
+
+
+def moments_expected(mean, sq_mean, current, weight):
+    """``mean.lerp_(x, w); sq_mean.lerp_(x * x, w)`` with torch's ops.
+
+    For fp32/fp64 this is literally that; for fp16/bf16 (and lower-precision
+    current) it runs in fp32 and rounds once at the end, since the kernel keeps
+    x*x in the arithmetic type instead of rounding it to fp16/bf16 first.
+    """
+    opmath = torch.float64 if mean.dtype == torch.float64 else torch.float32
+    m, s, x = mean.to(opmath), sq_mean.to(opmath), current.to(opmath)
+    if weight == 1.0:
+        return x.to(mean.dtype), (x * x).to(mean.dtype)
+    m.lerp_(x, weight)
+    s.lerp_(x * x, weight)
+    return m.to(mean.dtype), s.to(mean.dtype)
+
+
+def assert_equal_lists(got, want):
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype and g.shape == w.shape, f"tensor {i}"
+        assert torch.equal(g, w), f"tensor {i} differs: max |diff| {(g.double() - w.double()).abs().max().item()}"
+
+
+# ---------------------------------------------------------------------------
+# average_: bitwise parity with torch._foreach_lerp_
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("weight", WEIGHTS)
+def test_bitwise_equal_to_foreach_lerp(dtype, weight):
+    averaged = [make(n, dtype, seed=i) for i, n in enumerate(SIZES)]
+    current = [make(n, dtype, seed=100 + i) for i, n in enumerate(SIZES)]
+    expected = foreach_lerp(averaged, current, weight)
+    swa_fast.average_(averaged, current, weight)
+    assert_equal_lists(averaged, expected)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weight", [0.2, 0.6])
+def test_device_weight_tensor(dtype, weight_dtype, weight):
+    w = torch.tensor(weight, dtype=weight_dtype, device=DEVICE)
+    averaged = [make(n, dtype, seed=i) for i, n in enumerate(SIZES)]
+    current = [make(n, dtype, seed=40 + i) for i, n in enumerate(SIZES)]
+    # A float32 weight converts exactly to the Python float the reference gets.
+    expected = foreach_lerp(averaged, current, float(w.cpu()))
+    swa_fast.average_(averaged, current, w)
+    assert_equal_lists(averaged, expected)
+
+
+@pytest.mark.parametrize("cur_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weight", [0.1, 0.75])
+def test_lower_precision_current_into_fp32(cur_dtype, weight):
+    weight = float(torch.tensor(weight, dtype=torch.float32))  # the weight the kernel computes with
+    averaged = [make(n, torch.float32, seed=i) for i, n in enumerate(SIZES)]
+    current = [make(n, cur_dtype, seed=60 + i) for i, n in enumerate(SIZES)]
+    before = [a.clone() for a in averaged]
+    # Exact: bf16/fp16 -> fp32 is exact, so this is the same arithmetic.
+    exact = foreach_lerp(averaged, [c.float() for c in current], weight)
+    swa_fast.average_(averaged, current, weight)
+    assert_equal_lists(averaged, exact)
+    # And against float64: b - a and the fma round once each (half an ulp
+    # each), so the error is within one fp32 ulp of the inputs' magnitude
+    # (plus a second-order term).
+    eps = torch.finfo(torch.float32).eps
+    for got, a, c in zip(averaged, before, current):
+        a64, c64 = a.double(), c.double()
+        reference = a64 + weight * (c64 - a64)
+        bound = eps * (1 + eps) * torch.maximum(a64.abs(), c64.abs())
+        assert bool(((got.double() - reference).abs() <= bound).all())
+
+
+@pytest.mark.parametrize(
+    "avg_dtype,cur_dtype",
+    [(torch.float64, torch.float32), (torch.float64, torch.float16), (torch.float64, torch.bfloat16)],
+)
+def test_lower_precision_current_into_fp64(avg_dtype, cur_dtype):
+    averaged = [make(n, avg_dtype, seed=i) for i, n in enumerate(SIZES)]
+    current = [make(n, cur_dtype, seed=70 + i) for i, n in enumerate(SIZES)]
+    expected = foreach_lerp(averaged, [c.double() for c in current], 0.3)
+    swa_fast.average_(averaged, current, 0.3)
+    assert_equal_lists(averaged, expected)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_weight_one_is_an_exact_copy_even_of_inf(dtype):
+    averaged = [make(n, dtype, seed=i) for i, n in enumerate(SIZES)]
+    current = [make(n, dtype, seed=20 + i) for i, n in enumerate(SIZES)]
+    for c in current:
+        if c.numel() >= 5:
+            c[1] = float("inf")
+            c[-2] = float("-inf")
+    for weight in (1.0, torch.tensor(1.0, device=DEVICE), torch.tensor(1.0, dtype=torch.float64, device=DEVICE)):
+        targets = [a.clone() for a in averaged]
+        swa_fast.average_(targets, current, weight)
+        assert_equal_lists(targets, current)
+
+
+def test_weight_one_copies_bf16_into_fp32_exactly():
+    averaged = [make(n, torch.float32, seed=i) for i, n in enumerate(SIZES)]
+    current = [make(n, torch.bfloat16, seed=30 + i) for i, n in enumerate(SIZES)]
+    current[-1][7] = float("inf")
+    swa_fast.average_(averaged, current, 1.0)
+    assert_equal_lists(averaged, [c.float() for c in current])
+
+
+# ---------------------------------------------------------------------------
+# average_moments_
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("weight", [0.2, 0.5, 0.8, 1.0])
+def test_moments_match_two_lerps(dtype, weight):
+    mean = [make(n, dtype, seed=i) for i, n in enumerate(SIZES)]
+    sq_mean = [(m.float() * m.float() + 0.5).to(dtype) for m in mean]
+    current = [make(n, dtype, seed=30 + i) for i, n in enumerate(SIZES)]
+    expected = [moments_expected(m, s, c, weight) for m, s, c in zip(mean, sq_mean, current)]
+    swa_fast.average_moments_(mean, sq_mean, current, weight)
+    assert_equal_lists(mean, [e[0] for e in expected])
+    assert_equal_lists(sq_mean, [e[1] for e in expected])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_moments_are_literally_torch_lerp_for_full_precision(dtype):
+    mean = [make(n, dtype, seed=i) for i, n in enumerate(SIZES)]
+    sq_mean = [m * m for m in mean]
+    current = [make(n, dtype, seed=90 + i) for i, n in enumerate(SIZES)]
+    want_mean = [m.clone().lerp_(x, 0.3) for m, x in zip(mean, current)]
+    want_sq = [s.clone().lerp_(x * x, 0.3) for s, x in zip(sq_mean, current)]
+    swa_fast.average_moments_(mean, sq_mean, current, 0.3)
+    assert_equal_lists(mean, want_mean)
+    assert_equal_lists(sq_mean, want_sq)
+
+
+@pytest.mark.parametrize("cur_dtype", [torch.bfloat16, torch.float16])
+def test_moments_lower_precision_current_into_fp32(cur_dtype):
+    mean = [make(n, torch.float32, seed=i) for i, n in enumerate(SIZES)]
+    sq_mean = [m * m for m in mean]
+    current = [make(n, cur_dtype, seed=80 + i) for i, n in enumerate(SIZES)]
+    expected = [moments_expected(m, s, c, 0.125) for m, s, c in zip(mean, sq_mean, current)]
+    swa_fast.average_moments_(mean, sq_mean, current, 0.125)
+    assert_equal_lists(mean, [e[0] for e in expected])
+    assert_equal_lists(sq_mean, [e[1] for e in expected])
+
+
+def test_moments_weight_one_copies_inf():
+    mean = [make(1000, torch.float32, seed=0)]
+    sq_mean = [make(1000, torch.float32, seed=1)]
+    current = [make(1000, torch.float32, seed=2)]
+    current[0][10] = float("inf")
+    swa_fast.average_moments_(mean, sq_mean, current, 1.0)
+    assert torch.equal(mean[0], current[0])
+    assert torch.equal(sq_mean[0], current[0] * current[0])
+
+
+# ---------------------------------------------------------------------------
+# skip
+# ---------------------------------------------------------------------------
+
+
+def test_skip_true_leaves_everything_untouched():
+    averaged = [make(n, dtype, seed=i) for i, (n, dtype) in enumerate(zip(SIZES, FLOAT_DTYPES * 2))]
+    averaged += [torch.zeros(5, dtype=torch.long, device=DEVICE), torch.zeros((), dtype=torch.long, device=DEVICE)]
+    current = [make(a.numel(), a.dtype, seed=50 + i).reshape(a.shape) for i, a in enumerate(averaged)]
+    sq_mean = [a.clone() for a in averaged[:-2]]
+    before = [a.clone() for a in averaged] + [s.clone() for s in sq_mean]
+    skip = torch.tensor(True, device=DEVICE)
+    swa_fast.average_(averaged, current, 0.5, skip=skip)
+    swa_fast.average_(averaged, current, 1.0, skip=skip)
+    swa_fast.average_moments_(averaged[:-2], sq_mean, current[:-2], 0.3, skip=skip)
+    assert_equal_lists(averaged + sq_mean, before)
+
+    swa_fast.average_(averaged, current, 0.5, skip=torch.tensor(False, device=DEVICE))
+    assert_equal_lists(averaged[:-2], foreach_lerp(before[: len(averaged) - 2], current[:-2], 0.5))
+    assert_equal_lists(averaged[-2:], current[-2:])
+
+
+# ---------------------------------------------------------------------------
+# nonfinite_flag
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_flag_finds_any_position(dtype, bad):
+    tensors = [make(n, dtype, seed=i) for i, n in enumerate([5, 200003, 1, 65537])]
+    tensors.append(torch.arange(4, device=DEVICE))  # integers are ignored
+    flag = swa_fast.nonfinite_flag(tensors)
+    assert flag.dtype == torch.bool and flag.dim() == 0 and flag.device.type == "cuda"
+    assert not flag.item()
+    # first, last, vector tails, chunk boundaries
+    positions = [(0, 0), (0, 4), (1, 0), (1, 7), (1, 65535), (1, 65536), (1, 131072), (1, 200002), (2, 0), (3, 65536)]
+    for index, position in positions:
+        poisoned = [t.clone() for t in tensors]
+        poisoned[index][position] = bad
+        assert swa_fast.nonfinite_flag(poisoned).item(), (index, position)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_nonfinite_flag_half_extremes_are_finite(dtype):
+    info = torch.finfo(dtype)
+    values = torch.tensor([info.max, -info.max, info.tiny, info.tiny / 4, 0.0, -0.0], dtype=dtype, device=DEVICE)
+    assert not swa_fast.nonfinite_flag([values]).item()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_nonfinite_flag_reads_views(dtype):
+    base = make(3 * 70000, dtype, seed=5)
+    views = [
+        base[1 : 1 + 70001],  # storage offset: misaligned, read in place
+        make(300 * 301, dtype, seed=6).reshape(300, 301).t(),  # dense but not contiguous: read in place
+        base[::3],  # not dense: read through a contiguous copy
+    ]
+    assert not swa_fast.nonfinite_flag(views).item()
+    for view in views:
+        last = tuple(s - 1 for s in view.shape)
+        original = view[last].clone()
+        view[last] = float("nan")
+        assert swa_fast.nonfinite_flag(views).item()
+        view[last] = original
+    assert not swa_fast.nonfinite_flag(views).item()
+
+
+def test_nonfinite_flag_of_only_integers_is_false():
+    flag = swa_fast.nonfinite_flag([torch.arange(10, device=DEVICE), torch.ones(3, dtype=torch.bool, device=DEVICE)])
+    assert flag.device.type == "cuda" and not flag.item()
+
+
+# ---------------------------------------------------------------------------
+# Alignment: the vectorized path and its scalar fallback
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("offset", [1, 2, 3])
+@pytest.mark.parametrize("which", ["current", "averaged", "both"])
+def test_misaligned_views(dtype, offset, which):
+    sizes = [1, 5, 1023, 65537, 200003]
+    averaged, current = [], []
+    for i, n in enumerate(sizes):
+        a = make(n + offset, dtype, seed=i)[offset:] if which in ("averaged", "both") else make(n, dtype, seed=i)
+        c = make(n + offset, dtype, seed=20 + i)[offset:] if which in ("current", "both") else make(n, dtype, seed=20 + i)
+        averaged.append(a)
+        current.append(c)
+    assert averaged[0].storage_offset() == (offset if which != "current" else 0)
+    expected = foreach_lerp(averaged, current, 0.3)
+    swa_fast.average_(averaged, current, 0.3)
+    assert_equal_lists(averaged, expected)
+
+
+@pytest.mark.parametrize("offset", [1, 3])
+def test_misaligned_moments_and_mixed_precision(offset):
+    n = 65537 + 11
+    mean = make(n + offset, torch.float32, seed=0)[offset:]
+    sq_mean = make(n + 2 * offset, torch.float32, seed=1)[2 * offset :]
+    current = make(n + offset, torch.bfloat16, seed=2)[offset:]
+    expected = moments_expected(mean, sq_mean, current, 0.7)
+    swa_fast.average_moments_([mean], [sq_mean], [current], 0.7)
+    assert torch.equal(mean, expected[0])
+    assert torch.equal(sq_mean, expected[1])
+
+
+# ---------------------------------------------------------------------------
+# The launch loop: many tensors, many chunks, huge tensors
+# ---------------------------------------------------------------------------
+
+
+def test_more_tensors_than_one_launch_holds():
+    # 500 small tensors (a launch holds 64 at depth 2), a few multi-chunk ones
+    # in between, and one tensor with more chunks than a launch has blocks
+    # (320), so a partly launched tensor is carried into the next launch.
+    sizes = [1 + (i * 37) % 300 for i in range(500)]
+    sizes[100] = 5 * 65536 + 17
+    sizes[250] = 330 * 65536 + 5
+    sizes[251] = 0
+    sizes[400] = 65536
+    averaged = [make(n, torch.float32, seed=i) for i, n in enumerate(sizes)]
+    current = [make(n, torch.float32, seed=1000 + i) for i, n in enumerate(sizes)]
+    expected = foreach_lerp(averaged, current, 0.05)
+    swa_fast.average_(averaged, current, 0.05)
+    assert_equal_lists(averaged, expected)
+
+
+def test_many_tensors_mixed_dtypes_and_moments():
+    dtypes = FLOAT_DTYPES
+    sizes = [1 + (i * 53) % 2000 for i in range(300)]
+    sizes[17] = 3 * 65536 + 1
+    mean = [make(n, dtypes[i % 4], seed=i) for i, n in enumerate(sizes)]
+    sq_mean = [m * m for m in mean]
+    current = [make(n, dtypes[i % 4], seed=500 + i) for i, n in enumerate(sizes)]
+    expected = [moments_expected(m, s, c, 0.2) for m, s, c in zip(mean, sq_mean, current)]
+    swa_fast.average_moments_(mean, sq_mean, current, 0.2)
+    assert_equal_lists(mean, [e[0] for e in expected])
+    assert_equal_lists(sq_mean, [e[1] for e in expected])
+
+
+def test_nonfinite_flag_over_many_tensors():
+    tensors = [make(1 + i % 100, torch.float16, seed=i) for i in range(400)]
+    assert not swa_fast.nonfinite_flag(tensors).item()
+    tensors[357][-1] = float("inf")
+    assert swa_fast.nonfinite_flag(tensors).item()
+
+
+@pytest.mark.skipif(
+    not CUDA or torch.cuda.get_device_properties(0).total_memory < 24 * 2**30,
+    reason="needs a GPU with 24 GB for two tensors over 2^31 elements",
+)
+def test_tensor_over_2_to_31_elements():
+    n = 2**31 + 1000
+    averaged = torch.zeros(n, dtype=torch.float16, device=DEVICE)
+    current = torch.ones(n, dtype=torch.float16, device=DEVICE)
+    averaged[-5:] = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float16)
+    current[-3:] = torch.tensor([-1.0, 8.0, 0.5], dtype=torch.float16)
+    tail = slice(n - 70000, n)  # crosses 2^31 in the last chunks
+    expected_tail = foreach_lerp([averaged[tail]], [current[tail]], 0.25)[0]
+    expected_head = foreach_lerp([averaged[:70000]], [current[:70000]], 0.25)[0]
+    swa_fast.average_([averaged], [current], 0.25)
+    assert torch.equal(averaged[tail], expected_tail)
+    assert torch.equal(averaged[:70000], expected_head)
+    assert not swa_fast.nonfinite_flag([averaged]).item()
+    averaged[-1] = float("nan")
+    assert swa_fast.nonfinite_flag([averaged]).item()
+    del averaged, current
+    torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------
+# Integer and bool tensors are copied
+# ---------------------------------------------------------------------------
+
+
+INT_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES)
+def test_integer_tensors_are_copied(dtype):
+    sizes = [0, 1, 7, 16, 33, 65537, 200003]
+    averaged = [torch.zeros(n, dtype=dtype, device=DEVICE) for n in sizes]
+    averaged.append(torch.zeros((), dtype=dtype, device=DEVICE))  # num_batches_tracked
+    averaged.append(torch.zeros(1000, dtype=dtype, device=DEVICE)[3:])  # misaligned
+    current = [make(a.numel(), dtype, seed=i).reshape(a.shape) for i, a in enumerate(averaged)]
+    current[-1] = make(1000, dtype, seed=99)[1:998]  # misaligned differently
+    swa_fast.average_(averaged, current, 0.3)
+    assert_equal_lists(averaged, current)
+
+
+def test_integer_and_floating_tensors_in_one_call():
+    averaged = [make(100, torch.float32, seed=0), torch.zeros((), dtype=torch.long, device=DEVICE)]
+    averaged += [torch.zeros(9, dtype=torch.bool, device=DEVICE), make(9, torch.bfloat16, seed=1)]
+    current = [make(100, torch.float32, seed=2), torch.tensor(42, device=DEVICE)]
+    current += [make(9, torch.bool, seed=3), make(9, torch.bfloat16, seed=4)]
+    expected = foreach_lerp([averaged[0], averaged[3]], [current[0], current[3]], 0.4)
+    swa_fast.average_(averaged, current, 0.4)
+    assert_equal_lists([averaged[0], averaged[3]], expected)
+    assert_equal_lists(averaged[1:3], current[1:3])
+
+
+# ---------------------------------------------------------------------------
+# Layouts, streams and devices
+# ---------------------------------------------------------------------------
+
+
+def test_channels_last_and_mismatched_layouts():
+    shape = (4, 8, 5, 7)
+    averaged = make(4 * 8 * 5 * 7, torch.float32, seed=0).reshape(shape).to(memory_format=torch.channels_last)
+    current = make(4 * 8 * 5 * 7, torch.float32, seed=1).reshape(shape)  # contiguous: copied to averaged's layout
+    expected = foreach_lerp([averaged], [current], 0.6)[0]
+    swa_fast.average_([averaged], [current], 0.6)
+    assert torch.equal(averaged, expected)
+    assert averaged.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_runs_on_the_current_stream():
+    averaged = [make(n, torch.float32, seed=i) for i, n in enumerate(SIZES)]
+    current = [make(n, torch.float32, seed=10 + i) for i, n in enumerate(SIZES)]
+    expected = foreach_lerp(averaged, current, 0.3)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        swa_fast.average_(averaged, current, 0.3)
+        flag = swa_fast.nonfinite_flag(averaged)
+    torch.cuda.current_stream().wait_stream(side)
+    assert_equal_lists(averaged, expected)
+    assert not flag.item()
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_a_non_current_device():
+    device = "cuda:1"
+    averaged = [make(n, torch.float32, seed=i, device=device) for i, n in enumerate(SIZES)]
+    current = [make(n, torch.float32, seed=10 + i, device=device) for i, n in enumerate(SIZES)]
+    expected = foreach_lerp(averaged, current, 0.3)
+    with torch.cuda.device(0):
+        swa_fast.average_(averaged, current, 0.3)
+        flag = swa_fast.nonfinite_flag(averaged)
+    assert_equal_lists(averaged, expected)
+    assert flag.device == torch.device(device) and not flag.item()
+
+
+# ---------------------------------------------------------------------------
+# No host sync; CUDA graphs
+# ---------------------------------------------------------------------------
+
+
+def test_no_host_sync_with_device_weight_and_skip():
+    averaged = [make(n, dtype, seed=i) for i, (n, dtype) in enumerate(zip(SIZES, FLOAT_DTYPES * 2))]
+    averaged.append(torch.zeros((), dtype=torch.long, device=DEVICE))
+    current = [make(a.numel(), a.dtype, seed=30 + i).reshape(a.shape) for i, a in enumerate(averaged)]
+    mean = [make(n, torch.float32, seed=i) for i, n in enumerate(SIZES)]
+    sq_mean = [m * m for m in mean]
+    current_bf16 = [make(n, torch.bfloat16, seed=60 + i) for i, n in enumerate(SIZES)]
+    # Made before the sync check: torch.tensor(..., device=) is a blocking copy.
+    weight = torch.tensor(0.25, device=DEVICE)
+    weight64 = torch.tensor(0.5, dtype=torch.float64, device=DEVICE)
+    skip = torch.tensor(False, device=DEVICE)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        swa_fast.average_(averaged, current, weight, skip=skip)
+        swa_fast.average_(averaged, current, weight64)
+        swa_fast.average_(averaged, current, 0.75)  # a float becomes a device tensor by a fill, not a copy
+        swa_fast.average_moments_(mean, sq_mean, current_bf16, weight, skip=skip)
+        flag = swa_fast.nonfinite_flag(current)
+        swa_fast.average_(averaged, current, weight, skip=flag)
+        swa_fast.average_moments_(mean, sq_mean, current_bf16, weight, skip=flag)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+def test_cuda_graph_replay_matches_eager():
+    sizes = [3, 1023, 65537, 200003, 1]
+    graph_avg = [make(n, torch.float32, seed=i) for i, n in enumerate(sizes)] + [make(77, torch.bfloat16, seed=9)]
+    graph_mean = [make(n, torch.float32, seed=20 + i) for i, n in enumerate(sizes)]
+    graph_sq = [m * m for m in graph_mean]
+    static_cur = [make(a.numel(), a.dtype, seed=40 + i) for i, a in enumerate(graph_avg)]
+    weight = torch.tensor(1.0, device=DEVICE)
+    eager_avg = [a.clone() for a in graph_avg]
+    eager_mean = [m.clone() for m in graph_mean]
+    eager_sq = [s.clone() for s in graph_sq]
+
+    def step(avg, mean, sq, cur):
+        skip = swa_fast.nonfinite_flag(cur)
+        swa_fast.average_(avg, cur, weight, skip=skip)
+        swa_fast.average_moments_(mean, sq, cur[: len(sizes)], weight, skip=skip)
+
+    # Warm up on throwaway tensors (loads the kernels outside the capture).
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step([a.clone() for a in graph_avg], [m.clone() for m in graph_mean], [s.clone() for s in graph_sq], static_cur)
+    torch.cuda.current_stream().wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(graph_avg, graph_mean, graph_sq, static_cur)
+
+    for n in range(6):
+        new_cur = [make(c.numel(), c.dtype, seed=100 * (n + 1) + i) for i, c in enumerate(static_cur)]
+        if n == 3:
+            new_cur[2][5] = float("nan")  # this step must be skipped, in the graph as in eager
+        for c, new in zip(static_cur, new_cur):
+            c.copy_(new)
+        weight.fill_(1.0 / (n + 1))
+        graph.replay()
+        step(eager_avg, eager_mean, eager_sq, static_cur)
+        torch.cuda.synchronize()
+        assert_equal_lists(graph_avg, eager_avg)
+        assert_equal_lists(graph_mean, eager_mean)
+        assert_equal_lists(graph_sq, eager_sq)
+    # The first step was a copy and the NaN step was skipped: still finite.
+    assert not swa_fast.nonfinite_flag(graph_avg).item()
+
+
+# ---------------------------------------------------------------------------
+# torch.library.opcheck
+# ---------------------------------------------------------------------------
+
+
+def _opcheck_lists():
+    averaged = [make(33, torch.float32, seed=0), make(5, torch.float64, seed=1), make(70000, torch.float16, seed=2)]
+    current = [make(33, torch.bfloat16, seed=3), make(5, torch.float64, seed=4), make(70000, torch.float16, seed=5)]
+    return averaged, current
+
+
+@pytest.mark.parametrize("skip", [None, False, True])
+def test_opcheck_average(skip):
+    averaged, current = _opcheck_lists()
+    averaged.append(torch.zeros((), dtype=torch.long, device=DEVICE))
+    current.append(torch.tensor(7, device=DEVICE))
+    weight = torch.tensor(0.25, device=DEVICE)
+    skip_tensor = None if skip is None else torch.tensor(skip, device=DEVICE)
+    torch.library.opcheck(torch.ops.swa_fast.average_.default, (averaged, current, weight, skip_tensor))
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float64])
+def test_opcheck_average_moments(weight_dtype):
+    mean, current = _opcheck_lists()
+    sq_mean = [m * m for m in mean]
+    weight = torch.tensor(0.25, dtype=weight_dtype, device=DEVICE)
+    torch.library.opcheck(torch.ops.swa_fast.average_moments_.default, (mean, sq_mean, current, weight, None))
+    torch.library.opcheck(
+        torch.ops.swa_fast.average_moments_.default,
+        (mean, sq_mean, current, weight, torch.tensor(False, device=DEVICE)),
+    )
+
+
+def test_opcheck_nonfinite_flag():
+    _, current = _opcheck_lists()
+    torch.library.opcheck(torch.ops.swa_fast.nonfinite_flag.default, (current,))
+    current[1][2] = float("inf")
+    torch.library.opcheck(torch.ops.swa_fast.nonfinite_flag.default, (current + [torch.arange(3, device=DEVICE)],))
