@@ -1,0 +1,119 @@
+"""The benchmark parameter sets have the documented shapes, and the runner works end to end.
+
+No timing is asserted (a timing is a benchmark, never a test assertion).
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import cases as bench_cases  # noqa: E402
+from benchmarks import run as bench_run  # noqa: E402
+
+
+def test_resnet50_is_torchvisions_parameter_set():
+    shapes = bench_cases.resnet50_shapes()
+    assert len(shapes) == 161 == bench_cases.RESNET50_TENSORS
+    assert sum(math.prod(s) for s in shapes) == 25_557_032 == bench_cases.RESNET50_PARAMS
+    assert shapes[0] == (64, 3, 7, 7)
+    assert shapes[-2:] == [(1000, 2048), (1000,)]
+    assert sum(len(s) == 4 for s in shapes) == 53  # 1 stem + 16 blocks x 3 + 4 downsample convs
+    case = bench_cases.get_case("resnet50")
+    assert (case.num_tensors, case.num_params) == (161, 25_557_032)
+
+
+def test_transformer_counts_match_the_docstring():
+    case = bench_cases.get_case("transformer")
+    assert case.num_tensors == bench_cases.TRANSFORMER_TENSORS == 292
+    assert case.num_params == bench_cases.TRANSFORMER_PARAMS == 101_914_112
+    assert "292 tensors, 101,914,112 parameters" in bench_cases.__doc__
+
+
+def test_billion_counts_match_the_docstring():
+    for name in ("billion", "billion_bf16"):
+        case = bench_cases.get_case(name)
+        assert case.gpu_only and not case.applies_to("cpu")
+        assert (case.num_tensors, case.num_params) == (580, 1_010_159_360)
+    assert "580 tensors, 1,010,159,360 parameters" in bench_cases.__doc__
+    assert [c.name for c in bench_cases.cases_for("cpu")] == ["resnet50", "transformer", "resnet50_bf16"]
+
+
+def test_bf16_case_keeps_fp32_averages():
+    case = bench_cases.get_case("resnet50_bf16")
+    assert case.dtype == torch.bfloat16 and case.averaged_dtype == torch.float32
+    assert case.shapes == bench_cases.get_case("resnet50").shapes
+    assert case.averaged_bytes == 2 * case.model_bytes
+
+
+def test_make_model_has_exactly_the_case_shapes():
+    case = bench_cases.Case("small", ((3, 4), (5,), (2, 1, 3, 3)), torch.bfloat16)
+    model = bench_cases.make_model(case, "cpu")
+    params = list(model.parameters())
+    assert [tuple(p.shape) for p in params] == list(case.shapes)
+    assert all(p.dtype == torch.bfloat16 and p.requires_grad for p in params)
+    again = bench_cases.make_model(case, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(params, again.parameters()))  # deterministic
+
+
+def test_runner_quick_resnet50_end_to_end(capsys):
+    report = bench_run.main(["--device", "cpu", "--quick", "--cases", "resnet50", "--no-save", "--repeats", "2"])
+    result = report["cases"]["resnet50"]
+    assert (result["num_tensors"], result["num_params"]) == (161, 25_557_032)
+    expected = {"torch_swa", "torch_ema", "torch_foreach_lerp", "swa_fast_swa", "swa_fast_ema",
+                "swa_fast_average_", "copy"}
+    assert set(result["candidates"]) == expected
+    for candidate in result["candidates"].values():
+        assert candidate["repeats"] == 2 and candidate["median_ms"] > 0 and candidate["gbps"] > 0
+    assert set(result["speedups"]) == {"swa_fast SWA vs torch SWA", "swa_fast EMA vs torch EMA",
+                                       "average_ vs _foreach_lerp_"}
+    out = capsys.readouterr().out
+    assert "== resnet50" in out and "speedup swa_fast SWA vs torch SWA" in out
+
+
+def test_runner_saves_json(tmp_path, monkeypatch):
+    tiny = bench_cases.Case("tiny", ((64, 3, 3, 3), (64,), (10, 64), (10,)), torch.bfloat16, torch.float32)
+    monkeypatch.setitem(bench_cases.CASES, "tiny", tiny)
+    output = tmp_path / "results.json"
+    bench_run.main(["--device", "cpu", "--cases", "tiny", "--repeats", "2", "--warmup", "1",
+                    "--output", str(output)])
+    saved = json.loads(output.read_text())
+    for key in ("device", "torch_version", "swa_fast_version", "swa_fast_build_info", "git_commit", "date",
+                "command", "settings"):
+        assert key in saved
+    assert saved["device"]["type"] == "cpu" and saved["device"]["threads"] >= 1
+    result = saved["cases"]["tiny"]
+    assert "torch_foreach_lerp_cast" in result["candidates"]
+    assert "average_ vs _foreach_lerp_(avg32, [x.to(float32)])" in result["speedups"]
+    fast = result["candidates"]["swa_fast_swa"]
+    assert fast["bytes_per_update"] == 2 * tiny.averaged_bytes + tiny.model_bytes
+    assert set(fast) >= {"median_ms", "min_ms", "repeats", "gbps", "fraction_of_copy"}
+
+
+def test_gpu_only_case_is_skipped_on_cpu(capsys):
+    report = bench_run.main(["--device", "cpu", "--cases", "billion", "--no-save"])
+    assert report["cases"] == {}
+    assert "skipping billion" in capsys.readouterr().out
+
+
+def test_runner_runs_as_a_script():
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "run.py"), "--help"],
+                          capture_output=True, text=True, cwd=REPO_ROOT / "tests", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--cases" in done.stdout
+
+
+@pytest.mark.parametrize("device", ["cpu"])
+def test_parse_args_defaults(device):
+    args = bench_run.parse_args(["--device", device])
+    assert args.repeats >= 5 and args.warmup >= 1 and not args.no_save
+    quick = bench_run.parse_args(["--device", device, "--quick"])
+    assert quick.repeats <= 3
