@@ -177,24 +177,47 @@ def _check_device_exists(device) -> None:
 
 
 @dataclass
+class _Pairs:
+    """(averaged, current) pairs, split into those the fused op takes and the rest."""
+
+    averaged: List[Tensor] = field(default_factory=list)
+    current: List[Tensor] = field(default_factory=list)
+    averaged_other: List[Tensor] = field(default_factory=list)  # e.g. complex, or current more precise
+    current_other: List[Tensor] = field(default_factory=list)
+
+    def add(self, averaged: Tensor, current: Tensor) -> None:
+        if _C.is_fusable_pair(averaged, current):
+            self.averaged.append(averaged)
+            self.current.append(current)
+        else:
+            self.averaged_other.append(averaged)
+            self.current_other.append(current)
+
+
+@dataclass
 class _DeviceGroup:
     """Everything one update does on one device of the averaged model."""
 
     device: torch.device
-    averaged: List[Tensor] = field(default_factory=list)  # pairs the fused op takes
-    current: List[Tensor] = field(default_factory=list)
-    averaged_other: List[Tensor] = field(default_factory=list)  # pairs it does not (e.g. complex)
-    current_other: List[Tensor] = field(default_factory=list)
-    buffers_averaged: List[Tensor] = field(default_factory=list)  # copied each update (use_buffers=False)
-    buffers_current: List[Tensor] = field(default_factory=list)
-    buffers_averaged_other: List[Tensor] = field(default_factory=list)
-    buffers_current_other: List[Tensor] = field(default_factory=list)
+    average: _Pairs = field(default_factory=_Pairs)  # lerped with the averaging weight
+    copy: _Pairs = field(default_factory=_Pairs)  # buffers copied each update (use_buffers=False)
     transfer: bool = False  # current tensors live on another device
 
-    def current_here(self, tensors: List[Tensor]) -> List[Tensor]:
+    def add(self, pairs: _Pairs, averaged: Tensor, current: Tensor) -> None:
+        self.transfer |= current.device != averaged.device
+        pairs.add(averaged, current)
+
+    def currents_here(self, pairs: _Pairs) -> Tuple[List[Tensor], List[Tensor]]:
+        """The current tensors of ``pairs``, on this device."""
         if not self.transfer:
-            return tensors
-        return [t.to(self.device) for t in tensors]
+            return pairs.current, pairs.current_other
+        return [t.to(self.device) for t in pairs.current], [t.to(self.device) for t in pairs.current_other]
+
+    def apply(self, pairs: _Pairs, currents, weight: Tensor, skip: Optional[Tensor]) -> None:
+        current, current_other = currents
+        average_(pairs.averaged, current, weight, skip=skip)
+        for p_avg, p_cur in zip(pairs.averaged_other, current_other):
+            _lerp_fallback(p_avg, p_cur, weight, skip)
 
 
 @dataclass
@@ -306,24 +329,11 @@ class AveragedModel(_torch_swa_utils.AveragedModel):
         # zip without strict, as torch pairs them.
         for p_avg, p_cur in zip(averaged, current):
             group = group_for(p_avg)
-            group.transfer |= p_cur.device != p_avg.device
-            if _C.is_fusable_pair(p_avg, p_cur):
-                group.averaged.append(p_avg)
-                group.current.append(p_cur)
-            else:
-                group.averaged_other.append(p_avg)
-                group.current_other.append(p_cur)
+            group.add(group.average, p_avg, p_cur)
         if not self.use_buffers:
-            buffer_pairs = zip(self.module.buffers(), model.buffers(), strict=True)
-            for b_avg, b_cur in buffer_pairs:
+            for b_avg, b_cur in zip(self.module.buffers(), model.buffers(), strict=True):
                 group = group_for(b_avg)
-                group.transfer |= b_cur.device != b_avg.device
-                if _C.is_fusable_pair(b_avg, b_cur):
-                    group.buffers_averaged.append(b_avg)
-                    group.buffers_current.append(b_cur)
-                else:
-                    group.buffers_averaged_other.append(b_avg)
-                    group.buffers_current_other.append(b_cur)
+                group.add(group.copy, b_avg, b_cur)
         return _UpdatePlan(weakref.ref(model), _registry.generation(), _first_param_key(model), list(groups.values()))
 
     def _plan_for(self, model: Module) -> _UpdatePlan:
@@ -341,32 +351,24 @@ class AveragedModel(_torch_swa_utils.AveragedModel):
     def _update_fused(self, model: Module, fn: FusedMultiAvgFn) -> None:
         plan = self._plan_for(model)
         count = self.n_averaged
-        currents = [
-            (
-                group.current_here(group.current),
-                group.current_here(group.current_other),
-                group.current_here(group.buffers_current),
-                group.current_here(group.buffers_current_other),
-            )
-            for group in plan.groups
-        ]
+        currents = [(group.currents_here(group.average), group.currents_here(group.copy)) for group in plan.groups]
         skip = None
         if self.skip_nonfinite:
-            flags = [nonfinite_flag(tensors).to(count.device) for tensors in (sum(lists, []) for lists in currents) if tensors]
+            flags = [
+                nonfinite_flag(tensors).to(count.device)
+                for tensors in ([t for lists in group_currents for ts in lists for t in ts] for group_currents in currents)
+                if tensors
+            ]
             if flags:
                 skip = torch.stack(flags).any() if len(flags) > 1 else flags[0]
-        for group, (cur, other, buffers, buffers_other) in zip(plan.groups, currents):
+        for group, (average_currents, copy_currents) in zip(plan.groups, currents):
             count_here = count.to(group.device)
             skip_here = None if skip is None else skip.to(group.device)
             # The first update copies, as torch's does (lerp weight 1 is an exact copy).
             weight = fn.weight(count_here).masked_fill(count_here == 0, 1.0)
-            average_(group.averaged, cur, weight, skip=skip_here)
-            for p_avg, p_cur in zip(group.averaged_other, other):
-                _lerp_fallback(p_avg, p_cur, weight, skip_here)
+            group.apply(group.average, average_currents, weight, skip_here)
             # Buffers are copied (weight 1), as torch does without use_buffers.
-            average_(group.buffers_averaged, buffers, _ones(group.device), skip=skip_here)
-            for b_avg, b_cur in zip(group.buffers_averaged_other, buffers_other):
-                _lerp_fallback(b_avg, b_cur, _ones(group.device), skip_here)
+            group.apply(group.copy, copy_currents, _ones(group.device), skip_here)
         if skip is None:
             count.add_(1)
         else:

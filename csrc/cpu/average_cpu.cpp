@@ -58,25 +58,16 @@ void square_in_place(T* x, int64_t n) {
   at::vec::map([](auto v) { return v * v; }, x, x, n);
 }
 
-// Converts n values to the arithmetic type; returns src itself when no
-// conversion is needed.
+// Converts n values to the arithmetic type into `buffer`; returns src itself
+// (no copy) when it already has that type. Keeps src's constness.
 template <typename opmath_t, typename T>
-const opmath_t* load_as(const T* src, opmath_t* buffer, int64_t n) {
-  if constexpr (std::is_same_v<T, opmath_t>) {
-    return src;
+auto load_as(T* src, opmath_t* buffer, int64_t n) {
+  using result_t = std::conditional_t<std::is_const_v<T>, const opmath_t*, opmath_t*>;
+  if constexpr (std::is_same_v<std::remove_const_t<T>, opmath_t>) {
+    return static_cast<result_t>(src);
   } else {
     at::vec::convert(src, buffer, n);
-    return buffer;
-  }
-}
-
-template <typename opmath_t, typename T>
-opmath_t* load_as_mutable(T* src, opmath_t* buffer, int64_t n) {
-  if constexpr (std::is_same_v<T, opmath_t>) {
-    return src;
-  } else {
-    at::vec::convert(src, buffer, n);
-    return buffer;
+    return static_cast<result_t>(buffer);
   }
 }
 
@@ -105,7 +96,7 @@ void lerp_chunk(avg_t* avg, avg_t* sq, const cur_t* cur, int64_t begin, int64_t 
     if (copy) {
       at::vec::convert(x, avg + start, n);
     } else {
-      opmath_t* a = load_as_mutable(avg + start, avg_buffer, n);
+      opmath_t* a = load_as(avg + start, avg_buffer, n);
       lerp_in_place(a, x, n, w);
       store_from(a, avg + start, n);
     }
@@ -115,7 +106,7 @@ void lerp_chunk(avg_t* avg, avg_t* sq, const cur_t* cur, int64_t begin, int64_t 
       if (copy) {
         at::vec::convert(square_buffer, sq + start, n);
       } else {
-        opmath_t* s = load_as_mutable(sq + start, sq_buffer, n);
+        opmath_t* s = load_as(sq + start, sq_buffer, n);
         lerp_in_place(s, square_buffer, n, w);
         store_from(s, sq + start, n);
       }
