@@ -202,10 +202,19 @@ class _DeviceGroup:
     average: _Pairs = field(default_factory=_Pairs)  # lerped with the averaging weight
     copy: _Pairs = field(default_factory=_Pairs)  # buffers copied each update (use_buffers=False)
     transfer: bool = False  # current tensors live on another device
+    all_current: List[Tensor] = field(default_factory=list)  # every tensor read, for the non-finite check
 
     def add(self, pairs: _Pairs, averaged: Tensor, current: Tensor) -> None:
         self.transfer |= current.device != averaged.device
+        self.all_current.append(current)
         pairs.add(averaged, current)
+
+    def checked_current(self, currents) -> List[Tensor]:
+        """The tensors the non-finite check reads: the cached list, or the
+        transferred copies when the current tensors live on another device."""
+        if not self.transfer:
+            return self.all_current
+        return [t for pair_lists in currents for tensors in pair_lists for t in tensors]
 
     def currents_here(self, pairs: _Pairs) -> Tuple[List[Tensor], List[Tensor]]:
         """The current tensors of ``pairs``, on this device."""
@@ -354,11 +363,8 @@ class AveragedModel(_torch_swa_utils.AveragedModel):
         currents = [(group.currents_here(group.average), group.currents_here(group.copy)) for group in plan.groups]
         skip = None
         if self.skip_nonfinite:
-            flags = [
-                nonfinite_flag(tensors).to(count.device)
-                for tensors in ([t for lists in group_currents for ts in lists for t in ts] for group_currents in currents)
-                if tensors
-            ]
+            checked = [group.checked_current(group_currents) for group, group_currents in zip(plan.groups, currents)]
+            flags = [nonfinite_flag(tensors).to(count.device) for tensors in checked if tensors]
             if flags:
                 skip = torch.stack(flags).any() if len(flags) > 1 else flags[0]
         for group, (average_currents, copy_currents) in zip(plan.groups, currents):
