@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from benchmarks.cases import get_case
-from benchmarks.run import build_candidates
+from benchmarks.averaging import build_candidates
 
 CASE_NAMES = ["resnet50", "transformer"]
 CANDIDATES = [
