@@ -2,12 +2,14 @@
 // `python -m swa_fast info` and the import-time staleness check read.
 //
 // Kernels register themselves per dispatch key next to their code
-// (csrc/cpu/*.cpp for CPU, csrc/cuda/*.cu for CUDA).
+// (csrc/cpu/*.cpp for CPU, csrc/cuda/*.cu for CUDA). The ghost batch norm
+// schemas live with their checks in ghost_bn_args.cpp (a library fragment).
 
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include "average_args.h"
+#include "ghost_bn_args.h"
 
 #ifndef SWA_FAST_SOURCE_HASH
 #define SWA_FAST_SOURCE_HASH "unknown"
@@ -76,4 +78,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "check_nonfinite_args", [](const std::vector<at::Tensor>& tensors) { swa_fast::check_nonfinite_args(tensors); },
       "nonfinite_flag's argument checks (for its fake kernel)");
+  m.def(
+      "validate_ghost_batch_norm_args",
+      [](const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+         int64_t ghost_batch_size, double eps) {
+        const auto geometry = swa_fast::validate_ghost_batch_norm_args(input, weight, bias, ghost_batch_size, eps);
+        return pybind11::make_tuple(geometry.num_ghosts, geometry.channels);
+      },
+      "ghost_batch_norm's checks on metadata; returns (num_ghosts, channels) (for the fake kernel)");
+  m.def(
+      "validate_ghost_batch_norm_backward_args",
+      [](const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+         const at::Tensor& mean, const at::Tensor& var, int64_t ghost_batch_size, double eps) {
+        swa_fast::validate_ghost_batch_norm_backward_args(grad_output, input, weight, mean, var, ghost_batch_size, eps);
+      },
+      "ghost_batch_norm_backward's checks on metadata (for the fake kernel)");
+  m.def(
+      "validate_ghost_update_stats_args",
+      [](const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& num_batches_tracked,
+         const at::Tensor& mean, const at::Tensor& var, int64_t batch_size, int64_t ghost_batch_size,
+         int64_t sample_numel, std::optional<double> momentum) {
+        swa_fast::validate_ghost_update_stats_args(
+            running_mean, running_var, num_batches_tracked, mean, var, batch_size, ghost_batch_size, sample_numel,
+            momentum);
+      },
+      "ghost_batch_norm_update_stats_'s checks on metadata (for the fake kernel)");
 }

@@ -4,11 +4,13 @@
 whose averaging runs as fused multi-tensor kernels (C++ on CPU, CUDA on GPU).
 The kernels themselves are ``torch.ops.swa_fast.*``, wrapped here as
 :func:`average_`, :func:`average_moments_` and :func:`nonfinite_flag`.
+``swa_fast.nn`` has ghost batch normalization (``GhostBatchNorm1d/2d/3d``,
+``convert_ghost_batchnorm``).
 """
 
 __version__ = "0.1.0"
 
 from swa_fast._ops import BUILD_INFO, average_, average_moments_, nonfinite_flag  # noqa: E402  (loads _C)
-from swa_fast import swa_utils  # noqa: E402
+from swa_fast import nn, swa_utils  # noqa: E402
 
-__all__ = ["BUILD_INFO", "average_", "average_moments_", "nonfinite_flag", "swa_utils", "__version__"]
+__all__ = ["BUILD_INFO", "average_", "average_moments_", "nonfinite_flag", "nn", "swa_utils", "__version__"]

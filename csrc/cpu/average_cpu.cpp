@@ -21,6 +21,7 @@
 #include <cstring>
 
 #include "average_args.h"
+#include "cpu/vec_load.h"
 
 namespace swa_fast {
 namespace {
@@ -56,26 +57,6 @@ void lerp_in_place(T* a, const T* b, int64_t n, T w) {
 template <typename T>
 void square_in_place(T* x, int64_t n) {
   at::vec::map([](auto v) { return v * v; }, x, x, n);
-}
-
-// Converts n values to the arithmetic type into `buffer`; returns src itself
-// (no copy) when it already has that type. Keeps src's constness.
-template <typename opmath_t, typename T>
-auto load_as(T* src, opmath_t* buffer, int64_t n) {
-  using result_t = std::conditional_t<std::is_const_v<T>, const opmath_t*, opmath_t*>;
-  if constexpr (std::is_same_v<std::remove_const_t<T>, opmath_t>) {
-    return static_cast<result_t>(src);
-  } else {
-    at::vec::convert(src, buffer, n);
-    return static_cast<result_t>(buffer);
-  }
-}
-
-template <typename opmath_t, typename T>
-void store_from(const opmath_t* values, T* dst, int64_t n) {
-  if constexpr (!std::is_same_v<T, opmath_t>) {
-    at::vec::convert(values, dst, n);
-  }
 }
 
 // One chunk [begin, end) of one tensor pair (plus its squares for moments).

@@ -1,0 +1,44 @@
+// Loading reduced-precision values into the arithmetic type, shared by the
+// CPU kernels: fp16/bf16 are converted in small caller-provided blocks with
+// at::vec::convert; values already in the arithmetic type are used in place.
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace swa_fast {
+
+// Converts n values to the arithmetic type into `buffer`; returns src itself
+// (no copy) when it already has that type. Keeps src's constness.
+template <typename opmath_t, typename T>
+auto load_as(T* src, opmath_t* buffer, int64_t n) {
+  using result_t = std::conditional_t<std::is_const_v<T>, const opmath_t*, opmath_t*>;
+  if constexpr (std::is_same_v<std::remove_const_t<T>, opmath_t>) {
+    return static_cast<result_t>(src);
+  } else {
+    at::vec::convert(src, buffer, n);
+    return static_cast<result_t>(buffer);
+  }
+}
+
+template <typename opmath_t, typename T>
+void store_from(const opmath_t* values, T* dst, int64_t n) {
+  if constexpr (!std::is_same_v<T, opmath_t>) {
+    at::vec::convert(values, dst, n);
+  }
+}
+
+// dst[0..n) = src[0..n) in dst's type: a memcpy when the types match.
+template <typename S, typename D>
+void copy_as(const S* src, D* dst, int64_t n) {
+  if constexpr (std::is_same_v<S, D>) {
+    std::memcpy(dst, src, n * sizeof(D));
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+}  // namespace swa_fast

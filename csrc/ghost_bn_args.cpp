@@ -1,0 +1,238 @@
+#include "ghost_bn_args.h"
+
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+namespace swa_fast {
+
+TORCH_LIBRARY_FRAGMENT(swa_fast, m) {
+  // Training-mode ghost batch norm: input (N, C, *) split into ghosts of
+  // ghost_batch_size samples along N (the last may be smaller), each
+  // normalized with its own biased statistics, then weight/bias (optional).
+  // Returns the output (input's dtype and memory format) and the per-ghost
+  // mean and biased variance, [G, C] in float32 (float64 for float64 input).
+  m.def(
+      "ghost_batch_norm(Tensor input, Tensor? weight, Tensor? bias, int ghost_batch_size, float eps) "
+      "-> (Tensor output, Tensor mean, Tensor var)");
+  // Gradients of ghost_batch_norm from its saved mean/var. grad_input is an
+  // empty tensor when compute_grad_input is false; grad_weight and grad_bias
+  // ([C], weight's dtype, or the statistics dtype without weight) are always
+  // computed: they come from the same per-ghost sums dx needs.
+  m.def(
+      "ghost_batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor var, "
+      "int ghost_batch_size, float eps, bool compute_grad_input) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // Folds the per-ghost statistics into the running ones, reading and
+  // advancing num_batches_tracked on the device (no sync). Unbiased variance
+  // (n / (n - 1), n = a ghost's samples x sample_numel) is stored.
+  //   average_ghosts = false: one step per ghost, in order, exactly what
+  //     F.batch_norm on each chunk in turn would do; num_batches_tracked += G.
+  //   average_ghosts = true: one step with the ghost-size-weighted mean of
+  //     the ghosts' means and unbiased variances; num_batches_tracked += 1.
+  // momentum None: cumulative average, factor 1 / num_batches_tracked.
+  m.def(
+      "ghost_batch_norm_update_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, "
+      "Tensor(c!) num_batches_tracked, Tensor mean, Tensor var, int batch_size, int ghost_batch_size, "
+      "int sample_numel, float? momentum, bool average_ghosts) -> ()");
+}
+
+namespace {
+
+bool is_floating(c10::ScalarType t) {
+  return t == c10::ScalarType::Float || t == c10::ScalarType::Double || t == c10::ScalarType::Half ||
+      t == c10::ScalarType::BFloat16;
+}
+
+bool is_reduced(c10::ScalarType t) {
+  return t == c10::ScalarType::Half || t == c10::ScalarType::BFloat16;
+}
+
+int64_t checked_num_ghosts(const char* op, int64_t batch, int64_t ghost_batch_size) {
+  TORCH_CHECK_VALUE(
+      ghost_batch_size >= 1, op, ": ghost_batch_size must be a positive number of samples, got ", ghost_batch_size);
+  TORCH_CHECK_VALUE(batch >= 1, op, ": the batch is empty (N = 0); there is nothing to normalize");
+  const int64_t num_ghosts = (batch + ghost_batch_size - 1) / ghost_batch_size;
+  const int64_t last = batch - (num_ghosts - 1) * ghost_batch_size;
+  // The same error nn.BatchNorm raises for a batch of one value per channel,
+  // naming what made a ghost of one sample.
+  if (last == 1) {
+    if (batch == 1) {
+      TORCH_CHECK_VALUE(
+          false, op, ": Expected more than 1 value per channel when training: a batch of N = 1 sample is one "
+          "ghost of 1 sample (ghost_batch_size=", ghost_batch_size, ")");
+    }
+    if (ghost_batch_size == 1) {
+      TORCH_CHECK_VALUE(
+          false, op, ": Expected more than 1 value per channel when training: ghost_batch_size=1 makes every "
+          "ghost one sample (N = ", batch, ")");
+    }
+    TORCH_CHECK_VALUE(
+        false, op, ": Expected more than 1 value per channel when training: ghost_batch_size=", ghost_batch_size,
+        " and N = ", batch, " leave a last ghost of 1 sample (", num_ghosts - 1, " x ", ghost_batch_size,
+        " + 1); use a batch size that leaves no remainder of 1, or drop the last incomplete batch");
+  }
+  return num_ghosts;
+}
+
+void check_affine(
+    const char* op, const char* name, const std::optional<at::Tensor>& param, const at::Tensor& input) {
+  if (!param.has_value() || !param->defined()) {
+    return;
+  }
+  const auto channels = input.size(1);
+  TORCH_CHECK(
+      param->dim() == 1 && param->size(0) == channels, op, ": ", name, " must have shape [", channels,
+      "] (one value per channel of the input), got ", param->sizes());
+  TORCH_CHECK(
+      param->device() == input.device(), op, ": ", name, " is on ", param->device(), " but input is on ",
+      input.device());
+  const auto dtype = param->scalar_type();
+  TORCH_CHECK_TYPE(
+      dtype == input.scalar_type() || (dtype == c10::ScalarType::Float && is_reduced(input.scalar_type())), op,
+      ": ", name, " must have the input's dtype (", input.scalar_type(), ")",
+      is_reduced(input.scalar_type()) ? " or float32" : "", ", got ", dtype);
+}
+
+void check_stats(
+    const char* op, const char* name, const at::Tensor& stats, const GhostGeometry& geometry,
+    c10::ScalarType dtype, c10::Device device) {
+  TORCH_CHECK(
+      stats.dim() == 2 && stats.size(0) == geometry.num_ghosts && stats.size(1) == geometry.channels, op, ": ", name,
+      " must have shape [", geometry.num_ghosts, ", ", geometry.channels, "] (ghosts x channels), got ",
+      stats.sizes());
+  TORCH_CHECK_TYPE(stats.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", stats.scalar_type());
+  TORCH_CHECK(stats.device() == device, op, ": ", name, " is on ", stats.device(), " but input is on ", device);
+}
+
+}  // namespace
+
+at::MemoryFormat ghost_memory_format(const at::Tensor& input) {
+  if (input.is_contiguous()) {
+    return at::MemoryFormat::Contiguous;
+  }
+  if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
+    return at::MemoryFormat::ChannelsLast3d;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+c10::ScalarType ghost_stats_dtype(c10::ScalarType input_dtype) {
+  return input_dtype == c10::ScalarType::Double ? c10::ScalarType::Double : c10::ScalarType::Float;
+}
+
+GhostGeometry validate_ghost_batch_norm_args(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    int64_t ghost_batch_size,
+    double eps) {
+  const char* op = "swa_fast.ghost_batch_norm";
+  TORCH_CHECK_VALUE(
+      input.dim() >= 2 && input.dim() <= 5, op, ": input must be (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), "
+      "got shape ", input.sizes());
+  TORCH_CHECK_TYPE(
+      is_floating(input.scalar_type()), op, ": input must be float16, bfloat16, float32 or float64, got ",
+      input.scalar_type());
+  TORCH_CHECK_VALUE(input.size(1) >= 1, op, ": input has no channels (shape ", input.sizes(), ")");
+  TORCH_CHECK_VALUE(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
+  check_affine(op, "weight", weight, input);
+  check_affine(op, "bias", bias, input);
+  if (weight.has_value() && weight->defined() && bias.has_value() && bias->defined()) {
+    TORCH_CHECK_TYPE(
+        weight->scalar_type() == bias->scalar_type(), op, ": weight (", weight->scalar_type(), ") and bias (",
+        bias->scalar_type(), ") must have one dtype");
+  }
+
+  GhostGeometry geometry;
+  geometry.batch = input.size(0);
+  geometry.channels = input.size(1);
+  geometry.spatial = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) {
+    geometry.spatial *= input.size(d);
+  }
+  TORCH_CHECK_VALUE(
+      geometry.spatial >= 1, op, ": input has a zero-sized spatial dimension (shape ", input.sizes(), ")");
+  geometry.ghost_size = ghost_batch_size;
+  geometry.num_ghosts = checked_num_ghosts(op, geometry.batch, ghost_batch_size);
+  geometry.layout = (geometry.spatial == 1 || ghost_memory_format(input) != at::MemoryFormat::Contiguous)
+      ? GhostLayout::ChannelsLast
+      : GhostLayout::ChannelsFirst;
+  return geometry;
+}
+
+GhostGeometry validate_ghost_batch_norm_backward_args(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean,
+    const at::Tensor& var,
+    int64_t ghost_batch_size,
+    double eps) {
+  const char* op = "swa_fast.ghost_batch_norm_backward";
+  const GhostGeometry geometry = validate_ghost_batch_norm_args(input, weight, std::nullopt, ghost_batch_size, eps);
+  TORCH_CHECK(
+      grad_output.sizes() == input.sizes(), op, ": grad_output must have the input's shape ", input.sizes(), ", got ",
+      grad_output.sizes());
+  TORCH_CHECK_TYPE(
+      grad_output.scalar_type() == input.scalar_type(), op, ": grad_output must have the input's dtype (",
+      input.scalar_type(), "), got ", grad_output.scalar_type());
+  TORCH_CHECK(
+      grad_output.device() == input.device(), op, ": grad_output is on ", grad_output.device(), " but input is on ",
+      input.device());
+  const auto stats_dtype = ghost_stats_dtype(input.scalar_type());
+  check_stats(op, "mean", mean, geometry, stats_dtype, input.device());
+  check_stats(op, "var", var, geometry, stats_dtype, input.device());
+  return geometry;
+}
+
+void validate_ghost_update_stats_args(
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    const at::Tensor& num_batches_tracked,
+    const at::Tensor& mean,
+    const at::Tensor& var,
+    int64_t batch_size,
+    int64_t ghost_batch_size,
+    int64_t sample_numel,
+    std::optional<double> momentum) {
+  const char* op = "swa_fast.ghost_batch_norm_update_stats_";
+  GhostGeometry geometry;
+  geometry.batch = batch_size;
+  geometry.channels = mean.dim() == 2 ? mean.size(1) : -1;
+  geometry.ghost_size = ghost_batch_size;
+  geometry.num_ghosts = checked_num_ghosts(op, batch_size, ghost_batch_size);
+  TORCH_CHECK_VALUE(sample_numel >= 1, op, ": sample_numel must be >= 1, got ", sample_numel);
+  if (momentum.has_value()) {
+    TORCH_CHECK_VALUE(*momentum >= 0.0 && *momentum <= 1.0, op, ": momentum must be in [0, 1], got ", *momentum);
+  }
+  const auto device = mean.device();
+  TORCH_CHECK_TYPE(
+      mean.scalar_type() == c10::ScalarType::Float || mean.scalar_type() == c10::ScalarType::Double, op,
+      ": mean must be float32 or float64, got ", mean.scalar_type());
+  check_stats(op, "mean", mean, geometry, mean.scalar_type(), device);
+  check_stats(op, "var", var, geometry, mean.scalar_type(), device);
+  for (const auto& [name, running] : {std::pair{"running_mean", &running_mean}, std::pair{"running_var", &running_var}}) {
+    TORCH_CHECK(
+        running->dim() == 1 && running->size(0) == geometry.channels, op, ": ", name, " must have shape [",
+        geometry.channels, "], got ", running->sizes());
+    TORCH_CHECK_TYPE(is_floating(running->scalar_type()), op, ": ", name, " must be floating, got ",
+                     running->scalar_type());
+    TORCH_CHECK(running->device() == device, op, ": ", name, " is on ", running->device(), " but mean is on ", device);
+    TORCH_CHECK(running->is_contiguous(), op, ": ", name, " must be contiguous");
+  }
+  TORCH_CHECK(
+      running_var.scalar_type() == running_mean.scalar_type(), op, ": running_var (", running_var.scalar_type(),
+      ") must have running_mean's dtype (", running_mean.scalar_type(), ")");
+  TORCH_CHECK(
+      num_batches_tracked.numel() == 1 && num_batches_tracked.scalar_type() == c10::ScalarType::Long, op,
+      ": num_batches_tracked must be a one-element int64 tensor, got ", num_batches_tracked.scalar_type(), " of shape ",
+      num_batches_tracked.sizes());
+  TORCH_CHECK(
+      num_batches_tracked.device() == device, op, ": num_batches_tracked is on ", num_batches_tracked.device(),
+      " but mean is on ", device);
+}
+
+}  // namespace swa_fast

@@ -1,0 +1,111 @@
+"""Fake kernels and autograd for the ghost batch norm ops in ``torch.ops.swa_fast``.
+
+``ghost_batch_norm`` is differentiable through ``torch.library.register_autograd``
+(its backward is the ``ghost_batch_norm_backward`` op); its mean/var outputs
+are statistics, not differentiable. ``ghost_batch_norm_update_stats_`` mutates
+buffers and needs no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from swa_fast._ops import _C
+
+
+def _is_static(*values) -> bool:
+    """True when no size, stride or integer is symbolic (the C++ checks read concrete metadata;
+    under dynamic shapes the fake kernels check in Python what they can)."""
+    for value in values:
+        if isinstance(value, Tensor):
+            if any(isinstance(s, torch.SymInt) for s in (*value.shape, *value.stride())):
+                return False
+        elif isinstance(value, (torch.SymInt, torch.SymFloat)):
+            return False
+    return True
+
+
+def stats_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the per-ghost statistics: float64 for float64 input, else float32."""
+    return torch.float64 if input_dtype == torch.float64 else torch.float32
+
+
+def memory_format(input: Tensor) -> torch.memory_format:
+    """The memory format the kernels compute in and return (csrc/ghost_bn_args.cpp,
+    ``ghost_memory_format``): channels_last(_3d) for such 4-D/5-D input, else contiguous."""
+    if input.is_contiguous():
+        return torch.contiguous_format
+    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def num_ghosts(batch_size, ghost_batch_size):
+    return (batch_size + ghost_batch_size - 1) // ghost_batch_size
+
+
+@torch.library.register_fake("swa_fast::ghost_batch_norm")
+def _ghost_batch_norm_fake(input, weight, bias, ghost_batch_size, eps):
+    if _is_static(input, weight, bias, ghost_batch_size):
+        ghosts, channels = _C.validate_ghost_batch_norm_args(input, weight, bias, ghost_batch_size, eps)
+    else:
+        torch._check(ghost_batch_size >= 1, lambda: "ghost_batch_size must be a positive number of samples")
+        ghosts, channels = num_ghosts(input.shape[0], ghost_batch_size), input.shape[1]
+    output = torch.empty_like(input, memory_format=memory_format(input))
+    mean = input.new_empty((ghosts, channels), dtype=stats_dtype(input.dtype))
+    return output, mean, torch.empty_like(mean)
+
+
+@torch.library.register_fake("swa_fast::ghost_batch_norm_backward")
+def _ghost_batch_norm_backward_fake(grad_output, input, weight, mean, var, ghost_batch_size, eps, compute_grad_input):
+    if _is_static(grad_output, input, weight, mean, var, ghost_batch_size):
+        _C.validate_ghost_batch_norm_backward_args(grad_output, input, weight, mean, var, ghost_batch_size, eps)
+    grad_input = (
+        torch.empty_like(input, memory_format=memory_format(input)) if compute_grad_input else input.new_empty((0,))
+    )
+    param = weight if weight is not None else mean
+    grad_weight = param.new_empty((input.shape[1],))
+    return grad_input, grad_weight, torch.empty_like(grad_weight)
+
+
+@torch.library.register_fake("swa_fast::ghost_batch_norm_update_stats_")
+def _update_stats_fake(
+    running_mean, running_var, num_batches_tracked, mean, var, batch_size, ghost_batch_size, sample_numel,
+    momentum, average_ghosts,
+) -> None:
+    if _is_static(running_mean, running_var, mean, var, batch_size, ghost_batch_size, sample_numel):
+        _C.validate_ghost_update_stats_args(
+            running_mean, running_var, num_batches_tracked, mean, var, batch_size, ghost_batch_size, sample_numel,
+            momentum,
+        )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    input, weight, _bias, ghost_batch_size, eps = inputs
+    _output, mean, var = output
+    ctx.save_for_backward(input, weight, mean, var)
+    ctx.ghost_batch_size = ghost_batch_size
+    ctx.eps = eps
+    ctx.mark_non_differentiable(mean, var)
+
+
+def _backward(ctx, grad_output, _grad_mean, _grad_var):
+    input, weight, mean, var = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    grad_input, grad_weight, grad_bias = torch.ops.swa_fast.ghost_batch_norm_backward(
+        grad_output, input, weight, mean, var, ctx.ghost_batch_size, ctx.eps, need_input
+    )
+    return (
+        grad_input if need_input else None,
+        grad_weight if need_weight else None,
+        grad_bias if need_bias else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("swa_fast::ghost_batch_norm", _backward, setup_context=_setup_context)
+
