@@ -10,6 +10,7 @@ Usage (from the repository root)::
 Suites (each module's docstring lists its candidates and how it counts bytes):
 
 * ``averaging`` (:mod:`benchmarks.averaging`): AveragedModel SWA/EMA updates.
+* ``ghost_bn`` (:mod:`benchmarks.ghost_bn`): ghost batch norm forward + backward.
 
 Per case, every candidate of the case runs in one process on the same data,
 together with a memory copy (``copy``) whose rate the others' GB/s are compared
@@ -50,7 +51,7 @@ import torch
 
 import swa_fast
 
-from benchmarks import averaging
+from benchmarks import averaging, ghost_bn
 from benchmarks.harness import (
     device_info,
     format_candidates,
@@ -67,6 +68,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # SPEEDUPS, build_candidates(case, device), describe(case) and header_lines(case, label).
 SUITES: Dict[str, ModuleType] = {
     "averaging": averaging,
+    "ghost_bn": ghost_bn,
 }
 
 
