@@ -237,7 +237,7 @@ void affine_coefficients(
 template <bool kPerElement, typename scalar_t, typename opmath_t, typename Coeff>
 void affine_row(const scalar_t* x, scalar_t* y, int64_t n, Coeff scale, Coeff shift, opmath_t* buffer) {
   for_each_block(x, n, buffer, [&](const opmath_t* v, int64_t offset, int64_t count) {
-    opmath_t* out = buffer + kBlock;
+    opmath_t* out = output_block(y + offset, buffer + kBlock);
     if constexpr (kPerElement) {
       at::vec::map3(
           [](Vec<opmath_t> a, Vec<opmath_t> s, Vec<opmath_t> t) { return at::vec::fmadd(a, s, t); }, out, v,
@@ -246,7 +246,7 @@ void affine_row(const scalar_t* x, scalar_t* y, int64_t n, Coeff scale, Coeff sh
       const Vec<opmath_t> s(scale), t(shift);
       at::vec::map([&](Vec<opmath_t> a) { return at::vec::fmadd(a, s, t); }, out, v, count);
     }
-    copy_as(out, y + offset, count);
+    store_from(out, y + offset, count);
   });
 }
 
@@ -389,7 +389,7 @@ void grad_input_row(
     const int64_t count = std::min(kBlock, n - offset);
     const opmath_t* g = load_as(dy + offset, buffer, count);
     const opmath_t* v = load_as(x + offset, buffer + kBlock, count);
-    opmath_t* out = buffer + 2 * kBlock;
+    opmath_t* out = output_block(dx + offset, buffer + 2 * kBlock);
     if constexpr (kPerElement) {
       at::vec::map4(
           [](Vec<opmath_t> gv, Vec<opmath_t> xv, Vec<opmath_t> av, Vec<opmath_t> kv) {
@@ -401,7 +401,7 @@ void grad_input_row(
       const Vec<opmath_t> av(a), kv(k), dv(d);
       at::vec::map2([&](Vec<opmath_t> gv, Vec<opmath_t> xv) { return av * gv - kv * xv + dv; }, out, g, v, count);
     }
-    copy_as(out, dx + offset, count);
+    store_from(out, dx + offset, count);
   }
 }
 
@@ -441,7 +441,8 @@ void ghost_update_running_stats(
   const auto factor = [&](int64_t step) {  // step counts from 1, as num_batches_tracked after its increment
     return momentum.has_value() ? static_cast<opmath_t>(*momentum) : opmath_t(1) / static_cast<opmath_t>(step);
   };
-  at::parallel_for(0, C, 256, [&](int64_t first, int64_t last) {
+  // A few flops per (ghost, channel): threads cost more than they save below ~16k channels.
+  at::parallel_for(0, C, 1 << 14, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       opmath_t rm = static_cast<opmath_t>(running_mean[c]);
       opmath_t rv = static_cast<opmath_t>(running_var[c]);

@@ -24,6 +24,19 @@ auto load_as(T* src, opmath_t* buffer, int64_t n) {
   }
 }
 
+// Where a block of results in the arithmetic type is computed: straight into
+// the destination when it has that type, else into `buffer` (then store_from).
+template <typename opmath_t, typename T>
+opmath_t* output_block(T* destination, opmath_t* buffer) {
+  if constexpr (std::is_same_v<T, opmath_t>) {
+    return destination;
+  } else {
+    return buffer;
+  }
+}
+
+// Writes values computed in `buffer` (see output_block / load_as) to dst;
+// nothing to do when they were computed in place.
 template <typename opmath_t, typename T>
 void store_from(const opmath_t* values, T* dst, int64_t n) {
   if constexpr (!std::is_same_v<T, opmath_t>) {
