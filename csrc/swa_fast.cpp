@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "average_args.h"
+#include "distance_args.h"
 
 #ifndef SWA_FAST_SOURCE_HASH
 #define SWA_FAST_SOURCE_HASH "unknown"
@@ -76,4 +77,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "check_nonfinite_args", [](const std::vector<at::Tensor>& tensors) { swa_fast::check_nonfinite_args(tensors); },
       "nonfinite_flag's argument checks (for its fake kernel)");
+  m.def(
+      "validate_distance_args",
+      [](const std::vector<at::Tensor>& a, const std::optional<std::vector<at::Tensor>>& b) {
+        const std::optional<at::TensorList> b_list =
+            b.has_value() ? std::optional<at::TensorList>(*b) : std::nullopt;
+        return std::string(c10::toString(swa_fast::validate_distance_args(a, b_list)));
+      },
+      pybind11::arg("a"), pybind11::arg("b") = pybind11::none(),
+      "distance's argument checks on metadata only; returns the result dtype's name (Float or Double)");
 }
