@@ -11,5 +11,7 @@ __version__ = "0.1.0"
 from swa_fast._ops import BUILD_INFO, average_, average_moments_, nonfinite_flag  # noqa: E402  (loads _C)
 from swa_fast import swa_utils  # noqa: E402
 from swa_fast import _distance_op  # noqa: E402,F401  (registers the distance op's fake kernel)
+from swa_fast import distance, regime  # noqa: E402
 
 __all__ = ["BUILD_INFO", "average_", "average_moments_", "nonfinite_flag", "swa_utils", "__version__"]
+__all__ += ["distance", "regime"]
