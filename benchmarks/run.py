@@ -10,6 +10,7 @@ Usage (from the repository root)::
 Suites (each module's docstring lists its candidates and how it counts bytes):
 
 * ``averaging`` (:mod:`benchmarks.averaging`): AveragedModel SWA/EMA updates.
+* ``distance`` (:mod:`benchmarks.distance`): weight-distance norms ||a - b|| per tensor and in total.
 
 Per case, every candidate of the case runs in one process on the same data,
 together with a memory copy (``copy``) whose rate the others' GB/s are compared
@@ -51,6 +52,7 @@ import torch
 import swa_fast
 
 from benchmarks import averaging
+from benchmarks import distance
 from benchmarks.harness import (
     device_info,
     format_candidates,
@@ -67,6 +69,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # SPEEDUPS, build_candidates(case, device), describe(case) and header_lines(case, label).
 SUITES: Dict[str, ModuleType] = {
     "averaging": averaging,
+    "distance": distance,
 }
 
 
