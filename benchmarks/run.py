@@ -11,6 +11,7 @@ Suites (each module's docstring lists its candidates and how it counts bytes):
 
 * ``averaging`` (:mod:`benchmarks.averaging`): AveragedModel SWA/EMA updates.
 * ``ghost_bn`` (:mod:`benchmarks.ghost_bn`): ghost batch norm forward + backward.
+* ``distance`` (:mod:`benchmarks.distance`): weight-distance norms ||a - b|| per tensor and in total.
 
 Per case, every candidate of the case runs in one process on the same data,
 together with a memory copy (``copy``) whose rate the others' GB/s are compared
@@ -51,7 +52,7 @@ import torch
 
 import swa_fast
 
-from benchmarks import averaging, ghost_bn
+from benchmarks import averaging, distance, ghost_bn
 from benchmarks.harness import (
     device_info,
     format_candidates,
@@ -69,6 +70,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SUITES: Dict[str, ModuleType] = {
     "averaging": averaging,
     "ghost_bn": ghost_bn,
+    "distance": distance,
 }
 
 

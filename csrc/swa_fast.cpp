@@ -10,6 +10,7 @@
 
 #include "average_args.h"
 #include "ghost_bn_args.h"
+#include "distance_args.h"
 
 #ifndef SWA_FAST_SOURCE_HASH
 #define SWA_FAST_SOURCE_HASH "unknown"
@@ -103,4 +104,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             momentum);
       },
       "ghost_batch_norm_update_stats_'s checks on metadata (for the fake kernel)");
+  m.def(
+      "validate_distance_args",
+      [](const std::vector<at::Tensor>& a, const std::optional<std::vector<at::Tensor>>& b) {
+        const std::optional<at::TensorList> b_list =
+            b.has_value() ? std::optional<at::TensorList>(*b) : std::nullopt;
+        return std::string(c10::toString(swa_fast::validate_distance_args(a, b_list)));
+      },
+      pybind11::arg("a"), pybind11::arg("b") = pybind11::none(),
+      "distance's argument checks on metadata only; returns the result dtype's name (Float or Double)");
 }

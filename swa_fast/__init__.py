@@ -11,6 +11,17 @@ The kernels themselves are ``torch.ops.swa_fast.*``, wrapped here as
 __version__ = "0.1.0"
 
 from swa_fast._ops import BUILD_INFO, average_, average_moments_, nonfinite_flag  # noqa: E402  (loads _C)
-from swa_fast import nn, swa_utils  # noqa: E402
+from swa_fast import _distance_op  # noqa: E402,F401  (registers the distance op's fake kernel)
+from swa_fast import distance, nn, regime, swa_utils  # noqa: E402
 
-__all__ = ["BUILD_INFO", "average_", "average_moments_", "nonfinite_flag", "nn", "swa_utils", "__version__"]
+__all__ = [
+    "BUILD_INFO",
+    "average_",
+    "average_moments_",
+    "distance",
+    "nn",
+    "nonfinite_flag",
+    "regime",
+    "swa_utils",
+    "__version__",
+]

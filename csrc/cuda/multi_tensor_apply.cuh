@@ -28,7 +28,8 @@
 //      no chunks), across all of its launches, so each tensor's partials are
 //      one contiguous, ordered run of the workspace.
 //   2. a second small kernel, one block per tensor, sums its tensor's run in
-//      a fixed order. The runs' bounds come from chunk_offsets() (host
+//      a fixed order (block_sum below reduces within a block in an order
+//      fixed by thread indices). The runs' bounds come from chunk_offsets() (host
 //      values known before any launch: pass them by value in the kernel
 //      arguments, or, for long lists, also write chunk.tensor next to each
 //      partial in step 1 and let each block find its run by binary search).
@@ -157,6 +158,43 @@ __device__ __forceinline__ void for_each_in_chunk(
   for (int i = tail + threadIdx.x; i < size; i += kBlockSize) {
     scalar_body(i);
   }
+}
+
+// ---------------------------------------------------------------------------
+// Deterministic block reduction for functors that write per-chunk partials
+// ---------------------------------------------------------------------------
+
+constexpr int kWarpSize = 32;
+
+// Sum of `value` over the kThreads threads of a block, in an order fixed by
+// the thread indices alone (a shuffle tree per warp, then a shuffle tree over
+// the warp sums in warp 0): the same inputs give the same bits, with no
+// atomics. Every thread of the block must call it; the result is valid in
+// thread 0. Uses static shared memory: a kernel that calls it twice must
+// __syncthreads() between the calls.
+template <typename T, int kThreads = kBlockSize>
+__device__ __forceinline__ T block_sum(T value) {
+  static_assert(kThreads % kWarpSize == 0 && kThreads <= kWarpSize * kWarpSize, "one warp must hold all warp sums");
+  constexpr int kWarps = kThreads / kWarpSize;
+  __shared__ T warp_sums[kWarps];
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value += __shfl_down_sync(0xffffffffu, value, offset);
+  }
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  if (lane == 0) {
+    warp_sums[warp] = value;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    value = lane < kWarps ? warp_sums[lane] : T(0);
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+      value += __shfl_down_sync(0xffffffffu, value, offset);
+    }
+  }
+  return value;
 }
 
 // ---------------------------------------------------------------------------
