@@ -281,3 +281,16 @@ def test_opcheck_every_op(device):
                 (*running, torch.tensor(2, device=device), mean, var, x.shape[0], 4,
                  x[0, 0].numel(), momentum, momentum is None),
             )
+
+
+@pytest.mark.parametrize("device", devices())
+def test_strided_weight_and_bias(device):
+    x = make_input((8, 3, 4), torch.contiguous_format, torch.float64, device)
+    weight, bias = make_affine(6, torch.float64, device)
+    out, mean, var = OPS.ghost_batch_norm(x, weight[::2], bias[1::2], 4, EPS)
+    assert_close(out, ghost_chunk_loop(x, 4, weight[::2], bias[1::2], eps=EPS), 1e-10)
+    dy = make_input((8, 3, 4), torch.contiguous_format, torch.float64, device, seed=3)
+    _, want_dx, want_dw, _ = reference_forward_backward(x, weight[::2], bias[1::2], 4, dy)
+    grad_input, grad_weight, _ = OPS.ghost_batch_norm_backward(dy, x, weight[::2], mean, var, 4, EPS, True)
+    assert_close(grad_input, want_dx, 1e-10)
+    assert_close(grad_weight, want_dw, 1e-10)

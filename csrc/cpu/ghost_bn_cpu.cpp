@@ -490,6 +490,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_batch_norm_cpu(
   at::Tensor var = at::empty({geo.num_ghosts, geo.channels}, stats_options);
   const bool has_weight = weight.has_value() && weight->defined();
   const bool has_bias = bias.has_value() && bias->defined();
+  // The kernels index weight/bias densely: a strided view (w[::2]) is copied.
+  const at::Tensor weight_c = has_weight ? weight->contiguous() : at::Tensor();
+  const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
   const auto param_dtype =
       has_weight ? weight->scalar_type() : (has_bias ? bias->scalar_type() : x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ghost_batch_norm_cpu", [&] {
@@ -505,7 +508,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_batch_norm_cpu(
       using param_t = scalar_t;
       affine_coefficients<opmath_t, param_t>(
           mean.const_data_ptr<opmath_t>(), var.const_data_ptr<opmath_t>(),
-          has_weight ? weight->const_data_ptr<param_t>() : nullptr, has_bias ? bias->const_data_ptr<param_t>() : nullptr,
+          has_weight ? weight_c.const_data_ptr<param_t>() : nullptr, has_bias ? bias_c.const_data_ptr<param_t>() : nullptr,
           eps, geo, scale.data(), shift.data());
     });
     ghost_normalize(x_ptr, output.data_ptr<scalar_t>(), scale.data(), shift.data(), geo);
@@ -529,6 +532,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_batch_norm_backward_cpu(
   const at::Tensor dy = grad_output.contiguous(format);
   const at::Tensor mean_c = mean.contiguous(), var_c = var.contiguous();
   const bool has_weight = weight.has_value() && weight->defined();
+  const at::Tensor weight_c = has_weight ? weight->contiguous() : at::Tensor();
   const auto param_options = has_weight ? weight->options() : mean.options();
   at::Tensor grad_weight = at::empty({geo.channels}, param_options);
   at::Tensor grad_bias = at::empty({geo.channels}, param_options);
@@ -544,7 +548,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_batch_norm_backward_cpu(
       using param_t = scalar_t;
       grad_coefficients<opmath_t, param_t>(
           mean_c.const_data_ptr<opmath_t>(), var_c.const_data_ptr<opmath_t>(), sum_dy.data(), sum_dy_xmu.data(),
-          has_weight ? weight->const_data_ptr<param_t>() : nullptr, eps, geo, grad_weight.data_ptr<param_t>(),
+          has_weight ? weight_c.const_data_ptr<param_t>() : nullptr, eps, geo, grad_weight.data_ptr<param_t>(),
           grad_bias.data_ptr<param_t>(), a.data(), k.data(), d.data());
     });
     if (compute_grad_input) {
