@@ -1,5 +1,7 @@
 #include "distance_args.h"
 
+#include <ATen/ops/empty.h>
+
 #include <ATen/ops/empty_strided.h>
 #include <c10/util/Exception.h>
 
@@ -89,6 +91,11 @@ DistanceInputs check_distance_args(at::TensorList a, const std::optional<at::Ten
     }
   }
   return inputs;
+}
+
+std::tuple<at::Tensor, at::Tensor> empty_distance_outputs(const DistanceInputs& in) {
+  const at::TensorOptions options = at::TensorOptions().dtype(in.acc_dtype).device(in.device);
+  return {at::empty({static_cast<int64_t>(in.a.size())}, options), at::empty({}, options)};
 }
 
 }  // namespace swa_fast

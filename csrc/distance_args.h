@@ -11,6 +11,7 @@
 
 #include <optional>
 #include <type_traits>
+#include <tuple>
 #include <vector>
 
 namespace swa_fast {
@@ -34,6 +35,10 @@ struct DistanceInputs {
 // or a b[i] whose layout differs from a[i]'s (a channels_last model against a
 // contiguous snapshot), costs one copy here instead of a strided kernel.
 DistanceInputs check_distance_args(at::TensorList a, const std::optional<at::TensorList>& b);
+
+// The op's outputs, uninitialized: per-tensor norms [len(a)] and the 0-dim
+// total, in the accumulation dtype on the inputs' device.
+std::tuple<at::Tensor, at::Tensor> empty_distance_outputs(const DistanceInputs& in);
 
 // ---------------------------------------------------------------------------
 // Dtype dispatch

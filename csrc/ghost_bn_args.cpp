@@ -188,7 +188,7 @@ GhostGeometry validate_ghost_batch_norm_backward_args(
   return geometry;
 }
 
-void validate_ghost_update_stats_args(
+GhostGeometry validate_ghost_update_stats_args(
     const at::Tensor& running_mean,
     const at::Tensor& running_var,
     const at::Tensor& num_batches_tracked,
@@ -202,8 +202,10 @@ void validate_ghost_update_stats_args(
   GhostGeometry geometry;
   geometry.batch = batch_size;
   geometry.channels = mean.dim() == 2 ? mean.size(1) : -1;
+  geometry.spatial = sample_numel;
   geometry.ghost_size = ghost_batch_size;
   geometry.num_ghosts = checked_num_ghosts(op, batch_size, ghost_batch_size);
+  geometry.layout = GhostLayout::ChannelsLast;
   TORCH_CHECK_VALUE(sample_numel >= 1, op, ": sample_numel must be >= 1, got ", sample_numel);
   if (momentum.has_value()) {
     TORCH_CHECK_VALUE(*momentum >= 0.0 && *momentum <= 1.0, op, ": momentum must be in [0, 1], got ", *momentum);
@@ -233,6 +235,7 @@ void validate_ghost_update_stats_args(
   TORCH_CHECK(
       num_batches_tracked.device() == device, op, ": num_batches_tracked is on ", num_batches_tracked.device(),
       " but mean is on ", device);
+  return geometry;
 }
 
 }  // namespace swa_fast

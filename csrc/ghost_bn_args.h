@@ -70,7 +70,8 @@ GhostGeometry validate_ghost_batch_norm_backward_args(
 // floating, num_batches_tracked a one-element int64 tensor, all on the device
 // of mean/var ([G, C]); batch_size and ghost_batch_size give G ghosts of at
 // least 2 samples; sample_numel >= 1; momentum, when given, in [0, 1].
-void validate_ghost_update_stats_args(
+// Returns the geometry with spatial = sample_numel (layout unused).
+GhostGeometry validate_ghost_update_stats_args(
     const at::Tensor& running_mean,
     const at::Tensor& running_var,
     const at::Tensor& num_batches_tracked,

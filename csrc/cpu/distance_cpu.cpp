@@ -196,9 +196,7 @@ void distance_impl(const DistanceInputs& in, at::Tensor& per_tensor, at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor> distance_cpu(at::TensorList a, const std::optional<at::TensorList>& b) {
   const DistanceInputs in = check_distance_args(a, b);
-  const at::TensorOptions options = at::TensorOptions().dtype(in.acc_dtype).device(in.device);
-  at::Tensor per_tensor = at::empty({static_cast<int64_t>(in.a.size())}, options);
-  at::Tensor total = at::empty({}, options);
+  auto [per_tensor, total] = empty_distance_outputs(in);
   if (in.acc_dtype == c10::ScalarType::Double) {
     distance_impl<double>(in, per_tensor, total);
   } else {

@@ -571,15 +571,8 @@ void ghost_batch_norm_update_stats_cpu(
     int64_t sample_numel,
     std::optional<double> momentum,
     bool average_ghosts) {
-  validate_ghost_update_stats_args(
+  const GhostGeometry geo = validate_ghost_update_stats_args(
       running_mean, running_var, num_batches_tracked, mean, var, batch_size, ghost_batch_size, sample_numel, momentum);
-  GhostGeometry geo;
-  geo.batch = batch_size;
-  geo.channels = mean.size(1);
-  geo.spatial = sample_numel;
-  geo.ghost_size = ghost_batch_size;
-  geo.num_ghosts = mean.size(0);
-  geo.layout = GhostLayout::ChannelsLast;
   const int64_t steps_before = num_batches_tracked.item<int64_t>();  // a CPU scalar: free to read
   const at::Tensor mean_c = mean.contiguous(), var_c = var.contiguous();
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "ghost_bn_update_stats_cpu", [&] {

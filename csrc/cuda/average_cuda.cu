@@ -29,6 +29,7 @@
 
 #include "average_args.h"
 #include "cuda/multi_tensor_apply.cuh"
+#include "cuda/rounding.cuh"  // fma_rn, mul_rn
 
 namespace swa_fast {
 namespace {
@@ -36,23 +37,6 @@ namespace {
 // ---------------------------------------------------------------------------
 // torch's lerp formula (CPU: lerp_in_place)
 // ---------------------------------------------------------------------------
-
-// Correctly rounded fused multiply-add and multiply. The explicit intrinsics
-// pin down the rounding: torch's CUDA lerp is compiled with nvcc's default
-// contraction, which turns `a + w*(b-a)` and `b - (b-a)*(1-w)` into one fma
-// each, and __fmul_rn keeps x*x (moments) from being fused into the lerp.
-__device__ __forceinline__ float fma_rn(float a, float b, float c) {
-  return __fmaf_rn(a, b, c);
-}
-__device__ __forceinline__ double fma_rn(double a, double b, double c) {
-  return __fma_rn(a, b, c);
-}
-__device__ __forceinline__ float mul_rn(float a, float b) {
-  return __fmul_rn(a, b);
-}
-__device__ __forceinline__ double mul_rn(double a, double b) {
-  return __dmul_rn(a, b);
-}
 
 // torch's lerp (ATen/native/Lerp.h) for one weight, written like the CPU
 // kernel's: w < 0.5 ? fma(w, b-a, a) : fma(w-1, b-a, b). w - 1 == -(1 - w)

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "cuda/multi_tensor_apply.cuh"
+#include "cuda/rounding.cuh"  // fma_rn: one rounding per accumulated square
 #include "distance_args.h"
 
 namespace swa_fast {
@@ -43,15 +44,6 @@ namespace {
 // ---------------------------------------------------------------------------
 // One chunk's sum of squares (CPU: chunk_sum_of_squares)
 // ---------------------------------------------------------------------------
-
-// Correctly rounded fused multiply-add: one rounding per accumulated square,
-// whatever nvcc's contraction settings.
-__device__ __forceinline__ float fma_rn(float a, float b, float c) {
-  return __fmaf_rn(a, b, c);
-}
-__device__ __forceinline__ double fma_rn(double a, double b, double c) {
-  return __fma_rn(a, b, c);
-}
 
 // Elements per thread step: a 16-byte load of the wider input type (and the
 // matching narrower load of the other), e.g. 4 for fp32, 8 for bf16 alone.
@@ -284,9 +276,7 @@ void distance_impl(const DistanceInputs& in, at::Tensor& per_tensor, at::Tensor&
 std::tuple<at::Tensor, at::Tensor> distance_cuda(at::TensorList a, const std::optional<at::TensorList>& b) {
   const DistanceInputs in = check_distance_args(a, b);
   const c10::cuda::CUDAGuard guard(in.device);
-  const at::TensorOptions options = at::TensorOptions().dtype(in.acc_dtype).device(in.device);
-  at::Tensor per_tensor = at::empty({static_cast<int64_t>(in.a.size())}, options);
-  at::Tensor total = at::empty({}, options);
+  auto [per_tensor, total] = empty_distance_outputs(in);
   if (in.acc_dtype == c10::ScalarType::Double) {
     distance_impl<double>(in, per_tensor, total);
   } else {

@@ -59,6 +59,7 @@
 #include <vector>
 
 #include "cuda/multi_tensor_apply.cuh"  // mta::AlignedVector, mta::kVectorBytes, mta::kVectorWidth
+#include "cuda/rounding.cuh"  // fma_rn, sqrt_rn
 #include "ghost_bn_args.h"
 
 namespace swa_fast {
@@ -264,20 +265,6 @@ ParamRef param_ref(const std::optional<at::Tensor>& param, at::Tensor& contiguou
   return ParamRef{contiguous.const_data_ptr(), element_of(contiguous.scalar_type())};
 }
 
-// Correctly rounded sqrt and fma, named explicitly so neither the build
-// flags nor overload resolution can change them.
-__device__ __forceinline__ float sqrt_rn(float v) {
-  return __fsqrt_rn(v);
-}
-__device__ __forceinline__ double sqrt_rn(double v) {
-  return __dsqrt_rn(v);
-}
-__device__ __forceinline__ float fma_rn(float a, float b, float c) {
-  return __fmaf_rn(a, b, c);
-}
-__device__ __forceinline__ double fma_rn(double a, double b, double c) {
-  return __fma_rn(a, b, c);
-}
 
 // 1 / sqrt(var + eps) as the CPU computes it.
 template <typename T>
@@ -1363,14 +1350,11 @@ void ghost_batch_norm_update_stats_cuda(
     int64_t sample_numel,
     std::optional<double> momentum,
     bool average_ghosts) {
-  validate_ghost_update_stats_args(
-      running_mean, running_var, num_batches_tracked, mean, var, batch_size, ghost_batch_size, sample_numel, momentum);
+  // spatial carries sample_numel (a ghost's values per channel = samples * sample_numel).
+  const Shape shape = make_shape(validate_ghost_update_stats_args(
+      running_mean, running_var, num_batches_tracked, mean, var, batch_size, ghost_batch_size, sample_numel, momentum));
   const c10::cuda::CUDAGuard guard(mean.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(mean.device().index()).stream();
-  // Only batch, channels, ghost and num_ghosts matter here; spatial carries
-  // sample_numel (a ghost's values per channel = samples * sample_numel).
-  const Shape shape{
-      batch_size, mean.size(1), sample_numel, std::min(ghost_batch_size, batch_size), mean.size(0)};
   const at::Tensor mean_c = mean.contiguous();
   const at::Tensor var_c = var.contiguous();
   const int64_t grid = std::min(ceil_div(shape.channels, kChannelThreads), kMaxGrid);
