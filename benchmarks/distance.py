@@ -24,15 +24,14 @@ memory bandwidth measured in the same rounds.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import torch
 
 from swa_fast.distance import distance_norms
 
-from benchmarks.cases import Shape, gpt_shapes, make_model, resnet50_shapes
+from benchmarks.cases import Case, gpt_shapes, make_model, resnet50_shapes
 from benchmarks.harness import Candidate, copy_candidate, dtype_name
 
 __all__ = ["CASES", "SPEEDUPS", "build_candidates", "describe", "header_lines"]
@@ -48,39 +47,22 @@ DRIFT = 0.01
 
 
 @dataclass(frozen=True)
-class DistanceCase:
-    """A parameter set, the model's dtype and the snapshot's dtype."""
-
-    name: str
-    shapes: Tuple[Shape, ...]
-    dtype: torch.dtype = torch.float32  # the model's weights (a)
-    ref_dtype: torch.dtype = torch.float32  # the snapshot (b)
-    gpu_only: bool = False
-    note: str = ""
+class DistanceCase(Case):
+    """A parameter set with the model's dtype (``a``) and the snapshot's (``b``): the
+    snapshot plays the part the averages play in :class:`benchmarks.cases.Case`."""
 
     @property
-    def num_tensors(self) -> int:
-        return len(self.shapes)
-
-    @property
-    def num_params(self) -> int:
-        return sum(math.prod(shape) for shape in self.shapes)
-
-    @property
-    def model_bytes(self) -> int:
-        return self.num_params * torch.empty((), dtype=self.dtype).element_size()
+    def ref_dtype(self) -> torch.dtype:
+        return self.averaged_dtype
 
     @property
     def ref_bytes(self) -> int:
-        return self.num_params * torch.empty((), dtype=self.ref_dtype).element_size()
+        return self.averaged_bytes
 
     @property
     def read_bytes(self) -> int:
         """What one distance pass must read: both lists once."""
         return self.model_bytes + self.ref_bytes
-
-    def applies_to(self, device: str) -> bool:
-        return not self.gpu_only or torch.device(device).type == "cuda"
 
 
 def _build_cases() -> Dict[str, DistanceCase]:
