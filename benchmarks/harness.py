@@ -125,6 +125,21 @@ def run_rounds(
 
 
 
+def pedantic_benchmark(benchmark, case_name: str, candidate: Candidate, device: str, rounds: int = 10) -> None:
+    """Times ``candidate`` with pytest-benchmark's ``benchmark`` fixture, grouped by case;
+    on CUDA each call is synchronized so its time includes its kernels."""
+
+    def call() -> None:
+        candidate.fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.group = f"{case_name} ({device})"
+    benchmark.name = f"{case_name}:{candidate.key}"
+    benchmark.extra_info.update(label=candidate.label, bytes_per_update=candidate.bytes_per_update)
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=1, iterations=1)
+
+
 # ---------------------------------------------------------------------------
 # Summaries
 # ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 
 from benchmarks.cases import get_case
 from benchmarks.averaging import build_candidates
+from benchmarks.harness import pedantic_benchmark
 
 CASE_NAMES = ["resnet50", "transformer"]
 CANDIDATES = [
@@ -37,23 +38,8 @@ def case_candidates(request):
     candidates.clear()
 
 
-def _synchronized(fn):
-    if DEVICE != "cuda":
-        return fn
-
-    def call():
-        fn()
-        torch.cuda.synchronize()
-
-    return call
-
-
 @pytest.mark.benchmark
 @pytest.mark.parametrize("candidate", CANDIDATES)
 def test_update(benchmark, case_candidates, candidate):
     case_name, candidates = case_candidates
-    chosen = candidates[candidate]
-    benchmark.group = f"{case_name} ({DEVICE})"
-    benchmark.name = f"{case_name}:{candidate}"
-    benchmark.extra_info.update(label=chosen.label, bytes_per_update=chosen.bytes_per_update)
-    benchmark.pedantic(_synchronized(chosen.fn), rounds=10, warmup_rounds=1, iterations=1)
+    pedantic_benchmark(benchmark, case_name, candidates[candidate], DEVICE)
