@@ -11,18 +11,41 @@ from recipe_lib.datasets import (
     DataSplits,
     DatasetError,
     ImageDataset,
+    MissingDataError,
     load_cifar,
     load_dataset,
     load_fashion_mnist,
     load_image_folder,
 )
+from recipe_lib.loader import BatchLoader, shard_indices
+from recipe_lib.transforms import (
+    DEFAULT_STATS,
+    channel_stats,
+    compose,
+    pad_to,
+    random_crop,
+    random_hflip,
+    resize,
+    to_float,
+)
 
 __all__ = [
+    "BatchLoader",
+    "DEFAULT_STATS",
     "DataSplits",
     "DatasetError",
     "ImageDataset",
+    "MissingDataError",
+    "channel_stats",
+    "compose",
     "load_cifar",
     "load_dataset",
     "load_fashion_mnist",
     "load_image_folder",
+    "pad_to",
+    "random_crop",
+    "random_hflip",
+    "resize",
+    "shard_indices",
+    "to_float",
 ]
