@@ -1,0 +1,304 @@
+"""The recipes' in-memory data loaders (examples/recipe_lib/datasets.py) on tiny synthetic files.
+
+Each test writes its own files in each on-disk format into tmp_path; one test
+reads the real Fashion-MNIST when the Debian package is installed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # recipes import recipe_lib from there
+
+from recipe_lib.datasets import (  # noqa: E402
+    FASHION_MNIST_DIR,
+    DatasetError,
+    MissingDataError,
+    load_cifar,
+    load_dataset,
+    load_fashion_mnist,
+    load_image_folder,
+)
+
+Image = pytest.importorskip("PIL.Image")
+
+
+# ----------------------------------------------------------------- IDX / Fashion-MNIST
+
+def idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:
+    magic = (0x0800 | array.ndim) if magic is None else magic
+    return struct.pack(f">i{array.ndim}i", magic, *array.shape) + array.astype(np.uint8).tobytes()
+
+
+def write_idx(path: Path, payload: bytes, gz: bool) -> Path:
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(payload))
+    else:
+        path.write_bytes(payload)
+    return path
+
+
+def make_fashion(root: Path, n_train: int = 12, n_test: int = 5, gz: bool = True, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, (n,), dtype=np.uint8)
+        write_idx(root / f"{prefix}-images-idx3-ubyte", idx_bytes(images), gz)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", idx_bytes(labels), gz)
+        arrays[prefix] = (images, labels)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_decodes(tmp_path, gz):
+    arrays = make_fashion(tmp_path, gz=gz)
+    splits = load_fashion_mnist(tmp_path)
+    for split, prefix in ((splits.train, "train"), (splits.test, "t10k")):
+        images, labels = arrays[prefix]
+        assert split.images.dtype == torch.uint8 and split.images.shape == (len(labels), 1, 28, 28)
+        assert torch.equal(split.images[:, 0], torch.from_numpy(images))
+        assert split.labels.dtype == torch.int64 and torch.equal(split.labels, torch.from_numpy(labels).long())
+        assert split.classes[0] == "T-shirt/top" and split.num_classes == 10 and split.name == "fashion_mnist"
+    assert load_dataset("fashion-mnist", tmp_path).train.images.shape[0] == 12
+
+
+def test_idx_wrong_magic(tmp_path):
+    make_fashion(tmp_path, gz=False)
+    path = tmp_path / "train-labels-idx1-ubyte"
+    path.write_bytes(idx_bytes(np.zeros(12, np.uint8), magic=0x00000803))  # the images magic on a labels file
+    with pytest.raises(DatasetError, match="train-labels-idx1-ubyte.*magic"):
+        load_fashion_mnist(tmp_path)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_truncated(tmp_path, gz):
+    make_fashion(tmp_path, gz=gz)
+    payload = idx_bytes(np.zeros((5, 28, 28), np.uint8))[:-100]
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", payload, gz)
+    with pytest.raises(DatasetError, match="t10k-images-idx3-ubyte.*truncated"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_idx_truncated_gzip_stream(tmp_path):
+    make_fashion(tmp_path, gz=True)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-30])  # a cut download: the gzip stream itself ends early
+    with pytest.raises(DatasetError, match="train-images-idx3-ubyte.gz"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_idx_count_mismatch(tmp_path):
+    make_fashion(tmp_path, gz=False)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(11, np.uint8)))
+    with pytest.raises(DatasetError, match=r"train-labels-idx1-ubyte: 11 labels but .*train-images-idx3-ubyte holds 12"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_idx_missing_file(tmp_path):
+    make_fashion(tmp_path, gz=True)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(MissingDataError, match="t10k-labels-idx1-ubyte"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_fashion_mnist_missing_default_dir_says_how_to_install(monkeypatch, tmp_path):
+    import recipe_lib.datasets as datasets
+
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DIR", tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match=r"apt-get install dataset-fashion-mnist.*--data-dir"):
+        load_fashion_mnist()
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
+def test_real_fashion_mnist():
+    splits = load_fashion_mnist()
+    assert splits.train.images.shape == (60000, 1, 28, 28)
+    assert splits.test.images.shape == (10000, 1, 28, 28)
+    assert splits.train.num_classes == 10
+    assert torch.equal(splits.train.labels.bincount(), torch.full((10,), 6000))
+    assert torch.equal(splits.test.labels.bincount(), torch.full((10,), 1000))
+
+
+# ----------------------------------------------------------------- CIFAR
+
+def write_pickle(path: Path, obj) -> None:
+    with path.open("wb") as f:
+        pickle.dump(obj, f)
+
+
+def make_cifar10(root: Path, per_batch: int = 3) -> dict[str, np.ndarray]:
+    """The official layout: bytes keys, uint8 data rows, list labels."""
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True, exist_ok=True)
+    write_pickle(root / "batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)], b"num_vis": 3072})
+    data, labels = [], []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        rows = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        lab = rng.integers(0, 10, per_batch).tolist()
+        write_pickle(root / name, {b"batch_label": name.encode(), b"data": rows, b"labels": lab})
+        data.append(rows)
+        labels.append(lab)
+    return {"train": np.concatenate(data[:5]), "train_labels": np.concatenate(labels[:5]),
+            "test": data[5], "test_labels": np.asarray(labels[5])}
+
+
+def test_cifar10_decodes(tmp_path):
+    expected = make_cifar10(tmp_path / "cifar-10-batches-py")
+    splits = load_cifar(tmp_path, 10)  # the parent folder works too
+    assert splits.train.images.shape == (15, 3, 32, 32) and splits.test.images.shape == (3, 3, 32, 32)
+    # Row layout: 1024 red, 1024 green, 1024 blue values, each 32x32 row-major.
+    assert splits.train.images[4, 1, 2, 5] == expected["train"][4, 1024 + 2 * 32 + 5]
+    assert torch.equal(splits.train.images.reshape(15, -1), torch.from_numpy(expected["train"]))
+    assert splits.train.labels.tolist() == expected["train_labels"].tolist()
+    assert splits.test.labels.tolist() == expected["test_labels"].tolist()
+    assert splits.train.classes == tuple(f"c{i}" for i in range(10)) and splits.train.name == "cifar10"
+
+
+def test_cifar100_decodes_with_str_keys(tmp_path):
+    rng = np.random.default_rng(2)
+    write_pickle(tmp_path / "meta", {"fine_label_names": [f"f{i}" for i in range(100)], "coarse_label_names": []})
+    rows = {s: rng.integers(0, 256, (n, 3072), dtype=np.uint8) for s, n in (("train", 4), ("test", 2))}
+    for split, data in rows.items():
+        write_pickle(tmp_path / split, {"data": data, "fine_labels": [99, 0, 5, 7][: len(data)],
+                                        "coarse_labels": [0] * len(data)})
+    splits = load_dataset("cifar100", tmp_path)
+    assert splits.train.labels.tolist() == [99, 0, 5, 7] and splits.test.labels.tolist() == [99, 0]
+    assert splits.train.num_classes == 100 and splits.train.classes[99] == "f99"
+    assert torch.equal(splits.test.images.reshape(2, -1), torch.from_numpy(rows["test"]))
+
+
+def test_cifar_missing_batch(tmp_path):
+    make_cifar10(tmp_path)
+    (tmp_path / "data_batch_3").unlink()
+    with pytest.raises(MissingDataError, match="data_batch_3"):
+        load_cifar(tmp_path)
+
+
+def test_cifar_corrupt_pickle(tmp_path):
+    make_cifar10(tmp_path)
+    (tmp_path / "test_batch").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(DatasetError, match="test_batch: not a readable pickle"):
+        load_cifar(tmp_path)
+
+
+def test_cifar_wrong_shape(tmp_path):
+    make_cifar10(tmp_path)
+    write_pickle(tmp_path / "data_batch_2", {b"data": np.zeros((3, 3000), np.uint8), b"labels": [0, 1, 2]})
+    with pytest.raises(DatasetError, match=r"data_batch_2: 'data' must be uint8 \[N, 3072\]"):
+        load_cifar(tmp_path)
+
+
+def test_cifar_missing_key_and_label_count(tmp_path):
+    make_cifar10(tmp_path)
+    write_pickle(tmp_path / "data_batch_1", {b"data": np.zeros((3, 3072), np.uint8)})
+    with pytest.raises(DatasetError, match="data_batch_1: missing key 'labels'"):
+        load_cifar(tmp_path)
+    write_pickle(tmp_path / "data_batch_1", {b"data": np.zeros((3, 3072), np.uint8), b"labels": [1, 2]})
+    with pytest.raises(DatasetError, match="data_batch_1: 2 labels for 3 images"):
+        load_cifar(tmp_path)
+
+
+# ----------------------------------------------------------------- image folders
+
+def save_image(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (8, 6), mode: str = "RGB") -> np.ndarray:
+    """A (W, H) = size image with a color gradient (so a resize or transposition would show); returns HxWx3."""
+    w, h = size
+    pixels = np.zeros((h, w, 3), np.uint8)
+    pixels[...] = color
+    pixels[:, :, 0] = (np.arange(w)[None, :] * 20 + np.arange(h)[:, None] * 3 + color[0]) % 256
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(pixels)
+    if mode == "L":
+        img = img.convert("L")
+        pixels = np.asarray(img.convert("RGB"))
+    img.save(path)
+    return pixels
+
+
+def make_folder(root: Path, train_split: str = "train", test_split: str = "test") -> dict[str, list[np.ndarray]]:
+    out: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+    for split, dirname in (("train", train_split), ("test", test_split)):
+        for label, cls in enumerate(("glacier", "buildings")):  # sorted: buildings=0, glacier=1
+            for i in range(2 if split == "train" else 1):
+                out[split].append(save_image(root / dirname / cls / f"img{i}.png", (label * 100, 50 + i, 7)))
+    return out
+
+
+def test_image_folder_decodes(tmp_path):
+    pixels = make_folder(tmp_path)
+    splits = load_image_folder(tmp_path)
+    assert splits.train.classes == ("buildings", "glacier") == splits.test.classes
+    assert splits.train.images.shape == (4, 3, 6, 8) and splits.test.images.shape == (2, 3, 6, 8)
+    # Sorted by class then file: buildings/img0, buildings/img1, glacier/img0, glacier/img1.
+    assert splits.train.labels.tolist() == [0, 0, 1, 1] and splits.test.labels.tolist() == [0, 1]
+    expected = [pixels["train"][2], pixels["train"][3], pixels["train"][0], pixels["train"][1]]
+    for got, want in zip(splits.train.images, expected):
+        assert torch.equal(got.permute(1, 2, 0), torch.from_numpy(want))  # PNG is lossless
+
+
+def test_image_folder_intel_layout_resize_and_grayscale(tmp_path):
+    # Intel's Kaggle archive: seg_train/seg_train/<class>, seg_test/seg_test/<class>; a JPEG and a gray image.
+    make_folder(tmp_path, "seg_train/seg_train", "seg_test/seg_test")
+    save_image(tmp_path / "seg_train/seg_train/glacier/img9.jpg", (0, 0, 0), size=(20, 10))
+    save_image(tmp_path / "seg_test/seg_test/glacier/gray.png", (0, 0, 0), mode="L")
+    splits = load_dataset("folder", tmp_path, image_size=(4, 5))
+    assert splits.train.images.shape == (5, 3, 4, 5) and splits.test.images.shape == (3, 3, 4, 5)
+    assert splits.train.labels.tolist() == [0, 0, 1, 1, 1]
+
+
+def test_image_folder_inconsistent_sizes(tmp_path):
+    make_folder(tmp_path)
+    save_image(tmp_path / "train/glacier/odd.png", (1, 2, 3), size=(9, 6))
+    with pytest.raises(DatasetError, match=r"odd.png: image is 9x6.*image_size"):
+        load_image_folder(tmp_path)
+    assert load_image_folder(tmp_path, image_size=6).train.images.shape == (5, 3, 6, 6)
+
+
+def test_image_folder_unreadable_image(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "test/buildings/broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(DatasetError, match="broken.png: unreadable image"):
+        load_image_folder(tmp_path)
+
+
+def test_image_folder_empty(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    with pytest.raises(DatasetError, match="train: no class folders"):
+        load_image_folder(tmp_path)
+    (tmp_path / "train/forest").mkdir()
+    with pytest.raises(DatasetError, match="forest: class folder holds no images"):
+        load_image_folder(tmp_path)
+
+
+def test_image_folder_missing_split_and_class_mismatch(tmp_path):
+    make_folder(tmp_path)
+    save_image(tmp_path / "test/sea/img0.png", (1, 1, 1))
+    with pytest.raises(DatasetError, match=r"different class folders: only in train \[\], only in test \['sea'\]"):
+        load_image_folder(tmp_path)
+    with pytest.raises(MissingDataError, match="no 'train'"):
+        load_image_folder(tmp_path / "test")
+
+
+def test_dataset_subset_and_dispatch_errors(tmp_path):
+    make_fashion(tmp_path, n_train=40)
+    train = load_dataset("fashion_mnist", tmp_path).train
+    sub = train.subset(10, seed=3)
+    assert len(sub) == 10 and sub.classes == train.classes
+    assert torch.equal(sub.images, train.subset(10, seed=3).images)  # seeded
+    with pytest.raises(ValueError, match="unknown data set"):
+        load_dataset("imagenet", tmp_path)
+    with pytest.raises(ValueError, match="image_size applies to 'folder'"):
+        load_dataset("cifar10", tmp_path, image_size=32)
+    with pytest.raises(FileNotFoundError, match="--data-dir"):
+        load_dataset("cifar10")
