@@ -503,7 +503,10 @@ def update_bn(
     samples. Ghost BN counts each ghost as a batch, and is combined the same way.
     ``SyncBatchNorm`` modules are left alone (their forward already combines the
     ranks). Every rank of the group must call ``update_bn`` (it is a collective)
-    on a model with the same BatchNorm modules in the same order. A model wrapped
+    on a model with the same BatchNorm modules in the same order: code that runs
+    it on one rank only (say rank 0 over the whole loader) must pass
+    ``all_reduce=False``, or that rank waits for the others until the process
+    group's timeout. A model wrapped
     in ``DistributedDataParallel`` broadcasts its buffers on its first forward:
     each rank then needs at least one batch (or pass ``model.module``).
     """
