@@ -5,19 +5,21 @@ whose averaging runs as fused multi-tensor kernels (C++ on CPU, CUDA on GPU).
 The kernels themselves are ``torch.ops.swa_fast.*``, wrapped here as
 :func:`average_`, :func:`average_moments_` and :func:`nonfinite_flag`.
 ``swa_fast.nn`` has ghost batch normalization (``GhostBatchNorm1d/2d/3d``,
-``convert_ghost_batchnorm``).
+``convert_ghost_batchnorm``). ``swa_fast.checkpoint_average.average_checkpoints``
+(``python -m swa_fast average``) averages saved checkpoints.
 """
 
 __version__ = "0.1.0"
 
 from swa_fast._ops import BUILD_INFO, average_, average_moments_, nonfinite_flag  # noqa: E402  (loads _C)
 from swa_fast import _distance_op  # noqa: E402,F401  (registers the distance op's fake kernel)
-from swa_fast import distance, nn, regime, swa_utils  # noqa: E402
+from swa_fast import checkpoint_average, distance, nn, regime, swa_utils  # noqa: E402
 
 __all__ = [
     "BUILD_INFO",
     "average_",
     "average_moments_",
+    "checkpoint_average",
     "distance",
     "nn",
     "nonfinite_flag",

@@ -1,4 +1,4 @@
-"""``python -m swa_fast info`` and ``python -m swa_fast bench``."""
+"""``python -m swa_fast info``, ``python -m swa_fast bench`` and ``python -m swa_fast average``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import runpy
 import sys
 from pathlib import Path
 from typing import List, Optional
+
+from swa_fast import checkpoint_average
 
 
 def info_lines() -> List[str]:
@@ -53,7 +55,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, compiled kernels and the GPU seen")
     sub.add_parser("bench", help="the side-by-side benchmark runner (benchmarks/run.py); options pass through")
+    average = sub.add_parser(
+        "average",
+        help="average the weights of saved checkpoints into one state_dict",
+        description="Average the state_dicts of checkpoints, one checkpoint in memory at a time. "
+        "Floating entries are averaged (fp32 accumulators, fp64 for fp64) and written in their dtype; "
+        "integer/bool entries are taken from the last checkpoint. The output is written atomically.",
+    )
+    checkpoint_average.add_arguments(average)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "average":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return checkpoint_average.run(args)
     if args.command == "info":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

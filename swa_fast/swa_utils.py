@@ -13,6 +13,9 @@ Where swa_fast deliberately differs from torch:
 * Integer and bool tensors averaged with ``use_buffers=True`` (BatchNorm's
   ``num_batches_tracked``) are copied from the model. torch's default path
   stores a truncated average of the counts instead.
+* With an initialized ``torch.distributed`` process group, ``update_bn``
+  combines the BatchNorm statistics of all ranks after the pass (torch leaves
+  each rank with its shard's); ``all_reduce=False`` restores torch's behaviour.
 * ``n_averaged`` lives on the averaged model's device (torch keeps it on the
   CPU unless ``device=`` is given); the values and keys are the same, so
   checkpoints load either way.
@@ -26,7 +29,8 @@ Beyond torch (all keyword-only, all off by default):
   ``n_skipped`` counts them).
 * ``get_ema_multi_avg_fn(decay, warmup_gamma=..., warmup_power=...)``: the
   timm-style warm-up ``decay_t = min(decay, 1 - (1 + t / gamma) ** -power)``.
-* ``update_bn(..., forward_fn=..., progress=...)``.
+* ``update_bn(..., forward_fn=..., progress=...)``, and ``all_reduce=`` across
+  ``torch.distributed`` ranks (automatic when a process group is initialized).
 """
 
 from __future__ import annotations
@@ -460,6 +464,8 @@ def update_bn(
     *,
     forward_fn: Optional[Callable[[Module, Any], Any]] = None,
     progress: bool = False,
+    all_reduce: Optional[bool] = None,
+    process_group: Optional[Any] = None,
 ) -> None:
     r"""Recompute the BatchNorm running statistics of ``model`` with one pass over ``loader``.
 
@@ -477,7 +483,34 @@ def update_bn(
         forward_fn: keyword-only; ``forward_fn(model, batch)`` runs the model on a
             batch of any structure (dicts, several inputs). Default: ``model(batch[0])``.
         progress: keyword-only; show a tqdm progress bar (needs tqdm).
+        all_reduce: keyword-only; combine the statistics of all ranks after the
+            pass (see below). ``None`` (default): when ``torch.distributed`` is
+            initialized; ``False``: never (each rank keeps its own shard's
+            statistics, torch's behaviour); ``True``: always (an error without a
+            process group).
+        process_group: keyword-only; the group to combine over (default: the
+            default group).
+
+    Distributed: with a sharded loader (e.g. a ``DistributedSampler``) every rank
+    runs its pass, then one all-reduce per device makes every rank hold the
+    statistics a single process would compute over the union of all ranks'
+    batches: ``running_mean`` and ``running_var`` are the means over all batches,
+    each batch weighted once (as torch's cumulative average weights them), and
+    ``num_batches_tracked`` is the total batch count. This holds for unequal
+    batch counts per rank too (a rank with no batches contributes nothing). It
+    equals the single-process result up to float rounding; with unequal batch
+    *sizes* it is, like torch's cumulative average, a mean over batches, not over
+    samples. Ghost BN counts each ghost as a batch, and is combined the same way.
+    ``SyncBatchNorm`` modules are left alone (their forward already combines the
+    ranks). Every rank of the group must call ``update_bn`` (it is a collective)
+    on a model with the same BatchNorm modules in the same order: code that runs
+    it on one rank only (say rank 0 over the whole loader) must pass
+    ``all_reduce=False``, or that rank waits for the others until the process
+    group's timeout. A model wrapped
+    in ``DistributedDataParallel`` broadcasts its buffers on its first forward:
+    each rank then needs at least one batch (or pass ``model.module``).
     """
+    group = _bn_process_group(all_reduce, process_group)
     momenta = {}
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -505,3 +538,62 @@ def update_bn(
         for module, momentum in momenta.items():
             module.momentum = momentum
         model.train(was_training)
+    if group is not _NO_GROUP:
+        _all_reduce_bn_stats(list(momenta), group)
+
+
+_NO_GROUP = object()  # update_bn's marker for "do not all-reduce"
+
+
+def _bn_process_group(all_reduce: Optional[bool], process_group: Optional[Any]) -> Any:
+    """The group ``update_bn`` combines over (``None``: the default group), or ``_NO_GROUP``.
+
+    Decided before the pass, so a misuse fails before the work is done.
+    """
+    if all_reduce is False:
+        return _NO_GROUP
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not initialized:
+        if all_reduce:
+            raise RuntimeError(
+                "update_bn(all_reduce=True) needs an initialized torch.distributed process group "
+                "(torch.distributed.init_process_group)"
+            )
+        return _NO_GROUP
+    return process_group
+
+
+def _all_reduce_bn_stats(modules: List[Module], group: Any) -> None:
+    """Turn every rank's cumulative BN averages into the average over all ranks' batches.
+
+    With ``momentum=None`` a module's running_mean/var are the means of its
+    per-batch values over the ``n = num_batches_tracked`` batches it saw (n counts
+    from 0: update_bn reset it). Summing ``running * n`` and ``n`` over ranks and
+    dividing gives the mean over every batch seen anywhere, each batch once. One
+    float64 all-reduce per device packs every module (counts stay exact to 2**53).
+    """
+    from torch.nn.modules.batchnorm import SyncBatchNorm
+
+    by_device: dict = {}
+    for module in modules:
+        if isinstance(module, SyncBatchNorm) or module.running_mean is None or module.num_batches_tracked is None:
+            continue  # SyncBatchNorm already saw every rank's batch; untracked modules have nothing to combine
+        by_device.setdefault(module.running_mean.device, []).append(module)
+    for device_modules in by_device.values():
+        counts = torch.stack([module.num_batches_tracked for module in device_modules]).to(torch.float64)
+        packed = [counts]
+        for module, count in zip(device_modules, counts):
+            packed.append(module.running_mean.to(torch.float64).mul(count))
+            packed.append(module.running_var.to(torch.float64).mul(count))
+        flat = torch.cat([t.reshape(-1) for t in packed])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=group)
+        totals, offset = flat[: len(device_modules)], len(device_modules)
+        for module, total in zip(device_modules, totals.tolist()):
+            size = module.running_mean.numel()
+            mean_sum, var_sum = flat[offset : offset + size], flat[offset + size : offset + 2 * size]
+            offset += 2 * size
+            if total == 0:
+                continue  # no rank saw a batch: keep the reset statistics, as a single process would
+            module.running_mean.copy_(mean_sum.div(total).view_as(module.running_mean))
+            module.running_var.copy_(var_sum.div(total).view_as(module.running_var))
+            module.num_batches_tracked.fill_(int(total))

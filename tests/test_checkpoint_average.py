@@ -1,0 +1,292 @@
+"""Checkpoint averaging (swa_fast.checkpoint_average, ``python -m swa_fast average``) against float64 means."""
+
+import gc
+import os
+import subprocess
+import sys
+import weakref
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+
+from swa_fast import checkpoint_average
+from swa_fast.checkpoint_average import CheckpointError, average_checkpoints
+
+ROOT = Path(__file__).resolve().parent.parent
+COUNT = 4
+
+
+def make_state(seed):
+    """A state_dict with every kind of entry: fp32/bf16/fp16/fp64 floats, an int counter, a bool mask."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "conv.weight": torch.randn(8, 3, 3, 3, generator=g),
+        "bn.running_mean": torch.randn(8, generator=g),
+        "bn.num_batches_tracked": torch.tensor(100 * (seed + 1)),
+        "head.weight": torch.randn(10, 8, generator=g).to(torch.bfloat16),
+        "head.bias": torch.randn(10, generator=g).to(torch.float16),
+        "precise": torch.randn(5, generator=g, dtype=torch.float64),
+        "mask": torch.rand(6, generator=g) > 0.5,
+    }
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    """COUNT saved state_dicts and the states themselves."""
+    states = [make_state(seed) for seed in range(COUNT)]
+    paths = []
+    for index, state in enumerate(states):
+        path = tmp_path / f"ckpt{index}.pt"
+        torch.save(state, path)
+        paths.append(path)
+    return paths, states
+
+
+def float64_mean(states, weights=None):
+    weights = torch.tensor(weights or [1.0] * len(states), dtype=torch.float64)
+    weights = weights / weights.sum()
+    return {key: sum(w * s[key].double() for w, s in zip(weights, states)) for key in states[0]}
+
+
+def assert_matches_mean(averaged, states, weights=None):
+    expected = float64_mean(states, weights)
+    assert list(averaged) == list(states[0])
+    for key, value in averaged.items():
+        assert value.dtype == states[0][key].dtype, key
+        if value.is_floating_point():
+            # fp32 accumulators: the result is the float64 mean rounded once to the entry's dtype (+ fp32 steps).
+            tolerance = {torch.float64: 1e-12, torch.float32: 1e-6}.get(value.dtype, 1e-2)
+            exact = expected[key].to(value.dtype).double()
+            torch.testing.assert_close(value.double(), exact, rtol=tolerance, atol=tolerance, msg=key)
+        else:
+            assert torch.equal(value, states[-1][key]), key  # integer/bool: the last checkpoint's
+
+
+def test_average_equals_float64_mean(checkpoints):
+    paths, states = checkpoints
+    assert_matches_mean(average_checkpoints(paths), states)
+
+
+def test_bf16_accumulates_in_fp32(tmp_path):
+    # 64 bf16 checkpoints whose mean is not representable step by step in bf16.
+    states = [{"w": torch.full((4,), 1.0 + i / 64).to(torch.bfloat16)} for i in range(64)]
+    paths = []
+    for i, state in enumerate(states):
+        paths.append(tmp_path / f"{i}.pt")
+        torch.save(state, paths[-1])
+    averaged = average_checkpoints(paths)["w"]
+    assert torch.equal(averaged, float64_mean(states)["w"].to(torch.bfloat16))
+
+
+def test_single_checkpoint_is_a_copy(checkpoints):
+    paths, states = checkpoints
+    averaged = average_checkpoints(paths[:1])
+    for key in states[0]:
+        assert torch.equal(averaged[key], states[0][key]), key
+
+
+def test_weights(checkpoints):
+    paths, states = checkpoints
+    weights = [0.0, 1.0, 2.0, 5.0]
+    assert_matches_mean(average_checkpoints(paths, weights=weights), states, weights)
+    # A leading zero weight is a copy of nothing: the first checkpoint does not count.
+    assert_matches_mean(average_checkpoints(paths[:2], weights=[0, 3]), states[:2], [0, 3])
+
+
+@pytest.mark.parametrize("weights, message", [([1.0], "1 weights given for 4"), ([1, -1, 1, 1], ">= 0"), ([0, 0, 0, 0], "positive sum")])
+def test_bad_weights(checkpoints, weights, message):
+    with pytest.raises(CheckpointError, match=message):
+        average_checkpoints(checkpoints[0], weights=weights)
+
+
+def test_streams_one_checkpoint_at_a_time(checkpoints, monkeypatch):
+    paths, states = checkpoints
+    alive = []  # weak references to the tensors of the checkpoints loaded so far
+    real_load = checkpoint_average._load
+
+    def watched_load(path):
+        gc.collect()
+        assert not [ref for ref in alive if ref() is not None], f"a checkpoint is still alive when {path} is loaded"
+        checkpoint = real_load(path)
+        alive.extend(weakref.ref(tensor) for tensor in checkpoint.values())
+        return checkpoint
+
+    monkeypatch.setattr(checkpoint_average, "_load", watched_load)
+    assert_matches_mean(average_checkpoints(paths), states)
+    assert len(alive) == COUNT * len(states[0])
+
+
+@pytest.mark.parametrize("key", ["state_dict", "model", "model_state_dict"])
+def test_common_keys_found_automatically(tmp_path, key):
+    states = [make_state(seed) for seed in range(2)]
+    paths = []
+    for index, state in enumerate(states):
+        paths.append(tmp_path / f"{index}.pt")
+        torch.save({key: state, "epoch": index, "optimizer": {"lr": 0.1}}, paths[-1])
+    assert_matches_mean(average_checkpoints(paths), states)
+
+
+def test_explicit_key(tmp_path):
+    states = [make_state(seed) for seed in range(2)]
+    paths = []
+    for index, state in enumerate(states):
+        paths.append(tmp_path / f"{index}.pt")
+        # "state_dict" would be found automatically; --key picks the EMA weights instead.
+        torch.save({"state_dict": make_state(10 + index), "ema": state}, paths[-1])
+    assert_matches_mean(average_checkpoints(paths, key="ema"), states)
+    with pytest.raises(CheckpointError, match=r"0\.pt: has no key 'weights'"):
+        average_checkpoints(paths, key="weights")
+
+
+def test_prefix_and_strip_prefix(tmp_path):
+    states = [make_state(seed) for seed in range(3)]
+    paths = []
+    for index, state in enumerate(states):
+        paths.append(tmp_path / f"{index}.pt")
+        wrapped = {f"module.{name}": value for name, value in state.items()}
+        wrapped["n_averaged"] = torch.tensor(index)  # an AveragedModel state_dict's extra entry
+        torch.save(wrapped, paths[-1])
+    stripped = average_checkpoints(paths, prefix="module.", strip_prefix=True)
+    assert_matches_mean(stripped, states)
+    kept = average_checkpoints(paths, prefix="module.")
+    assert list(kept) == [f"module.{name}" for name in states[0]]
+    with pytest.raises(CheckpointError, match=r"0\.pt: no key starts with prefix 'encoder\.'"):
+        average_checkpoints(paths, prefix="encoder.")
+
+
+def test_model_loads_the_average(tmp_path):
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)) for _ in range(3)]
+    paths = []
+    for index, model in enumerate(models):
+        paths.append(tmp_path / f"{index}.pt")
+        torch.save({"model": model.state_dict(), "epoch": index}, paths[-1])
+    target = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    target.load_state_dict(average_checkpoints(paths))
+    expected = torch.stack([m[0].weight.detach() for m in models]).mean(0)
+    torch.testing.assert_close(target[0].weight.detach(), expected)
+
+
+# -- errors name the file and the key ------------------------------------------------
+
+
+def write(tmp_path, name, state):
+    path = tmp_path / name
+    torch.save(state, path)
+    return path
+
+
+def test_no_checkpoints():
+    with pytest.raises(CheckpointError, match="at least one"):
+        average_checkpoints([])
+
+
+def test_missing_and_extra_keys(tmp_path):
+    first = write(tmp_path, "a.pt", {"x": torch.zeros(2), "y": torch.zeros(2)})
+    missing = write(tmp_path, "b.pt", {"x": torch.zeros(2)})
+    extra = write(tmp_path, "c.pt", {"x": torch.zeros(2), "y": torch.zeros(2), "z": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match=r"b\.pt: key 'y' \(in .*a\.pt\) is missing"):
+        average_checkpoints([first, missing])
+    with pytest.raises(CheckpointError, match=r"c\.pt: key 'z' is not in .*a\.pt"):
+        average_checkpoints([first, extra])
+
+
+def test_shape_and_dtype_mismatch(tmp_path):
+    first = write(tmp_path, "a.pt", {"x": torch.zeros(2, 3)})
+    shape = write(tmp_path, "b.pt", {"x": torch.zeros(3, 2)})
+    dtype = write(tmp_path, "c.pt", {"x": torch.zeros(2, 3, dtype=torch.float16)})
+    with pytest.raises(CheckpointError, match=r"b\.pt: key 'x' has shape \(3, 2\), .*a\.pt has \(2, 3\)"):
+        average_checkpoints([first, shape])
+    with pytest.raises(CheckpointError, match=r"c\.pt: key 'x' has dtype torch\.float16, .*a\.pt has torch\.float32"):
+        average_checkpoints([first, dtype])
+
+
+def test_unreadable_files(tmp_path):
+    good = write(tmp_path, "a.pt", {"x": torch.zeros(2)})
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"garbage\.pt: cannot read checkpoint"):
+        average_checkpoints([good, garbage])
+    with pytest.raises(CheckpointError, match=r"absent\.pt: cannot read checkpoint"):
+        average_checkpoints([good, tmp_path / "absent.pt"])
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"x": torch.zeros(2), "obj": Fraction(1, 3)}, unsafe)  # weights_only refuses the class
+    with pytest.raises(CheckpointError, match=r"unsafe\.pt: cannot read checkpoint"):
+        average_checkpoints([good, unsafe])
+
+
+def test_no_state_dict_found(tmp_path):
+    path = write(tmp_path, "a.pt", {"epoch": 3, "lr": 0.1})
+    with pytest.raises(CheckpointError, match=r"a\.pt: no state_dict found"):
+        average_checkpoints([path])
+    path = write(tmp_path, "b.pt", {"model": {"x": torch.zeros(1), "note": "text"}})
+    with pytest.raises(CheckpointError, match=r"b\.pt: entry 'note' of 'model' is a str"):
+        average_checkpoints([path], key="model")
+    path = write(tmp_path, "c.pt", {"model": {}})
+    with pytest.raises(CheckpointError, match=r"c\.pt: 'model' is an empty state_dict"):
+        average_checkpoints([path], key="model")
+
+
+# -- atomic write and the CLI ------------------------------------------------------------
+
+
+def test_save_atomic_leaves_old_file_on_error(tmp_path, monkeypatch):
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"old")
+
+    def failing_save(obj, file):
+        file.write(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(checkpoint_average.torch, "save", failing_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        checkpoint_average.save_atomic({"x": torch.zeros(1)}, out)
+    assert out.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt"]  # no temporary file left
+
+
+def cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "swa_fast", "average", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_cli_end_to_end(checkpoints, tmp_path):
+    paths, states = checkpoints
+    out = tmp_path / "averaged.pt"
+    result = cli(*paths, "-o", out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"averaged {COUNT} checkpoints" in result.stdout
+    assert_matches_mean(torch.load(out, weights_only=True), states)
+
+    result = cli(*paths, "--weights", 0, 1, 2, 5, "-o", out, "--quiet", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout == "", result.stderr
+    assert_matches_mean(torch.load(out, weights_only=True), states, [0, 1, 2, 5])
+
+
+def test_cli_key_and_prefix(tmp_path):
+    states = [make_state(seed) for seed in range(2)]
+    paths = [write(tmp_path, f"{i}.pt", {"ema": {f"module.{k}": v for k, v in s.items()}}) for i, s in enumerate(states)]
+    out = tmp_path / "out.pt"
+    result = cli(*paths, "--key", "ema", "--prefix", "module.", "--strip-prefix", "-o", out, "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert_matches_mean(torch.load(out, weights_only=True), states)
+
+
+def test_cli_error_writes_nothing(tmp_path):
+    first = write(tmp_path, "a.pt", {"x": torch.zeros(2)})
+    second = write(tmp_path, "b.pt", {"y": torch.zeros(2)})
+    out = tmp_path / "out.pt"
+    result = cli(first, second, "-o", out, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "swa_fast average: error:" in result.stderr and "b.pt" in result.stderr and "'x'" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]
+    result = cli(first, "--strip-prefix", "-o", out, cwd=tmp_path)
+    assert result.returncode == 1 and "--strip-prefix needs --prefix" in result.stderr
