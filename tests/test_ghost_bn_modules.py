@@ -210,6 +210,17 @@ def test_torch_compile_matches_eager():
         torch.testing.assert_close(b, a, msg=name)
 
 
+def test_torch_compile_with_a_dynamic_batch_size():
+    # The fake kernels fall back to Python shape arithmetic when N is symbolic.
+    compiled_bn, eager_bn = GhostBatchNorm2d(4, 4), GhostBatchNorm2d(4, 4)
+    compiled = torch.compile(compiled_bn, backend="aot_eager", dynamic=True)
+    for batch in (12, 16, 10):
+        x = torch.randn(batch, 4, 3, 3, generator=torch.Generator().manual_seed(batch))
+        torch.testing.assert_close(compiled(x), eager_bn(x))
+    torch.testing.assert_close(compiled_bn.running_var, eager_bn.running_var)
+    assert int(compiled_bn.num_batches_tracked) == int(eager_bn.num_batches_tracked) == 3 + 4 + 3
+
+
 def test_functional_without_running_stats_or_counter():
     x = randn(10, 3, 4)
     running = [torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
