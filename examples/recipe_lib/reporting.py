@@ -1,0 +1,205 @@
+"""Metrics files, the results table (mean ± std over seeds) and the plots of a recipe run.
+
+Written by rank 0 into the run's output directory:
+``metrics.csv`` (one row per seed, arm and epoch), ``results.json``
+(configuration, per-epoch rows, final rows, averaging timings), ``results.md``
+(the table printed at the end), ``accuracy.png`` (test accuracy and error
+per epoch, mean over seeds, one curve per arm and one per average) and, for
+runs that track it, ``distance.png`` (``||w_t - w_0||`` against log t).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from recipe_lib.engine import ArmResult
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = list(values)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def format_mean_std(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
+    """``"91.23 ± 0.15"`` (accuracy as a percentage by default); no ``±`` for one seed."""
+    mean, std = mean_std([v * scale for v in values])
+    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def final_rows(results: Iterable[ArmResult], order: Sequence[str]) -> dict[str, list[dict[str, float]]]:
+    """Row label -> the per-seed final metrics, labels in ``order`` (then any others)."""
+    by_label: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for result in results:
+        for label, metrics in result.finals.items():
+            by_label[label].append(dict(metrics, seed=result.seed))
+    ordered = [label for label in order if label in by_label]
+    ordered += [label for label in by_label if label not in ordered]
+    return {label: by_label[label] for label in ordered}
+
+
+def results_table(results: Sequence[ArmResult], order: Sequence[str], baseline: str | None = None) -> str:
+    """The Markdown results table: test accuracy and error, mean ± std over seeds, per-seed values."""
+    rows = final_rows(results, order)
+    base = None
+    if baseline in rows:
+        base = statistics.fmean(r["test_acc"] for r in rows[baseline])
+    lines = ["| run | test accuracy % | test error % | vs " + (baseline or "baseline") + " | epochs | per seed |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for label, per_seed in rows.items():
+        accs = [r["test_acc"] for r in per_seed]
+        delta = "" if base is None else f"{100 * (statistics.fmean(accs) - base):+.2f}"
+        seeds = ", ".join(f"{100 * r['test_acc']:.2f}" for r in sorted(per_seed, key=lambda r: r["seed"]))
+        epochs = sorted({int(r["epoch"]) for r in per_seed})
+        lines.append(f"| {label} | {format_mean_std(accs)} | {format_mean_std([1 - a for a in accs])} | {delta} "
+                     f"| {'/'.join(map(str, epochs))} | {seeds} |")
+    return "\n".join(lines)
+
+
+def averaging_table(results: Sequence[ArmResult]) -> str:
+    """Time in ``update_parameters``: swa_fast vs torch.optim.swa_utils on the same model and calls."""
+    lines = ["| arm | updates | swa_fast ms/update | torch.optim.swa_utils ms/update | torch / swa_fast | "
+             "max abs difference |", "| --- | --- | --- | --- | --- | --- |"]
+    per_arm: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for result in results:
+        if result.averaging["updates"]:
+            per_arm[result.arm].append(result.averaging)
+    for arm, timings in per_arm.items():
+        updates = sum(t["updates"] for t in timings)
+        fast = sum(t["fast_seconds"] for t in timings)
+        ref = sum(t["torch_seconds"] for t in timings)
+        ratio = f"{ref / fast:.2f}x" if fast > 0 and ref > 0 else "n/a"
+        torch_ms = f"{1e3 * ref / updates:.3f}" if ref > 0 else "not compared"
+        diff = max(t["max_abs_diff"] for t in timings)
+        lines.append(f"| {arm} | {updates} | {1e3 * fast / updates:.3f} | {torch_ms} | {ratio} | {diff:.2e} |")
+    checks = [t["ranks_identical"] for timings in per_arm.values() for t in timings if "ranks_identical" in t]
+    if checks:
+        lines += ["", "Averages (parameters and BN statistics after update_bn) identical on every rank: "
+                  + ("yes" if all(checks) else "NO")]
+    return "\n".join(lines) if per_arm else ""
+
+
+def write_metrics(results: Sequence[ArmResult], out_dir: Path, config: dict[str, Any],
+                  summary: dict[str, Any]) -> None:
+    """``metrics.csv`` (every epoch row) and ``results.json`` (everything)."""
+    rows = [row for result in results for row in result.rows]
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    with open(out_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    payload = {
+        "config": config,
+        "summary": summary,
+        "runs": [{"arm": r.arm, "seed": r.seed, "seconds": r.seconds, "finals": r.finals,
+                  "averaging": r.averaging, "distances": r.distances} for r in results],
+        "epochs": rows,
+    }
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=1, default=str))
+
+
+def _mean_curve(results: Sequence[ArmResult], arm: str, key: str) -> tuple[list[int], list[float], list[float]]:
+    by_epoch: dict[int, list[float]] = defaultdict(list)
+    for result in results:
+        if result.arm == arm:
+            for row in result.rows:
+                if key in row and row[key] is not None and row[key] != "":
+                    by_epoch[int(row["epoch"])].append(float(row[key]))
+    epochs = sorted(by_epoch)
+    stats = [mean_std(by_epoch[e]) for e in epochs]
+    return epochs, [m for m, _ in stats], [s for _, s in stats]
+
+
+def plot_accuracy(results: Sequence[ArmResult], arm_labels: dict[str, str], path: Path, title: str) -> Path | None:
+    """Test accuracy and test error per epoch (mean ± std band over seeds) for every arm and every average."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping", path.name)
+        return None
+    fig, (ax_acc, ax_err) = plt.subplots(1, 2, figsize=(12, 4.5))
+    series = [("test_acc", ""), ("swa_test_acc", " (SWA average)"), ("fge_test_acc", " (FGE ensemble)")]
+    for arm, label in arm_labels.items():
+        for key, suffix in series:
+            epochs, mean, std = _mean_curve(results, arm, key)
+            if not epochs:
+                continue
+            style = "-" if key == "test_acc" else "--"
+            acc = [100 * m for m in mean]
+            line, = ax_acc.plot(epochs, acc, style, marker="." if len(epochs) < 40 else None, label=label + suffix)
+            ax_err.plot(epochs, [100 - a for a in acc], style, color=line.get_color(), label=label + suffix)
+            if any(s > 0 for s in std):
+                lo = [100 * (m - s) for m, s in zip(mean, std)]
+                hi = [100 * (m + s) for m, s in zip(mean, std)]
+                ax_acc.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.15)
+                ax_err.fill_between(epochs, [100 - h for h in hi], [100 - lo_ for lo_ in lo],
+                                    color=line.get_color(), alpha=0.15)
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy %", title=title)
+    ax_err.set(xlabel="epoch", ylabel="test error %", title="test error (lower is better)")
+    for ax in (ax_acc, ax_err):
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_distance(results: Sequence[ArmResult], arm_labels: dict[str, str], path: Path) -> Path | None:
+    """``||w_t - w_0||`` against iterations on a log axis, per arm (seed 0's run), with the a + b log t fit."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping", path.name)
+        return None
+    from swa_fast.distance import fit_log
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    first_seed = min(r.seed for r in results)
+    for result in results:
+        if result.seed != first_seed or not result.distances:
+            continue
+        steps = [s for s, _ in result.distances]
+        totals = [d for _, d in result.distances]
+        label = arm_labels.get(result.arm, result.arm)
+        line, = ax.plot(steps, totals, label=label)
+        if len(steps) >= 3:
+            fit = fit_log(steps, totals)
+            ax.plot(steps, fit(steps), ":", color=line.get_color(),
+                    label=f"  fit {fit.a:.2f} + {fit.b:.2f} log t (R² {fit.r2:.3f})")
+    ax.set_xscale("log")
+    ax.set(xlabel="iteration t (log scale)", ylabel="||w_t - w_0||",
+           title=f"distance from initialization (seed {first_seed})")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def distance_fits(results: Sequence[ArmResult]) -> dict[str, dict[str, float]]:
+    """Per arm, the ``a + b log t`` fit of seed 0's distance curve (the paper's ultra-slow diffusion)."""
+    from swa_fast.distance import fit_log
+
+    fits = {}
+    first_seed = min((r.seed for r in results), default=0)
+    for result in results:
+        if result.seed == first_seed and len(result.distances) >= 3:
+            fit = fit_log([s for s, _ in result.distances], [d for _, d in result.distances])
+            fits[result.arm] = {"a": fit.a, "b": fit.b, "r2": fit.r2, "final": result.distances[-1][1]}
+    return fits
+

@@ -1,0 +1,158 @@
+"""The SWA paper's comparison: SGD with the paper's schedule vs SWA at budgets 1, 1.25 and 1.5.
+
+Izmailov et al. (UAI 2018) train with SGD for a budget of B epochs: lr
+constant for the first half, linear down to 1% of it by 90%, constant after.
+SWA follows the same shape over its first ``--swa-start`` epochs, but decays
+only to ``--swa-lr`` and stays there, averaging the weights after every
+later epoch; BN statistics are recomputed for the average (``update_bn``).
+Their result: SWA beats SGD on CIFAR-10/100 with VGG-16, PreResNet-164 and
+WRN-28-10, and bigger budgets help.
+
+The SWA schedule does not depend on the budget, so budgets 1 and 1.25 are
+the budget-1.5 run's average after B and 1.25 B epochs: one SWA run gives all
+three rows. ``--fge`` adds an FGE-style snapshot ensemble at the 1.5 budget:
+from ``--swa-start`` (it starts from the SWA arm's checkpoint there), the lr
+falls linearly from swa_lr to swa_lr/100 over each cycle of ``--fge-cycle``
+epochs, and the snapshot at each cycle's end joins an ensemble of predictions
+(k forward passes at test time, where SWA needs one).
+
+    python examples/swa_paper.py --seeds 0 1 2                  # quick preset, Fashion-MNIST
+    python examples/swa_paper.py --preset paper --dataset cifar100 --data-dir cifar-100-python \\
+        --model preresnet164 --lr 0.1 --swa-lr 0.05 --device cuda --fge
+    torchrun --nproc_per_node=2 examples/swa_paper.py --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from recipe_lib.cli import RecipeSpec, apply_preset, base_parser, preset_help, run_recipe  # noqa: E402
+from recipe_lib.datasets import ImageDataset  # noqa: E402
+from recipe_lib.engine import Arm, FGESettings, SWASettings  # noqa: E402
+from swa_fast.regime import SWAScheduleLR  # noqa: E402
+
+PRESETS = {
+    # A few minutes on a 2-core CPU: the small VGG-16-BN variant, a 10-epoch budget on 10k Fashion-MNIST images.
+    "quick": dict(model="vgg_small", budget=10, batch_size=128, lr=0.05, weight_decay=5e-4, swa_lr=0.01,
+                  swa_start=8, train_subset=10000, test_subset=0),
+    # The paper's VGG-16 on CIFAR: 200-epoch budget, SWA from epoch 161 at lr 0.01 (PreResNet/WRN: lr 0.1,
+    # swa_lr 0.05 on CIFAR-100, as in the paper's table).
+    "paper": dict(model="vgg16_bn", budget=200, batch_size=128, lr=0.05, weight_decay=5e-4, swa_lr=0.01,
+                  swa_start=161, train_subset=0, test_subset=0),
+}
+SWA_BUDGETS = (1.0, 1.25, 1.5)
+
+
+class FGECyclicLR(SWAScheduleLR):
+    """The SWA schedule until ``cycle_from``, then repeating linear ramps from ``high`` to ``low``.
+
+    A subclass of the SWA arm's scheduler with the same ``total_steps`` and
+    ``swa_lr``, so the FGE arm can load the SWA arm's scheduler state where it
+    branches from it. Stepped once per iteration; each cycle ends at ``low``,
+    where its snapshot is taken.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, swa_lr: float, cycle_from: int,
+                 cycle_steps: int, high: float, low: float) -> None:
+        self.cycle_from, self.cycle_steps, self.high, self.low = cycle_from, cycle_steps, high, low
+        super().__init__(optimizer, total_steps, swa_lr)
+
+    def _get_closed_form_lr(self) -> list[float]:
+        step = self.last_epoch
+        if step < self.cycle_from:
+            return super()._get_closed_form_lr()
+        # Position in the cycle in (0, 1]: the last step of a cycle sits exactly at `low`.
+        t = ((step - self.cycle_from) % self.cycle_steps + 1) / self.cycle_steps
+        return [self.high + (self.low - self.high) * t for _ in self.base_lrs]
+
+
+def budget_epochs(budget: int, fraction: float) -> int:
+    """Epochs of ``fraction`` budgets (halves round up: 1.25 x 10 = 13)."""
+    return int(math.floor(budget * fraction + 0.5))
+
+
+def budget_label(fraction: float) -> str:
+    return f"SWA {fraction:g} budget" + ("s" if fraction != 1 else "")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = base_parser(__doc__.split("\n\n")[0], PRESETS, "swa_paper")
+    h = partial(preset_help, PRESETS)
+    t = p.add_argument_group("training (SGD, momentum 0.9)")
+    t.add_argument("--budget", type=int, default=None, help=h("budget", "B: the SGD run's epochs"))
+    t.add_argument("--batch-size", type=int, default=None, help=h("batch_size", "per-process batch size"))
+    t.add_argument("--lr", type=float, default=None, help=h("lr", "initial learning rate"))
+    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--weight-decay", type=float, default=None, help=h("weight_decay", "weight decay"))
+    s = p.add_argument_group("SWA and FGE")
+    s.add_argument("--swa-start", type=int, default=None,
+                   help=h("swa_start", "epochs before averaging (the SWA schedule's own budget)"))
+    s.add_argument("--swa-lr", type=float, default=None, help=h("swa_lr", "the constant lr of the averaging phase"))
+    s.add_argument("--swa-eval-every", type=int, default=1,
+                   help="evaluate the average (update_bn + test) every this many epochs (budgets always)")
+    s.add_argument("--fge", action="store_true", help="add the FGE-style snapshot ensemble at the 1.5 budget")
+    s.add_argument("--fge-cycle", type=int, default=2, help="epochs per FGE cycle (one snapshot each)")
+    return apply_preset(p.parse_args(argv), PRESETS)
+
+
+def make_arms(args: argparse.Namespace, train: ImageDataset) -> list[Arm]:
+    budget, swa_start = args.budget, args.swa_start
+    if not 0 < swa_start < budget:
+        raise SystemExit(f"--swa-start {swa_start} must be between 1 and --budget - 1 ({budget - 1})")
+    longest = budget_epochs(budget, SWA_BUDGETS[-1])
+
+    def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                               weight_decay=args.weight_decay)
+
+    # Every schedule is stepped once per iteration: the paper's curve over the fraction of the budget.
+    def sgd_schedule(opt: torch.optim.Optimizer, steps: int) -> SWAScheduleLR:
+        return SWAScheduleLR(opt, total_steps=budget * steps)  # down to 1% of lr
+
+    def swa_schedule(opt: torch.optim.Optimizer, steps: int) -> SWAScheduleLR:
+        return SWAScheduleLR(opt, total_steps=swa_start * steps, swa_lr=args.swa_lr)
+
+    def fge_schedule(opt: torch.optim.Optimizer, steps: int) -> FGECyclicLR:
+        return FGECyclicLR(opt, swa_start * steps, args.swa_lr, cycle_from=swa_start * steps,
+                           cycle_steps=args.fge_cycle * steps, high=args.swa_lr, low=args.swa_lr / 100)
+
+    report = {budget_label(f): budget_epochs(budget, f) for f in SWA_BUDGETS[:-1]}
+    swa = SWASettings(start=swa_start, label=budget_label(SWA_BUDGETS[-1]), eval_every=args.swa_eval_every,
+                      report_at=report, compare_torch=not args.no_compare_torch)
+    arms = [Arm("sgd", "SGD", budget, args.batch_size, optimizer, sgd_schedule, scheduler_per_iteration=True),
+            Arm("swa", None, longest, args.batch_size, optimizer, swa_schedule, scheduler_per_iteration=True,
+                swa=swa, curve="SWA run")]
+    if args.fge:
+        fge = FGESettings(start=swa_start, cycle=args.fge_cycle, label=fge_label(args))
+        arms.append(Arm("fge", None, longest, args.batch_size, optimizer, fge_schedule,
+                        scheduler_per_iteration=True, fge=fge, branch_from=("swa", swa_start), curve="FGE run"))
+    return arms
+
+
+def fge_label(args: argparse.Namespace) -> str:
+    return f"FGE {SWA_BUDGETS[-1]:g} budgets"
+
+
+def row_order(args: argparse.Namespace) -> list[str]:
+    return ["SGD"] + [budget_label(f) for f in SWA_BUDGETS] + ([fge_label(args)] if args.fge else [])
+
+
+SPEC = RecipeSpec("swa_paper", "SWA paper: SGD (budget 1) vs SWA (budgets 1, 1.25, 1.5)", make_arms, row_order,
+                  baseline=lambda args: "SGD")
+
+
+def main(argv: list[str] | None = None) -> int:
+    run_recipe(SPEC, parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

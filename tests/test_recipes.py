@@ -1,0 +1,291 @@
+"""The three training recipes end to end on tiny synthetic data: tables, files, resume, branching, torchrun.
+
+Each recipe runs in this process through its ``main(argv)`` on a few hundred
+synthetic 28x28 images written as Fashion-MNIST IDX files (one run each on
+CIFAR pickles and an image folder), for one to six epochs: seconds each.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+from recipe_lib.checkpoint import load_checkpoint, save_atomic  # noqa: E402
+from recipe_lib.engine import checkpoint_path, log_spaced_steps  # noqa: E402
+from test_recipe_data import idx_bytes, make_cifar10, make_folder, write_idx  # noqa: E402
+
+
+def load_recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tutorial, paper, large_batch = (load_recipe(n) for n in ("swa_tutorial", "swa_paper", "large_batch"))
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory) -> Path:
+    """Learnable 28x28 IDX data: class k is a bright band at rows 2k..2k+4 plus noise."""
+    root = tmp_path_factory.mktemp("fashion")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 320), ("t10k", 96)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 90, (n, 28, 28)).astype(np.uint8)
+        for i, k in enumerate(labels):
+            images[i, 2 * k:2 * k + 5, 4:24] += 150
+        write_idx(root / f"{prefix}-images-idx3-ubyte", idx_bytes(images), gz=True)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", idx_bytes(labels), gz=False)
+    return root
+
+
+def common(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data-dir", str(data), "--out", str(out), "--no-progress", "--train-subset", "0",
+            "--test-subset", "0", *extra]
+
+
+def table_rows(out: Path) -> dict[str, str]:
+    """Row label -> line of the results table (the first table of results.md)."""
+    lines = (out / "results.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| run |")) + 2
+    rows = {}
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows[line.strip("|").split("|")[0].strip()] = line
+    return rows
+
+
+def finals(out: Path) -> dict[tuple[str, int], dict]:
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    return {(label, run["seed"]): metrics for run in runs for label, metrics in run["finals"].items()}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# ------------------------------------------------------------------------------------ swa_tutorial
+
+def test_swa_tutorial_end_to_end(fashion, tmp_path, capsys):
+    out = tmp_path / "tut"
+    tutorial.main(common(fashion, out, "--epochs", "3", "--swa-start", "1", "--batch-size", "32",
+                         "--seeds", "0", "1"))
+    printed = capsys.readouterr().out
+    assert "| baseline |" in printed and "torch / swa_fast" in printed
+    for name in ("results.md", "results.json", "metrics.csv", "accuracy.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = table_rows(out)
+    assert list(rows) == ["baseline", "SWA_1_0.0005"]
+    assert " ± " in rows["baseline"]  # two seeds: mean ± std
+    result = json.loads((out / "results.json").read_text())
+    swa_runs = [r for r in result["runs"] if r["arm"] == "SWA_1_0.0005"]
+    for run in swa_runs:
+        timing = run["averaging"]
+        assert timing["updates"] == 2 and timing["fast_seconds"] > 0 and timing["torch_seconds"] > 0
+        assert timing["max_abs_diff"] <= 1e-6  # the same average as torch.optim.swa_utils
+    epochs = [row for row in result["epochs"] if row["arm"] == "SWA_1_0.0005" and row["seed"] == 0]
+    assert [row["epoch"] for row in epochs] == [1, 2, 3]  # the branched prefix is part of the curve
+    assert "swa_test_acc" in epochs[-1] and "swa_test_acc" not in epochs[0]
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"seed", "arm", "epoch", "lr", "train_loss", "test_acc", "swa_test_acc"} <= set(header)
+
+
+def test_swa_tutorial_sweep_has_the_tutorials_rows(fashion, tmp_path):
+    out = tmp_path / "sweep"
+    tutorial.main(common(fashion, out, "--epochs", "3", "--batch-size", "64", "--sweep", "--sweep-lrs", "0.05",
+                         "1e-5", "--sweep-starts", "2", "1", "--no-compare-torch"))
+    assert list(table_rows(out)) == ["baseline", "SWA_2_0.05", "SWA_2_1e-05", "SWA_1_0.05", "SWA_1_1e-05"]
+
+
+def test_branched_arm_equals_the_arm_trained_from_scratch(fashion, tmp_path):
+    """An SWA arm started from the baseline's checkpoint at swa_start is bitwise the arm trained from epoch 1."""
+    argv = common(fashion, tmp_path / "branched", "--epochs", "3", "--swa-start", "2", "--batch-size", "64")
+    tutorial.main(argv)
+    args = tutorial.parse_args(common(fashion, tmp_path / "scratch", "--epochs", "3", "--swa-start", "2",
+                                      "--batch-size", "64"))
+    original = tutorial.make_arms
+    try:  # the same arms without branch_from: the SWA arm trains all three epochs itself
+        tutorial.make_arms = lambda a, t: [_unbranched(arm) for arm in original(a, t)]
+        tutorial.SPEC.make_arms = tutorial.make_arms
+        from recipe_lib.cli import run_recipe
+        run_recipe(tutorial.SPEC, args)
+    finally:
+        tutorial.make_arms = tutorial.SPEC.make_arms = original
+    a = load_checkpoint(checkpoint_path(tmp_path / "branched", 0, "SWA_2_0.0005"))
+    b = load_checkpoint(checkpoint_path(tmp_path / "scratch", 0, "SWA_2_0.0005"))
+    assert_same_weights(a["model"], b["model"])
+    assert_same_weights(a["swa_model"], b["swa_model"])
+    assert a["finals"] == b["finals"]
+
+
+def _unbranched(arm):
+    from dataclasses import replace
+    return replace(arm, branch_from=None)
+
+
+def test_resume_gives_the_uninterrupted_result(fashion, tmp_path):
+    """Stop after 2 epochs, then after 3 more, then finish: every checkpoint equals the uninterrupted run's."""
+    argv = ["--budget", "4", "--swa-start", "2", "--fge", "--fge-cycle", "1", "--batch-size", "64",
+            "--seeds", "0", "1"]
+    paper.main(common(fashion, tmp_path / "whole", *argv))
+    split = common(fashion, tmp_path / "split", *argv)
+    paper.main(split + ["--stop-after", "2"])
+    assert not (tmp_path / "split" / "results.md").exists()
+    paper.main(split + ["--stop-after", "3", "--resume"])
+    paper.main(split + ["--resume"])
+    for seed in (0, 1):
+        for arm in ("sgd", "swa", "fge"):
+            whole = load_checkpoint(checkpoint_path(tmp_path / "whole", seed, arm))
+            resumed = load_checkpoint(checkpoint_path(tmp_path / "split", seed, arm))
+            assert_same_weights(whole["model"], resumed["model"])
+            assert_same_weights(whole["optimizer"]["state"][0], resumed["optimizer"]["state"][0])
+            if whole["swa_model"] is not None:
+                assert_same_weights(whole["swa_model"], resumed["swa_model"])
+            assert whole["finals"] == resumed["finals"]
+    assert finals(tmp_path / "whole") == finals(tmp_path / "split")
+
+
+def test_resume_refuses_another_world_size(fashion, tmp_path):
+    argv = common(fashion, tmp_path, "--budget", "3", "--swa-start", "1", "--batch-size", "64")
+    paper.main(argv + ["--stop-after", "1"])
+    path = checkpoint_path(tmp_path, 0, "sgd")
+    state = load_checkpoint(path)
+    state["world_size"] = 2
+    save_atomic(state, path)
+    with pytest.raises(SystemExit, match="same number"):
+        paper.main(argv + ["--resume"])
+
+
+# ------------------------------------------------------------------------------------ swa_paper
+
+def test_swa_paper_budgets_and_fge(fashion, tmp_path):
+    out = tmp_path / "paper"
+    paper.main(common(fashion, out, "--budget", "4", "--swa-start", "2", "--fge", "--batch-size", "64"))
+    rows = table_rows(out)
+    assert list(rows) == ["SGD", "SWA 1 budget", "SWA 1.25 budgets", "SWA 1.5 budgets", "FGE 1.5 budgets"]
+    got = finals(out)
+    assert [got[(label, 0)]["epoch"] for label in rows] == [4, 4, 5, 6, 6]
+    assert got[("FGE 1.5 budgets", 0)]["snapshots"] == 2  # epochs 4 and 6 (cycles of 2 after epoch 2)
+    lrs = {row["epoch"]: row["lr"] for row in json.loads((out / "results.json").read_text())["epochs"]
+           if row["arm"] == "sgd"}
+    assert lrs[1] == pytest.approx(0.05)  # constant through the first half of the budget
+
+
+def test_fge_cycles_end_at_the_low_lr():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = paper.FGECyclicLR(opt, total_steps=10, swa_lr=0.02, cycle_from=10, cycle_steps=4, high=0.02,
+                              low=0.0002)
+    lrs = [opt.param_groups[0]["lr"]]
+    for _ in range(18):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[:5] == pytest.approx([0.1] * 5)  # the SWA schedule's constant start
+    assert lrs[9] == pytest.approx(0.02)                  # the SWA schedule's end: swa_lr
+    assert lrs[13] == pytest.approx(0.0002) and lrs[17] == pytest.approx(0.0002)  # each cycle's last step
+    assert lrs[14] > lrs[13]  # the next cycle starts high again
+
+
+# ------------------------------------------------------------------------------------ large_batch
+
+def test_large_batch_rows_regimes_and_distance(fashion, tmp_path):
+    out = tmp_path / "lb"
+    large_batch.main(common(fashion, out, "--epochs", "2", "--milestones", "1", "--small-batch", "16",
+                            "--large-batch", "64", "--warmup-epochs", "0.5", "--clip-grad-norm", "5"))
+    rows = table_rows(out)
+    assert list(rows) == ["SB (B=16)", "LB (B=64)", "LB +LR (lr 0.1)", "LB +LR +GBN (ghost 16)",
+                          "LB +LR +GBN +RA (8 epochs, x4)"]
+    assert (out / "distance.png").stat().st_size > 0
+    runs = {r["arm"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    # Regime adaptation: as many weight updates as the small batch (320 samples: 20 steps/epoch at 16, 5 at 64).
+    assert runs["sb"]["distances"][-1][0] == 40 == runs["lb_lr_gbn_ra"]["distances"][-1][0]
+    assert runs["lb"]["distances"][-1][0] == 10
+    steps = [s for s, _ in runs["sb"]["distances"]]
+    assert steps == sorted(set(steps)) and steps[0] == 1  # log-spaced from the first step
+    assert "Regimes (first seed)" in (out / "results.md").read_text()
+
+
+def test_log_spaced_steps():
+    steps = log_spaced_steps(1000, per_decade=10)
+    assert min(steps) == 1 and max(steps) == 1000 and len(steps) < 40
+
+
+# ------------------------------------------------------------------------------------ other data and CLI
+
+def test_tutorial_on_cifar_pickles_and_an_image_folder(tmp_path):
+    make_cifar10(tmp_path / "cifar", per_batch=24)
+    tutorial.main(["--dataset", "cifar10", *common(tmp_path / "cifar", tmp_path / "c", "--epochs", "2",
+                                                    "--swa-start", "1", "--batch-size", "16",
+                                                    "--model", "vgg_small", "--channels-last")])
+    assert "cifar10" in json.loads((tmp_path / "c" / "results.json").read_text())["config"]["dataset"]
+    make_folder(tmp_path / "folder")
+    tutorial.main(["--dataset", "folder", "--image-size", "32",
+                   *common(tmp_path / "folder", tmp_path / "f", "--epochs", "2", "--swa-start", "1",
+                           "--batch-size", "2", "--model", "vgg_small")])
+    assert list(table_rows(tmp_path / "f")) == ["baseline", "SWA_1_0.0005"]
+
+
+@pytest.mark.parametrize("name", ["swa_tutorial", "swa_paper", "large_batch"])
+def test_help_lists_presets(name):
+    done = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--preset" in done.stdout and "quick:" in done.stdout and "--resume" in done.stdout
+
+
+def test_missing_fashion_mnist_says_how_to_install(tmp_path):
+    with pytest.raises(SystemExit, match="apt-get install -y dataset-fashion-mnist"):
+        tutorial.main(["--data-dir", str(tmp_path / "nothing"), "--out", str(tmp_path)])
+
+
+def test_bad_options_are_refused(fashion, tmp_path):
+    with pytest.raises(SystemExit, match="--swa-start 5"):
+        tutorial.main(common(fashion, tmp_path, "--epochs", "3", "--swa-start", "5"))
+    with pytest.raises(SystemExit, match="must be larger"):
+        large_batch.main(common(fashion, tmp_path, "--small-batch", "64", "--large-batch", "64"))
+
+
+# ------------------------------------------------------------------------------------ torchrun
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_two_processes(fashion, tmp_path):
+    """2 gloo ranks under torchrun: one set of files, averages identical on both ranks after update_bn."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(EXAMPLES / "swa_paper.py"), *common(fashion, out, "--budget", "3", "--swa-start", "1",
+                                                       "--batch-size", "32", "--fge", "--fge-cycle", "1",
+                                                       "--device", "cpu")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("| SWA 1.5 budgets |") == 1  # only rank 0 prints the table
+    result = json.loads((out / "results.json").read_text())
+    assert result["summary"]["processes"] == 2
+    swa = next(r for r in result["runs"] if r["arm"] == "swa")
+    assert swa["averaging"]["ranks_identical"] is True
+    assert "identical on every rank: yes" in (out / "results.md").read_text()
+    # The test set is split between ranks without padding: every sample counted once.
+    fge = next(r for r in result["runs"] if r["arm"] == "fge")
+    assert fge["finals"]["FGE 1.5 budgets"]["snapshots"] == 4  # epochs 2..5 (budget 1.5 x 3 = 5)
