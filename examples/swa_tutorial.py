@@ -47,6 +47,7 @@ PRESETS = {
     "paper": dict(model="resnet18", epochs=120, batch_size=256, lr=1e-4, warmup_epochs=5, swa_start=90,
                   swa_lr=5e-5, swa_anneal_epochs=5, train_subset=0, test_subset=0, image_size=150),
 }
+SWEEP_LR_FACTORS = (500, 5, 1, 0.5, 0.1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,10 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--sweep", action="store_true",
                    help="an SWA arm for every --sweep-lrs x --sweep-starts (the tutorial's table)")
     s.add_argument("--sweep-lrs", type=float, nargs="+", default=None,
-                   help="swa_lr values of the sweep (default: 10x, 1x, 0.2x and 0.02x --lr, as the tutorial's "
-                        "0.05 ... 1e-5 around its lr 1e-4)")
+                   help="swa_lr values of the sweep (default: 500x, 5x, 1x, 0.5x and 0.1x --lr: the tutorial's "
+                        "0.05, 5e-4, 1e-4, 5e-5, 1e-5 around its lr 1e-4)")
     s.add_argument("--sweep-starts", type=int, nargs="+", default=None,
-                   help="swa_start values of the sweep (default: --swa-start and two earlier ones)")
+                   help="swa_start values of the sweep (default: --swa-start, 1/8 and 1/4 of the epochs earlier: "
+                        "the tutorial's 90, 75, 60 of 120)")
     s.add_argument("--baseline-only", action="store_true", help="train the baseline arm only")
     return apply_preset(p.parse_args(argv), PRESETS)
 
@@ -84,9 +86,10 @@ def sweep_grid(args: argparse.Namespace) -> list[tuple[int, float]]:
     """(swa_start, swa_lr) of every SWA arm."""
     if not args.sweep:
         return [] if args.baseline_only else [(args.swa_start, args.swa_lr)]
-    lrs = args.sweep_lrs or [10 * args.lr, args.lr, 0.2 * args.lr, 0.02 * args.lr]
-    starts = args.sweep_starts or sorted({max(1, args.swa_start - 2 * step) for step in
-                                          (0, max(1, args.epochs // 8), max(1, args.epochs // 4))}, reverse=True)
+    # The tutorial's grid around its lr 1e-4: swa_lr 0.05, 5e-4, 1e-4, 5e-5, 1e-5 and starts 90, 75, 60 of 120.
+    lrs = args.sweep_lrs or [factor * args.lr for factor in SWEEP_LR_FACTORS]
+    starts = args.sweep_starts or sorted({max(1, args.swa_start - args.epochs * k // 8) for k in (0, 1, 2)},
+                                         reverse=True)
     return [(start, lr) for start in starts for lr in lrs]
 
 

@@ -13,7 +13,8 @@ def readme_commands():
 
 def test_readme_opens_with_main_job_and_test_commands():
     main_job, tests = readme_commands()
-    assert "--no-build-isolation -e ." in main_job and "benchmarks/run.py" in main_job
+    assert "--no-build-isolation -e ." in main_job and "examples/swa_tutorial.py" in main_job
+    assert "dataset-fashion-mnist" in main_job  # the data the main job reads ships as a Debian package
     assert "--no-build-isolation -e ." in tests and "pytest" in tests
 
 

@@ -208,7 +208,8 @@ def test_fge_cycles_end_at_the_low_lr():
 def test_large_batch_rows_regimes_and_distance(fashion, tmp_path):
     out = tmp_path / "lb"
     large_batch.main(common(fashion, out, "--epochs", "2", "--milestones", "1", "--small-batch", "16",
-                            "--large-batch", "64", "--warmup-epochs", "0.5", "--clip-grad-norm", "5"))
+                            "--large-batch", "64", "--warmup-epochs", "0.5", "--clip-grad-norm", "5",
+                            "--amp", "bf16"))  # bf16 autocast on CPU: ghost BN gets bf16 input
     rows = table_rows(out)
     assert list(rows) == ["SB (B=16)", "LB (B=64)", "LB +LR (lr 0.1)", "LB +LR +GBN (ghost 16)",
                           "LB +LR +GBN +RA (8 epochs, x4)"]
@@ -220,6 +221,20 @@ def test_large_batch_rows_regimes_and_distance(fashion, tmp_path):
     steps = [s for s, _ in runs["sb"]["distances"]]
     assert steps == sorted(set(steps)) and steps[0] == 1  # log-spaced from the first step
     assert "Regimes (first seed)" in (out / "results.md").read_text()
+
+
+def test_paper_presets_are_the_papers_regimes():
+    swa_arms = paper.make_arms(paper.parse_args(["--preset", "paper"]), None)
+    assert [(a.name, a.epochs) for a in swa_arms] == [("sgd", 200), ("swa", 300)]
+    assert swa_arms[1].swa.start == 161 and swa_arms[1].swa.report_at == {"SWA 1 budget": 200, "SWA 1.25 budgets": 250}
+    lb_arms = large_batch.make_arms(large_batch.parse_args(["--preset", "paper"]), None)
+    ra = lb_arms[-1]
+    assert (ra.epochs, ra.batch_size, ra.ghost_batch_size) == (3200, 4096, 128)  # 100 epochs x 4096/128
+    tut = tutorial.parse_args(["--preset", "paper", "--sweep"])
+    assert tutorial.row_order(tut)[:6] == ["baseline", "SWA_90_0.05", "SWA_90_0.0005", "SWA_90_0.0001",
+                                           "SWA_90_5e-05", "SWA_90_1e-05"]
+    assert {row.split("_")[1] for row in tutorial.row_order(tut)[1:]} == {"90", "75", "60"}
+    assert tutorial.parse_args(["--preset", "paper", "--epochs", "7"]).epochs == 7  # an explicit option wins
 
 
 def test_log_spaced_steps():

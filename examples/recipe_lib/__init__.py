@@ -1,5 +1,11 @@
 """Shared pieces of the training recipes in ``examples/``.
 
+Data (``datasets``, ``transforms``, ``loader``), networks (``models``), one
+epoch of training and evaluation (``training``), the epoch loop with
+averaging, checkpoints and resume (``engine``), torchrun support
+(``distributed``), atomic checkpoint files (``checkpoint``), metrics, tables
+and plots (``reporting``) and the shared command line (``cli``).
+
 The recipes (``examples/*.py``) put ``examples/`` on ``sys.path`` by being run
 from there, so they ``import recipe_lib``. The data side keeps whole data sets
 decoded in memory as uint8 tensors (Fashion-MNIST, CIFAR and the Intel image

@@ -82,6 +82,7 @@ def train_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.optim.Op
     correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
     samples = 0
     batches = loader if progress is None else progress(iter(loader))
+    show = hasattr(batches, "set_postfix") and not getattr(batches, "disable", False)
     for step, (images, labels) in enumerate(batches):
         images = precision.prepare(images)
         with precision.autocast(ctx.device):
@@ -105,7 +106,7 @@ def train_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.optim.Op
         loss_sum += loss.detach().double() * labels.shape[0]
         correct += (logits.argmax(1) == labels).sum()
         samples += labels.shape[0]
-        if progress is not None and hasattr(batches, "set_postfix") and (step % 10 == 0):
+        if show and step % 10 == 0:
             # A host sync every 10 steps, only when a bar is shown.
             batches.set_postfix(loss=f"{loss_sum.item() / samples:.3f}", acc=f"{correct.item() / samples:.3f}")
     return _reduce(loss_sum.item(), correct.item(), samples, time.perf_counter() - start, ctx)
