@@ -40,12 +40,13 @@ from recipe_lib.engine import Arm, ArmResult  # noqa: E402
 from swa_fast.regime import LinearWarmup, adapt_regime, sqrt_lr_scaling  # noqa: E402
 
 PRESETS = {
-    # About a minute per seed on a 2-core CPU: F1 on 20k Fashion-MNIST images, batch 64 vs 1024 (x16).
-    "quick": dict(model="f1", epochs=4, milestones=[2, 3], small_batch=64, large_batch=1024, lr=0.05,
-                  weight_decay=5e-4, train_subset=20000, test_subset=0),
+    # About 1.5 minutes per seed on a 2-core CPU: F1 on 20k Fashion-MNIST images (no augmentation, as the
+    # paper's F1 on MNIST), batch 64 vs 1024 (x16), lr 0.01 tuned for the small batch.
+    "quick": dict(model="f1", epochs=5, milestones=[3, 4], small_batch=64, large_batch=1024, lr=0.01,
+                  weight_decay=5e-4, train_subset=20000, test_subset=5000, augment=False),
     # ResNet-44 on CIFAR-10, batch 128 vs 4096 (x32): the adapted regime trains 3200 epochs. Meant for a GPU.
     "paper": dict(model="resnet44", epochs=100, milestones=[50, 75], small_batch=128, large_batch=4096, lr=0.1,
-                  weight_decay=5e-4, train_subset=0, test_subset=0),
+                  weight_decay=5e-4, train_subset=0, test_subset=0, augment=True),
 }
 ARM_ORDER = ("sb", "lb", "lb_lr", "lb_lr_gbn", "lb_lr_gbn_ra")
 
@@ -132,7 +133,8 @@ def regime_report(args: argparse.Namespace, results: list[ArmResult]) -> str:
 
 
 SPEC = RecipeSpec("large_batch", "Train longer, generalize better: SB vs LB +LR +GBN +RA", make_arms, row_order,
-                  baseline=lambda args: f"SB (B={args.small_batch})", extra_report=regime_report)
+                  baseline=lambda args: f"SB (B={args.small_batch})", extra_report=regime_report,
+                  plot_x="steps")  # arms of different batch sizes compared at equal weight updates
 
 
 def main(argv: list[str] | None = None) -> int:

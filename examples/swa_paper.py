@@ -11,10 +11,11 @@ WRN-28-10, and bigger budgets help.
 The SWA schedule does not depend on the budget, so budgets 1 and 1.25 are
 the budget-1.5 run's average after B and 1.25 B epochs: one SWA run gives all
 three rows. ``--fge`` adds an FGE-style snapshot ensemble at the 1.5 budget:
-from ``--swa-start`` (it starts from the SWA arm's checkpoint there), the lr
+after ``--swa-start`` (it starts from the SWA arm's checkpoint there), the lr
 falls linearly from swa_lr to swa_lr/100 over each cycle of ``--fge-cycle``
-epochs, and the snapshot at each cycle's end joins an ensemble of predictions
-(k forward passes at test time, where SWA needs one).
+epochs (cycles aligned to end with the budget), and the snapshot at each
+cycle's end joins an ensemble of predictions (k forward passes at test time,
+where SWA needs one).
 
     python examples/swa_paper.py --seeds 0 1 2                  # quick preset, Fashion-MNIST
     python examples/swa_paper.py --preset paper --dataset cifar100 --data-dir cifar-100-python \\
@@ -42,11 +43,11 @@ from swa_fast.regime import SWAScheduleLR  # noqa: E402
 PRESETS = {
     # A few minutes on a 2-core CPU: the small VGG-16-BN variant, a 10-epoch budget on 10k Fashion-MNIST images.
     "quick": dict(model="vgg_small", budget=10, batch_size=128, lr=0.05, weight_decay=5e-4, swa_lr=0.01,
-                  swa_start=8, train_subset=10000, test_subset=0),
+                  swa_start=8, train_subset=10000, test_subset=0, augment=True),
     # The paper's VGG-16 on CIFAR: 200-epoch budget, SWA from epoch 161 at lr 0.01 (PreResNet/WRN: lr 0.1,
     # swa_lr 0.05 on CIFAR-100, as in the paper's table).
     "paper": dict(model="vgg16_bn", budget=200, batch_size=128, lr=0.05, weight_decay=5e-4, swa_lr=0.01,
-                  swa_start=161, train_subset=0, test_subset=0),
+                  swa_start=161, train_subset=0, test_subset=0, augment=True),
 }
 SWA_BUDGETS = (1.0, 1.25, 1.5)
 
@@ -120,8 +121,12 @@ def make_arms(args: argparse.Namespace, train: ImageDataset) -> list[Arm]:
     def swa_schedule(opt: torch.optim.Optimizer, steps: int) -> SWAScheduleLR:
         return SWAScheduleLR(opt, total_steps=swa_start * steps, swa_lr=args.swa_lr)
 
+    # FGE cycles are aligned to end with the budget (its last epoch is a snapshot); before the first cycle the
+    # lr stays at swa_lr, exactly as in the SWA arm, which the FGE arm branches from.
+    fge_from = swa_start + (longest - swa_start) % args.fge_cycle
+
     def fge_schedule(opt: torch.optim.Optimizer, steps: int) -> FGECyclicLR:
-        return FGECyclicLR(opt, swa_start * steps, args.swa_lr, cycle_from=swa_start * steps,
+        return FGECyclicLR(opt, swa_start * steps, args.swa_lr, cycle_from=fge_from * steps,
                            cycle_steps=args.fge_cycle * steps, high=args.swa_lr, low=args.swa_lr / 100)
 
     report = {budget_label(f): budget_epochs(budget, f) for f in SWA_BUDGETS[:-1]}
@@ -131,7 +136,10 @@ def make_arms(args: argparse.Namespace, train: ImageDataset) -> list[Arm]:
             Arm("swa", None, longest, args.batch_size, optimizer, swa_schedule, scheduler_per_iteration=True,
                 swa=swa, curve="SWA run")]
     if args.fge:
-        fge = FGESettings(start=swa_start, cycle=args.fge_cycle, label=fge_label(args))
+        if longest - swa_start < args.fge_cycle:
+            raise SystemExit(f"--fge-cycle {args.fge_cycle} does not fit in the {longest - swa_start} epochs "
+                             f"after --swa-start")
+        fge = FGESettings(start=fge_from, cycle=args.fge_cycle, label=fge_label(args))
         arms.append(Arm("fge", None, longest, args.batch_size, optimizer, fge_schedule,
                         scheduler_per_iteration=True, fge=fge, branch_from=("swa", swa_start), curve="FGE run"))
     return arms

@@ -42,10 +42,12 @@ PRESETS = {
     # Minutes on a 2-core CPU: a narrow ResNet-18 on a Fashion-MNIST subset, trained from scratch (so a larger
     # Adam lr than the tutorial's fine-tuning lr), SWA over the last third.
     "quick": dict(model="resnet18_small", epochs=12, batch_size=128, lr=2e-3, warmup_epochs=1, swa_start=8,
-                  swa_lr=5e-4, swa_anneal_epochs=1, train_subset=6000, test_subset=2000, image_size=None),
+                  swa_lr=5e-4, swa_anneal_epochs=1, train_subset=6000, test_subset=2000, image_size=None,
+                  augment=True),
     # The tutorial's settings (it fine-tuned ImageNet weights; here the network starts from scratch).
     "paper": dict(model="resnet18", epochs=120, batch_size=256, lr=1e-4, warmup_epochs=5, swa_start=90,
-                  swa_lr=5e-5, swa_anneal_epochs=5, train_subset=0, test_subset=0, image_size=150),
+                  swa_lr=5e-5, swa_anneal_epochs=5, train_subset=0, test_subset=0, image_size=150,
+                  augment=True),
 }
 SWEEP_LR_FACTORS = (500, 5, 1, 0.5, 0.1)
 

@@ -104,7 +104,7 @@ def test_swa_tutorial_end_to_end(fashion, tmp_path, capsys):
     assert [row["epoch"] for row in epochs] == [1, 2, 3]  # the branched prefix is part of the curve
     assert "swa_test_acc" in epochs[-1] and "swa_test_acc" not in epochs[0]
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"seed", "arm", "epoch", "lr", "train_loss", "test_acc", "swa_test_acc"} <= set(header)
+    assert {"seed", "arm", "epoch", "steps", "lr", "train_loss", "test_acc", "swa_test_acc"} <= set(header)
 
 
 def test_swa_tutorial_sweep_has_the_tutorials_rows(fashion, tmp_path):
@@ -188,6 +188,14 @@ def test_swa_paper_budgets_and_fge(fashion, tmp_path):
     assert lrs[1] == pytest.approx(0.05)  # constant through the first half of the budget
 
 
+def test_fge_cycles_end_with_the_budget():
+    fge = paper.make_arms(paper.parse_args(["--fge", "--budget", "10", "--swa-start", "8"]), None)[-1]
+    assert fge.epochs == 15 and fge.branch_from == ("swa", 8)
+    assert fge.fge.start == 9 and fge.fge.cycle == 2  # snapshots after epochs 11, 13 and 15
+    with pytest.raises(SystemExit, match="does not fit"):
+        paper.make_arms(paper.parse_args(["--fge", "--budget", "4", "--swa-start", "3", "--fge-cycle", "4"]), None)
+
+
 def test_fge_cycles_end_at_the_low_lr():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     sched = paper.FGECyclicLR(opt, total_steps=10, swa_lr=0.02, cycle_from=10, cycle_steps=4, high=0.02,
@@ -211,7 +219,7 @@ def test_large_batch_rows_regimes_and_distance(fashion, tmp_path):
                             "--large-batch", "64", "--warmup-epochs", "0.5", "--clip-grad-norm", "5",
                             "--amp", "bf16"))  # bf16 autocast on CPU: ghost BN gets bf16 input
     rows = table_rows(out)
-    assert list(rows) == ["SB (B=16)", "LB (B=64)", "LB +LR (lr 0.1)", "LB +LR +GBN (ghost 16)",
+    assert list(rows) == ["SB (B=16)", "LB (B=64)", "LB +LR (lr 0.02)", "LB +LR +GBN (ghost 16)",
                           "LB +LR +GBN +RA (8 epochs, x4)"]
     assert (out / "distance.png").stat().st_size > 0
     runs = {r["arm"]: r for r in json.loads((out / "results.json").read_text())["runs"]}

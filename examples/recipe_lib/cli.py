@@ -60,7 +60,8 @@ def base_parser(description: str, presets: Presets, default_out: str) -> argpars
                       help=h("train_subset", "train on this many samples drawn from the training split (0: all)"))
     data.add_argument("--test-subset", type=int, default=None,
                       help=h("test_subset", "evaluate on this many test samples (0: all)"))
-    data.add_argument("--no-augment", action="store_true", help="no random crop / flip")
+    data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                      help=h("augment", "random crop with padding and horizontal flip of training batches"))
     run = p.add_argument_group("run")
     run.add_argument("--model", choices=MODEL_NAMES, default=None, help=h("model", "network"))
     run.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; the table gives mean ± std")
@@ -122,6 +123,7 @@ class RecipeSpec:
     row_order: Callable[[argparse.Namespace], list[str]]
     baseline: Callable[[argparse.Namespace], str]
     extra_report: Callable[[argparse.Namespace, Sequence[ArmResult]], str] | None = None
+    plot_x: str = "epoch"
 
 
 def _load_data(args: argparse.Namespace) -> tuple[ImageDataset, ImageDataset]:
@@ -168,7 +170,7 @@ def _run(spec: RecipeSpec, args: argparse.Namespace, ctx: DistContext) -> list[A
 
     precision = Precision(args.amp, args.channels_last)
     run = RunSettings(build_model=model_for, train_set=train, test_set=test,
-                      augment=None if args.no_augment else default_augment(train.name, train),
+                      augment=default_augment(train.name, train) if args.augment is not False else None,
                       mean=tuple(mean), std=tuple(std), ctx=ctx, precision=precision, out_dir=args.out,
                       resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress,
                       eval_batch_size=args.eval_batch_size, log=log)
@@ -194,7 +196,7 @@ def _report(spec: RecipeSpec, args: argparse.Namespace, results: list[ArmResult]
     timing = averaging_table(results)
     fits = distance_fits(results)
     arm_labels = {arm.name: arm.display_name for arm in arms}
-    plots = [plot_accuracy(results, arm_labels, out / "accuracy.png", spec.title)]
+    plots = [plot_accuracy(results, arm_labels, out / "accuracy.png", spec.title, spec.plot_x)]
     if fits:
         plots.append(plot_distance(results, arm_labels, out / "distance.png"))
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)

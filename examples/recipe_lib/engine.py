@@ -352,6 +352,8 @@ def _train(state: _ArmState, keep_epochs: set[int], epochs_run: _EpochsRun) -> N
         return swa is not None and epoch > swa.start
 
     while state.epoch < arm.epochs:
+        if run.stop_after is not None and epochs_run.count >= run.stop_after:
+            raise StopRequested(f"stopped after {epochs_run.count} epochs (--stop-after); continue with --resume")
         epoch = state.epoch + 1
         averaging_now = in_swa_phase(epoch)
         torch.manual_seed(epoch_seed(seed, epoch, ctx.rank))
@@ -377,7 +379,7 @@ def _train(state: _ArmState, keep_epochs: set[int], epochs_run: _EpochsRun) -> N
         elif not arm.scheduler_per_iteration:
             state.scheduler.step()
         tested = evaluate(unwrap(state.model), test, run.precision, ctx)
-        row: dict[str, Any] = {"seed": seed, "arm": arm.name, "epoch": epoch, "lr": lr,
+        row: dict[str, Any] = {"seed": seed, "arm": arm.name, "epoch": epoch, "steps": step_count[0], "lr": lr,
                                "train_loss": stats.loss, "train_acc": stats.accuracy,
                                "test_loss": tested.loss, "test_acc": tested.accuracy}
         if averaging_now:
@@ -400,8 +402,6 @@ def _train(state: _ArmState, keep_epochs: set[int], epochs_run: _EpochsRun) -> N
             run.log(_epoch_line(row, arm))
         state.save(keep=epoch in keep_epochs)
         epochs_run.count += 1
-        if run.stop_after is not None and epochs_run.count >= run.stop_after and not state.finished:
-            raise StopRequested(f"stopped after {epochs_run.count} epochs (--stop-after); continue with --resume")
 
 
 def _average(state: _ArmState) -> None:
@@ -459,6 +459,8 @@ def _ranks_agree(state: _ArmState) -> bool:
 
 
 def _finish(state: _ArmState, tested: Any) -> None:
+    if state.arm.fge is not None and state.arm.fge.label not in state.finals:
+        raise RuntimeError(f"arm {state.arm.name}: the last epoch took no FGE snapshot (cycles must end with it)")
     if state.swa_model is not None and state.run.ctx.enabled:
         # DDP keeps the replicas equal, so the averages must be too: check it once, at the end.
         state.averaging["ranks_identical"] = _ranks_agree(state)

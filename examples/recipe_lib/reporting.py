@@ -105,20 +105,29 @@ def write_metrics(results: Sequence[ArmResult], out_dir: Path, config: dict[str,
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1, default=str))
 
 
-def _mean_curve(results: Sequence[ArmResult], arm: str, key: str) -> tuple[list[int], list[float], list[float]]:
+def _mean_curve(results: Sequence[ArmResult], arm: str, key: str,
+                x_key: str = "epoch") -> tuple[list[int], list[float], list[float]]:
     by_epoch: dict[int, list[float]] = defaultdict(list)
     for result in results:
         if result.arm == arm:
             for row in result.rows:
                 if key in row and row[key] is not None and row[key] != "":
-                    by_epoch[int(row["epoch"])].append(float(row[key]))
+                    by_epoch[int(row[x_key])].append(float(row[key]))
     epochs = sorted(by_epoch)
     stats = [mean_std(by_epoch[e]) for e in epochs]
     return epochs, [m for m, _ in stats], [s for _, s in stats]
 
 
-def plot_accuracy(results: Sequence[ArmResult], arm_labels: dict[str, str], path: Path, title: str) -> Path | None:
-    """Test accuracy and test error per epoch (mean ± std band over seeds) for every arm and every average."""
+X_AXES = {"epoch": "epoch", "steps": "weight updates"}
+
+
+def plot_accuracy(results: Sequence[ArmResult], arm_labels: dict[str, str], path: Path, title: str,
+                  x_key: str = "epoch") -> Path | None:
+    """Test accuracy and test error (mean ± std band over seeds) for every arm and every average.
+
+    ``x_key``: ``"epoch"``, or ``"steps"`` (weight updates: arms with different
+    batch sizes then line up by the number of updates they made).
+    """
     try:
         import matplotlib
 
@@ -131,7 +140,7 @@ def plot_accuracy(results: Sequence[ArmResult], arm_labels: dict[str, str], path
     series = [("test_acc", ""), ("swa_test_acc", " (SWA average)"), ("fge_test_acc", " (FGE ensemble)")]
     for arm, label in arm_labels.items():
         for key, suffix in series:
-            epochs, mean, std = _mean_curve(results, arm, key)
+            epochs, mean, std = _mean_curve(results, arm, key, x_key)
             if not epochs:
                 continue
             style = "-" if key == "test_acc" else "--"
@@ -144,8 +153,8 @@ def plot_accuracy(results: Sequence[ArmResult], arm_labels: dict[str, str], path
                 ax_acc.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.15)
                 ax_err.fill_between(epochs, [100 - h for h in hi], [100 - lo_ for lo_ in lo],
                                     color=line.get_color(), alpha=0.15)
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy %", title=title)
-    ax_err.set(xlabel="epoch", ylabel="test error %", title="test error (lower is better)")
+    ax_acc.set(xlabel=X_AXES[x_key], ylabel="test accuracy %", title=title)
+    ax_err.set(xlabel=X_AXES[x_key], ylabel="test error %", title="test error (lower is better)")
     for ax in (ax_acc, ax_err):
         ax.grid(alpha=0.3)
     ax_acc.legend(fontsize=8)
