@@ -198,7 +198,7 @@ def _report(spec: RecipeSpec, args: argparse.Namespace, results: list[ArmResult]
     arm_labels = {arm.name: arm.display_name for arm in arms}
     plots = [plot_accuracy(results, arm_labels, out / "accuracy.png", spec.title, spec.plot_x)]
     if fits:
-        plots.append(plot_distance(results, arm_labels, out / "distance.png"))
+        plots.append(plot_distance(results, arm_labels, out / "distance.png", fits))
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     if ctx.enabled:
         command = f"torchrun --nproc_per_node={ctx.world_size} " + command[len("python "):]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -118,6 +119,19 @@ def _mean_curve(results: Sequence[ArmResult], arm: str, key: str,
     return epochs, [m for m, _ in stats], [s for _, s in stats]
 
 
+def _pyplot(path: Path) -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend, or None (with a note) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping", path.name)
+        return None
+    return plt
+
+
 X_AXES = {"epoch": "epoch", "steps": "weight updates"}
 
 
@@ -128,13 +142,8 @@ def plot_accuracy(results: Sequence[ArmResult], arm_labels: dict[str, str], path
     ``x_key``: ``"epoch"``, or ``"steps"`` (weight updates: arms with different
     batch sizes then line up by the number of updates they made).
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping", path.name)
+    plt = _pyplot(path)
+    if plt is None:
         return None
     fig, (ax_acc, ax_err) = plt.subplots(1, 2, figsize=(12, 4.5))
     series = [("test_acc", ""), ("swa_test_acc", " (SWA average)"), ("fge_test_acc", " (FGE ensemble)")]
@@ -164,18 +173,12 @@ def plot_accuracy(results: Sequence[ArmResult], arm_labels: dict[str, str], path
     return path
 
 
-def plot_distance(results: Sequence[ArmResult], arm_labels: dict[str, str], path: Path) -> Path | None:
-    """``||w_t - w_0||`` against iterations on a log axis, per arm (seed 0's run), with the a + b log t fit."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping", path.name)
+def plot_distance(results: Sequence[ArmResult], arm_labels: dict[str, str], path: Path,
+                  fits: dict[str, dict[str, float]]) -> Path | None:
+    """``||w_t - w_0||`` against iterations on a log axis, per arm (first seed), with the fits of :func:`distance_fits`."""
+    plt = _pyplot(path)
+    if plt is None:
         return None
-    from swa_fast.distance import fit_log
-
     fig, ax = plt.subplots(figsize=(7, 4.5))
     first_seed = min(r.seed for r in results)
     for result in results:
@@ -185,10 +188,10 @@ def plot_distance(results: Sequence[ArmResult], arm_labels: dict[str, str], path
         totals = [d for _, d in result.distances]
         label = arm_labels.get(result.arm, result.arm)
         line, = ax.plot(steps, totals, label=label)
-        if len(steps) >= 3:
-            fit = fit_log(steps, totals)
-            ax.plot(steps, fit(steps), ":", color=line.get_color(),
-                    label=f"  fit {fit.a:.2f} + {fit.b:.2f} log t (R² {fit.r2:.3f})")
+        fit = fits.get(result.arm)
+        if fit is not None:
+            ax.plot(steps, [fit["a"] + fit["b"] * math.log(t) for t in steps], ":", color=line.get_color(),
+                    label=f"  fit {fit['a']:.2f} + {fit['b']:.2f} log t (R² {fit['r2']:.3f})")
     ax.set_xscale("log")
     ax.set(xlabel="iteration t (log scale)", ylabel="||w_t - w_0||",
            title=f"distance from initialization (seed {first_seed})")
