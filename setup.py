@@ -13,7 +13,14 @@ Environment switches:
                                 x86 vector ISA for the CPU kernels (default auto:
                                 AVX2+FMA when this machine has it, as torch's own
                                 kernels do; see docs/ARCHITECTURE.md).
+  SWA_FAST_KERNEL_ARG_BYTES=4096|32768
+                                kernel-argument budget of the CUDA multi-tensor
+                                launches (default 4096, every CUDA version; 32768
+                                needs CUDA >= 12.1 and a Volta+ GPU and packs about
+                                ten times as many tensors into one launch).
   TORCH_CUDA_ARCH_LIST          the GPU architectures to compile for, as for torch.
+
+The C++ standard is torch's own (BuildExtension adds it), never forced here.
 """
 
 from __future__ import annotations
@@ -68,6 +75,13 @@ def _cpu_capability() -> str:
     return choice
 
 
+def _kernel_arg_bytes() -> int:
+    choice = os.environ.get("SWA_FAST_KERNEL_ARG_BYTES", "4096")
+    if choice not in ("4096", "32768"):
+        raise SystemExit(f"SWA_FAST_KERNEL_ARG_BYTES must be 4096 or 32768, got {choice!r}")
+    return int(choice)
+
+
 def _extension():
     import torch
     from torch.utils import cpp_extension
@@ -87,8 +101,9 @@ def _extension():
         ("SWA_FAST_TORCH_VERSION", f'"{torch.__version__}"'),
         ("SWA_FAST_CPU_CAPABILITY_NAME", f'"{cpu_capability}"'),
         ("SWA_FAST_CUDA_ARCHS", f'"{cuda_archs}"'),
+        ("SWA_FAST_KERNEL_ARG_BYTES", str(_kernel_arg_bytes())),
     ]
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]
     if cpu_capability == "avx2":
         # Same ISA and vector classes torch uses for its AVX2/AVX512 kernels: the
         # fused multiply-add in lerp then rounds exactly like torch.lerp does.
@@ -99,7 +114,7 @@ def _extension():
         # on one thread. The loader reuses the libgomp torch already loaded.
         cxx.append("-fopenmp")
         link.append("-fopenmp")
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+    nvcc = ["-O3", "--expt-relaxed-constexpr"]
     if with_cuda:
         defines.append(("SWA_FAST_WITH_CUDA", "1"))
     extension_class = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension

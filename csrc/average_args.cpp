@@ -1,7 +1,10 @@
 #include "average_args.h"
 
 #include <ATen/ops/empty_strided.h>
+#include <ATen/ops/view_as_real.h>
 #include <c10/util/Exception.h>
+
+#include "dense_layout.h"
 
 namespace swa_fast {
 namespace {
@@ -57,8 +60,14 @@ void check_skip(const char* op, const std::optional<at::Tensor>& skip, c10::Devi
 
 }  // namespace
 
+bool has_average_kernel(c10::ScalarType dtype) {
+  // float8/float4 count as floating types in c10 but have no lerp here (nor
+  // in torch): routing them to the fallback gives torch's own behaviour.
+  return float_rank(dtype) > 0 || at::isIntegralType(dtype, /*includeBool=*/true);
+}
+
 bool is_supported_dtype_pair(c10::ScalarType averaged, c10::ScalarType current) {
-  if (at::isComplexType(averaged) || at::isComplexType(current)) {
+  if (!has_average_kernel(averaged) || !has_average_kernel(current)) {
     return false;
   }
   if (averaged == current) {
@@ -108,6 +117,11 @@ void validate_average_args(
     TORCH_CHECK(
         !at::isComplexType(avg.scalar_type()), op, ": averaged[", i, "] is complex (", avg.scalar_type(),
         "), which swa_fast does not average");
+    TORCH_CHECK(
+        has_average_kernel(avg.scalar_type()) && has_average_kernel(cur.scalar_type()), op, ": averaged[", i,
+        "] is ", avg.scalar_type(), " and current[", i, "] is ", cur.scalar_type(),
+        "; swa_fast averages float16, bfloat16, float32 and float64 tensors and copies integer and bool ones "
+        "(AveragedModel sends other dtypes through torch's own lerp)");
     const bool avg_floating = at::isFloatingType(avg.scalar_type());
     TORCH_CHECK(
         avg_floating || !at::isFloatingType(cur.scalar_type()), op, ": averaged[", i, "] has non-floating dtype ",
@@ -147,17 +161,37 @@ std::vector<at::Tensor> check_average_args(
   for (size_t i = 0; i < averaged.size(); ++i) {
     const at::Tensor& avg = averaged[i];
     const at::Tensor& cur = current[i];
-    if (cur.strides() == avg.strides() || avg.numel() <= 1) {
+    if (avg.numel() <= 1 || same_dense_layout(avg, cur)) {
       laid_out.push_back(cur);
     } else {
-      // A layout mismatch (e.g. channels_last model, contiguous average) costs
-      // one copy here instead of a strided kernel.
+      // A real layout mismatch (e.g. channels_last model, contiguous average)
+      // or a strided view costs one copy here instead of a strided kernel.
       at::Tensor copy = at::empty_strided(avg.sizes(), avg.strides(), cur.options());
       copy.copy_(cur);
       laid_out.push_back(std::move(copy));
     }
   }
   return laid_out;
+}
+
+std::vector<at::Tensor> nonfinite_inputs(at::TensorList tensors) {
+  std::vector<at::Tensor> scanned;
+  scanned.reserve(tensors.size());
+  for (const at::Tensor& tensor : tensors) {
+    const c10::ScalarType dtype = tensor.scalar_type();
+    at::Tensor t;
+    if (float_rank(dtype) > 0) {
+      t = tensor;
+    } else if (at::isComplexType(dtype)) {
+      t = at::view_as_real(tensor);  // NaN/Inf in either part
+    } else if (at::isFloat8Type(dtype)) {
+      t = tensor.to(c10::ScalarType::Float);  // exact; rare enough that the copy does not matter
+    } else {
+      continue;  // integer and bool tensors are always finite
+    }
+    scanned.push_back(t.is_non_overlapping_and_dense() ? t : t.contiguous());
+  }
+  return scanned;
 }
 
 c10::Device check_nonfinite_args(at::TensorList tensors) {
@@ -167,6 +201,12 @@ c10::Device check_nonfinite_args(at::TensorList tensors) {
     TORCH_CHECK(
         tensors[i].device() == device, "nonfinite_flag: tensors[", i, "] is on ", tensors[i].device(),
         " but tensors[0] is on ", device);
+    TORCH_CHECK(
+        tensors[i].layout() == c10::kStrided, "nonfinite_flag: tensors[", i, "] has layout ", tensors[i].layout(),
+        "; pass strided (dense) tensors");
+    TORCH_CHECK(
+        tensors[i].scalar_type() != c10::ScalarType::Float4_e2m1fn_x2, "nonfinite_flag: tensors[", i,
+        "] is Float4_e2m1fn_x2 (two packed values per byte), which it cannot read");
   }
   return device;
 }

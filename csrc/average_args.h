@@ -12,9 +12,14 @@
 
 namespace swa_fast {
 
+// True for the dtypes the kernels handle: float16, bfloat16, float32, float64
+// (averaged) and integer/bool (copied). Not float8/float4 or complex.
+bool has_average_kernel(c10::ScalarType dtype);
+
 // True when `current` may be averaged into `averaged`: the same dtype, or a
 // floating `current` of lower precision than a floating `averaged` (an fp32
-// or fp64 shadow of a half-precision model). Integer/bool pairs must match.
+// or fp64 shadow of a half-precision model), both with a kernel
+// (has_average_kernel). Integer/bool pairs must match.
 bool is_supported_dtype_pair(c10::ScalarType averaged, c10::ScalarType current);
 
 // True when the fused ops take this pair as it is: a supported dtype pair and
@@ -51,5 +56,11 @@ std::vector<at::Tensor> check_average_args(
 
 // Checks the list of nonfinite_flag; returns the device all tensors are on.
 c10::Device check_nonfinite_args(at::TensorList tensors);
+
+// What nonfinite_flag scans, for both kernels: float16/bfloat16/float32/float64
+// tensors as they are, complex ones as their real view (NaN in either part
+// counts), float8 ones as float32 copies; integer and bool tensors are left
+// out. Non-dense views become contiguous copies.
+std::vector<at::Tensor> nonfinite_inputs(at::TensorList tensors);
 
 }  // namespace swa_fast

@@ -1,9 +1,10 @@
 #include "distance_args.h"
 
 #include <ATen/ops/empty.h>
-
 #include <ATen/ops/empty_strided.h>
 #include <c10/util/Exception.h>
+
+#include "dense_layout.h"
 
 namespace swa_fast {
 namespace {
@@ -26,20 +27,6 @@ void check_tensor(const at::Tensor& t, const char* list, size_t i, c10::Device d
   TORCH_CHECK(
       is_supported_input_dtype(t.scalar_type()), kOp, ": ", list, "[", i, "] has dtype ", t.scalar_type(),
       "; distance takes floating tensors (float16, bfloat16, float32, float64)");
-}
-
-// Same memory order: the strides agree on every dimension that has more than
-// one element (a size-1 dimension's stride never addresses anything).
-bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
-  if (!b.is_non_overlapping_and_dense()) {
-    return false;
-  }
-  for (int64_t d = 0; d < a.dim(); ++d) {
-    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) {
-      return false;
-    }
-  }
-  return true;
 }
 
 }  // namespace

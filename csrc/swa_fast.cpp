@@ -11,6 +11,7 @@
 #include "average_args.h"
 #include "ghost_bn_args.h"
 #include "distance_args.h"
+#include "launch_plan.h"
 
 #ifndef SWA_FAST_SOURCE_HASH
 #define SWA_FAST_SOURCE_HASH "unknown"
@@ -33,7 +34,12 @@ TORCH_LIBRARY(swa_fast, m) {
   // (read on the device, so the decision costs no host sync).
   m.def("average_(Tensor(a!)[] averaged, Tensor[] current, Tensor weight, Tensor? skip=None) -> ()");
   // SWAG moments in the same pass: mean[i] = lerp(mean[i], x, w) and
-  // sq_mean[i] = lerp(sq_mean[i], x*x, w) with x = current[i].
+  // sq_mean[i] = lerp(sq_mean[i], x*x, w) with x = current[i]. Everything is
+  // computed in the arithmetic type (fp32; fp64 for fp64) and rounded once to
+  // the moments' dtype at the end; x*x is not rounded to fp16/bf16 first, so
+  // for fp16/bf16 moments the result is the fp32 computation rounded once
+  // (torch's `sq.lerp_(x * x, w)` in fp16 would round x*x, and overflow it to
+  // inf for |x| > 256), and for fp32/fp64 it is exactly torch's.
   m.def(
       "average_moments_(Tensor(a!)[] mean, Tensor(b!)[] sq_mean, Tensor[] current, Tensor weight, "
       "Tensor? skip=None) -> ()");
@@ -56,6 +62,9 @@ pybind11::dict build_info() {
   info["cuda"] = false;
   info["cuda_archs"] = "";
 #endif
+  // The CUDA launches' kernel-argument budget (launch_plan.h); recorded in
+  // CPU builds too, where it only describes what a CUDA build would do.
+  info["kernel_arg_bytes"] = static_cast<int64_t>(swa_fast::mta::kKernelArgBytes);
   return info;
 }
 
@@ -104,6 +113,42 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             momentum);
       },
       "ghost_batch_norm_update_stats_'s checks on metadata (for the fake kernel)");
+  m.def(
+      "plan_launches",
+      [](const std::vector<int64_t>& numels, int depth, int64_t arg_bytes) {
+        pybind11::list launches;
+        for (const auto& launch : swa_fast::mta::describe_launches(numels, depth, arg_bytes)) {
+          pybind11::list slots;
+          for (const auto& slot : launch.slots) {
+            slots.append(pybind11::make_tuple(slot.tensor_index, slot.numel, slot.addresses));
+          }
+          pybind11::dict entry;
+          entry["first_chunk_ordinal"] = launch.first_chunk_ordinal;
+          entry["slots"] = slots;
+          entry["blocks"] = launch.blocks;
+          launches.append(entry);
+        }
+        return launches;
+      },
+      pybind11::arg("numels"), pybind11::arg("depth"), pybind11::arg("arg_bytes") = swa_fast::mta::kKernelArgBytes,
+      "The CUDA harness's launches for tensors of these sizes, as data (for tests): per launch its first chunk "
+      "ordinal, its slots (tensor index, numel, one fake address per list) and its blocks (slot, chunk)");
+  m.def(
+      "fake_address", &swa_fast::mta::fake_address, pybind11::arg("list"), pybind11::arg("tensor"),
+      "The address plan_launches gives tensor `tensor` of list `list`");
+  m.def(
+      "launch_limits",
+      [](int64_t arg_bytes) {
+        const auto limits = swa_fast::mta::describe_limits(arg_bytes);
+        pybind11::dict info;
+        info["chunk_size"] = limits.chunk_size;
+        info["max_blocks"] = limits.max_blocks;
+        info["max_tensors"] = limits.max_tensors;
+        info["metadata_bytes"] = limits.metadata_bytes;
+        return info;
+      },
+      pybind11::arg("arg_bytes") = swa_fast::mta::kKernelArgBytes,
+      "Chunk size, blocks per launch, tensors per launch by depth (1-4) and metadata bytes for a budget");
   m.def(
       "validate_distance_args",
       [](const std::vector<at::Tensor>& a, const std::optional<std::vector<at::Tensor>>& b) {

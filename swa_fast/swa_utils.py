@@ -389,7 +389,8 @@ class AveragedModel(_torch_swa_utils.AveragedModel):
 
     def _update_unfused(self, model: Module) -> None:
         if self.skip_nonfinite:
-            tensors = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
+            tensors = [t for t in itertools.chain(model.parameters(), model.buffers())
+                       if t.is_floating_point() or t.is_complex()]
             if tensors and any(bool(nonfinite_flag(ts)) for ts in _by_device(tensors)):
                 self.n_skipped.add_(1)
                 return

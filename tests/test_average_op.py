@@ -176,6 +176,103 @@ def test_channels_last_averages(device):
     assert averaged.is_contiguous(memory_format=torch.channels_last)
 
 
+def copies_made(fn) -> list[str]:
+    """The copy ops fn dispatches (ATen ops the kernels call show in the profiler)."""
+    with torch.profiler.profile() as profile:
+        fn()
+    return [e.name for e in profile.events() if e.name in ("aten::copy_", "aten::empty_strided", "aten::clone")]
+
+
+@pytest.mark.parametrize("device", devices())
+def test_layouts_that_differ_only_in_size_one_strides_are_not_copied(device):
+    # A channels_last 1x1 conv weight has strides (C, 1, C, C); its contiguous average
+    # (C, 1, 1, 1). Same memory order: no copy on every update.
+    weight = make(8 * 4, torch.float32, device, 0).reshape(8, 4, 1, 1).to(memory_format=torch.channels_last)
+    averaged = make(8 * 4, torch.float32, device, 1).reshape(8, 4, 1, 1)
+    assert weight.stride() != averaged.stride()
+    expected = torch_lerp(averaged, weight.contiguous(), 0.3)
+    assert copies_made(lambda: swa_fast.average_([averaged], [weight], 0.3)) == []
+    assert torch.equal(averaged, expected)
+    # A real difference in memory order is still copied once, and read right.
+    weight = make(8 * 4 * 9, torch.float32, device, 2).reshape(8, 4, 3, 3).to(memory_format=torch.channels_last)
+    averaged = make(8 * 4 * 9, torch.float32, device, 3).reshape(8, 4, 3, 3)
+    expected = torch_lerp(averaged, weight.contiguous(), 0.3)
+    assert "aten::copy_" in copies_made(lambda: swa_fast.average_([averaged], [weight], 0.3))
+    assert torch.equal(averaged, expected)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_moments_square_in_fp32_without_rounding_to_half(device, dtype):
+    # The documented choice: x*x stays in fp32 until the one rounding at the end.
+    # In fp16, torch's sq.lerp_(x * x, w) rounds x*x first (300^2 overflows to inf).
+    x = torch.tensor([300.0, 3.0, -0.1, 1e-3], device=device).to(dtype)
+    mean, sq_mean = torch.zeros_like(x), torch.ones_like(x)
+    swa_fast.average_moments_([mean], [sq_mean], [x], 0.25)
+    x32 = x.float()
+    want = torch.ones(4, device=device).lerp_(x32 * x32, 0.25).to(dtype)
+    assert torch.equal(sq_mean, want)
+    assert torch.isfinite(sq_mean).all()
+    if dtype == torch.float16:
+        assert torch.isinf(torch.ones_like(x).lerp_(x * x, 0.25)[0])  # what rounding to half first gives
+
+
+def shifted_copy(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """t's values in a fresh storage, starting `offset` elements in (misaligned for 16-byte loads)."""
+    storage = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = storage[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_misaligned_copies_give_the_same_bits_as_aligned(device, dtype):
+    sizes = [3, 17, 1023, 70_001]
+    for offset in (1, 3):
+        mean = [make(n, dtype, device, i) for i, n in enumerate(sizes)]
+        sq = [m * m for m in mean]
+        current = [make(n, dtype, device, 10 + i) for i, n in enumerate(sizes)]
+        shifted = [[shifted_copy(t, offset) for t in ts] for ts in (mean, sq, current)]
+        swa_fast.average_moments_(mean, sq, current, 0.3)
+        swa_fast.average_moments_(*shifted, 0.3)
+        for got, want in zip(shifted[0] + shifted[1], mean + sq):
+            assert torch.equal(got, want), f"offset {offset}"
+        assert swa_fast.nonfinite_flag(shifted[2]).item() == swa_fast.nonfinite_flag(current).item() is False
+
+
+FLOAT8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT8)
+def test_float8_has_no_fused_kernel_and_is_refused_clearly(device, dtype):
+    from swa_fast._ops import _C
+
+    averaged = torch.tensor([1.0, 2.0], device=device).to(dtype)
+    current = torch.tensor([3.0, 4.0], device=device).to(dtype)
+    assert not _C.is_fusable_pair(averaged, current)  # AveragedModel sends it to torch's lerp
+    assert not _C.is_fusable_pair(torch.zeros(2, device=device), current)
+    before = averaged.clone()
+    with pytest.raises(RuntimeError, match=r"averaged\[0\] is Float8_.*averages float16, bfloat16"):
+        swa_fast.average_([averaged], [current], 0.5)
+    assert torch.equal(averaged.view(torch.uint8), before.view(torch.uint8))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_nonfinite_flag_reads_float8_and_complex_tensors(device):
+    finite = [torch.tensor([1.0, -2.0], device=device).to(dtype) for dtype in FLOAT8]
+    finite.append(torch.tensor([1 + 2j, 3 - 1j], device=device))
+    assert not swa_fast.nonfinite_flag(finite).item()
+    for dtype in FLOAT8:
+        bad = torch.tensor([1.0, float("nan")], device=device).to(dtype)
+        assert swa_fast.nonfinite_flag([finite[0], bad]).item(), dtype
+    for value in (complex(float("nan"), 0), complex(0, float("inf"))):
+        bad = torch.tensor([1 + 1j, value], device=device)
+        assert swa_fast.nonfinite_flag([bad]).item(), value
+        assert swa_fast.nonfinite_flag([bad[1:]]).item()  # an offset view of a complex tensor
+
+
 @pytest.mark.parametrize("device", devices())
 def test_opcheck_every_op(device):
     def sample():

@@ -68,3 +68,32 @@ def test_extension_for_another_torch_is_refused(monkeypatch):
     monkeypatch.setattr(swa_fast, "_C", FakeC, raising=False)
     with pytest.raises(ImportError, match=r"built for torch 1.0.0"):
         _ops._load_extension()
+
+
+def load_setup_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("swa_fast_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines the helpers; setup() runs only as __main__
+    return module
+
+
+def test_build_leaves_the_cxx_standard_to_torch(monkeypatch):
+    monkeypatch.delenv("SWA_FAST_KERNEL_ARG_BYTES", raising=False)
+    extension, _ = load_setup_module()._extension()
+    flags = extension.extra_compile_args
+    for compiler in ("cxx", "nvcc"):
+        assert not any(flag.startswith("-std") for flag in flags.get(compiler, [])), flags
+    assert ("SWA_FAST_KERNEL_ARG_BYTES", "4096") in extension.define_macros
+
+
+@pytest.mark.parametrize("value,ok", [("32768", True), ("4096", True), ("8192", False), ("big", False)])
+def test_kernel_arg_budget_switch(monkeypatch, value, ok):
+    monkeypatch.setenv("SWA_FAST_KERNEL_ARG_BYTES", value)
+    setup = load_setup_module()
+    if ok:
+        assert setup._kernel_arg_bytes() == int(value)
+    else:
+        with pytest.raises(SystemExit, match="must be 4096 or 32768"):
+            setup._kernel_arg_bytes()

@@ -294,3 +294,57 @@ def test_strided_weight_and_bias(device):
     grad_input, grad_weight, _ = OPS.ghost_batch_norm_backward(dy, x, weight[::2], mean, var, 4, EPS, True)
     assert_close(grad_input, want_dx, 1e-10)
     assert_close(grad_weight, want_dw, 1e-10)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("average_ghosts", [False, True])
+def test_update_stats_without_channels_still_counts_the_batch(device, average_ghosts):
+    # C = 0 is legal for the mutable op (the forward refuses it): nothing to
+    # update, but the batch counts, the same on every device.
+    empty = torch.zeros(3, 0, device=device)
+    running = [torch.zeros(0, device=device), torch.ones(0, device=device)]
+    tracked = torch.tensor(5, device=device)
+    OPS.ghost_batch_norm_update_stats_(*running, tracked, empty, empty, 12, 4, 1, None, average_ghosts)
+    assert int(tracked) == 5 + (1 if average_ghosts else 3)
+
+
+def at_storage_offset(t: torch.Tensor, fmt, offset: int) -> torch.Tensor:
+    """The same values as t, in t's memory format, starting `offset` elements into a
+    fresh storage (misaligned for the 16-byte vector loads)."""
+    storage = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    permuted = t.permute(0, *range(2, t.dim()), 1) if fmt != torch.contiguous_format else t
+    view = storage[offset:].view(permuted.shape)
+    if fmt != torch.contiguous_format:
+        view = view.permute(0, t.dim() - 1, *range(1, t.dim() - 1))
+    view.copy_(t)
+    assert view.is_contiguous(memory_format=fmt) and view.storage_offset() == offset
+    return view
+
+
+# (shape, memory format, ghost): row lengths (S, or C for channels last) that are
+# multiples of every vector width, so aligned input takes 16-byte loads.
+ALIGNMENT_CASES = [
+    ((12, 8, 4, 4), torch.contiguous_format, 4),
+    ((12, 16, 3, 3), torch.channels_last, 5),
+    ((20, 16), torch.contiguous_format, 8),
+    ((6, 2, 64, 64), torch.contiguous_format, 3),  # few pairs, many values: split sums
+]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,fmt,ghost", ALIGNMENT_CASES)
+def test_misaligned_input_gives_the_same_bits_as_aligned(device, dtype, shape, fmt, ghost):
+    x = make_input(shape, fmt, dtype, device, offset=3.0)
+    dy = make_input(shape, fmt, dtype, device, seed=4)
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    weight, bias = make_affine(shape[1], param_dtype, device)
+    aligned = (*OPS.ghost_batch_norm(x, weight, bias, ghost, EPS),)
+    aligned += OPS.ghost_batch_norm_backward(dy, x, weight, aligned[1], aligned[2], ghost, EPS, True)
+    for offset in (1, 3):
+        x_off, dy_off = at_storage_offset(x, fmt, offset), at_storage_offset(dy, fmt, offset)
+        shifted = (*OPS.ghost_batch_norm(x_off, weight, bias, ghost, EPS),)
+        shifted += OPS.ghost_batch_norm_backward(dy_off, x_off, weight, shifted[1], shifted[2], ghost, EPS, True)
+        names = ("output", "mean", "var", "grad_input", "grad_weight", "grad_bias")
+        for name, got, want in zip(names, shifted, aligned):
+            assert torch.equal(got, want), f"{name} differs at storage offset {offset}"

@@ -213,6 +213,26 @@ def test_skip_nonfinite_drops_a_poisoned_update(fused):
     del clean_copy
 
 
+class ComplexNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.real = nn.Parameter(torch.ones(4))
+        self.phase = nn.Parameter(torch.ones(3, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_skip_nonfinite_sees_complex_parameters(fused):
+    model = ComplexNet()
+    kwargs = {} if fused else {"avg_fn": torch_swa.get_swa_avg_fn()}
+    guarded = swa_utils.AveragedModel(model, skip_nonfinite=True, **kwargs)
+    guarded.update_parameters(model)
+    with torch.no_grad():
+        model.phase[1] = complex(0.0, float("nan"))
+    guarded.update_parameters(model)
+    assert guarded.n_averaged.item() == 1 and guarded.n_skipped.item() == 1
+    assert torch.isfinite(torch.view_as_real(guarded.module.phase)).all()
+
+
 def test_cached_lists_follow_a_replaced_layer():
     model = small_bn_net()
     ours = swa_utils.AveragedModel(model)

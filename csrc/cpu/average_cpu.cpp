@@ -54,6 +54,8 @@ void lerp_in_place(T* a, const T* b, int64_t n, T w) {
   }
 }
 
+// x*x in the arithmetic type, rounded once there (never to fp16/bf16: see
+// average_moments_'s schema comment).
 template <typename T>
 void square_in_place(T* x, int64_t n) {
   at::vec::map([](auto v) { return v * v; }, x, x, n);
@@ -200,13 +202,7 @@ bool block_has_nonfinite(const T* values, int64_t n) {
 
 at::Tensor nonfinite_flag_cpu(at::TensorList tensors) {
   check_nonfinite_args(tensors);
-  // Only the floating tensors can hold NaN/Inf; views are read densely.
-  std::vector<at::Tensor> floating;
-  for (const at::Tensor& t : tensors) {
-    if (at::isFloatingType(t.scalar_type())) {
-      floating.push_back(t.is_non_overlapping_and_dense() ? t : t.contiguous());
-    }
-  }
+  const std::vector<at::Tensor> floating = nonfinite_inputs(tensors);
   const std::vector<Chunk> chunks = split_into_chunks(floating);
   std::vector<char> found(chunks.size(), 0);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), kChunksPerTask, [&](int64_t first, int64_t last) {

@@ -101,7 +101,10 @@ struct LerpFunctor {
       const opmath_t x = static_cast<opmath_t>(c);
       a = copy ? static_cast<avg_t>(x) : static_cast<avg_t>(lerp(static_cast<opmath_t>(a), x));
       if constexpr (kMoments) {
-        const opmath_t x2 = mul_rn(x, x);  // rounded once, as sq.lerp_(x*x, w) sees it
+        // x*x rounded once in the arithmetic type, never to fp16/bf16 first
+        // (see average_moments_'s schema comment): exactly sq.lerp_(x*x, w)
+        // for fp32/fp64, and no overflow of the square for |x| > 256 in fp16.
+        const opmath_t x2 = mul_rn(x, x);
         s = copy ? static_cast<avg_t>(x2) : static_cast<avg_t>(lerp(static_cast<opmath_t>(s), x2));
       }
     };
@@ -383,13 +386,9 @@ at::Tensor nonfinite_flag_cuda(at::TensorList tensors) {
   C10_CUDA_CHECK(
       cudaMemsetAsync(flag.mutable_data_ptr(), 0, sizeof(bool), c10::cuda::getCurrentCUDAStream(device.index())));
 
-  // Only the floating tensors can hold NaN/Inf; views are read densely.
   std::vector<std::vector<std::vector<at::Tensor>>> by_dtype;  // one depth-1 list per dtype
   std::vector<at::ScalarType> dtypes;
-  for (const at::Tensor& t : tensors) {
-    if (!at::isFloatingType(t.scalar_type())) {
-      continue;
-    }
+  for (const at::Tensor& t : nonfinite_inputs(tensors)) {
     size_t g = 0;
     while (g < dtypes.size() && dtypes[g] != t.scalar_type()) {
       ++g;
@@ -398,7 +397,7 @@ at::Tensor nonfinite_flag_cuda(at::TensorList tensors) {
       dtypes.push_back(t.scalar_type());
       by_dtype.emplace_back(1);
     }
-    by_dtype[g][0].push_back(t.is_non_overlapping_and_dense() ? t : t.contiguous());
+    by_dtype[g][0].push_back(t);
   }
   bool* flag_ptr = flag.mutable_data_ptr<bool>();
   for (size_t g = 0; g < dtypes.size(); ++g) {

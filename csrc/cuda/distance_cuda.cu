@@ -129,9 +129,13 @@ struct SumOfSquaresFunctor {
 // ---------------------------------------------------------------------------
 
 // Tensor first_tensor + k owns partials [start[k], start[k] + count[k]). The
-// runs travel in the kernel arguments (no host-to-device copy, no sync); a
-// longer list takes several launches.
-constexpr int kRunsPerLaunch = 448;
+// runs travel in the kernel arguments (no host-to-device copy, no sync), as
+// many as the kernel-argument budget holds beside the two pointers, with a
+// margin (nvcc allows 32764 bytes, not 32768, under the 32 KB budget): 503 at
+// 4 KB, 4087 at 32 KB. A longer list takes several launches.
+constexpr size_t kRunsArgMargin = 64;
+constexpr int kRunsPerLaunch =
+    static_cast<int>((mta::kKernelArgBytes - kRunsArgMargin - sizeof(int64_t)) / (2 * sizeof(int32_t)));
 
 struct TensorRuns {
   int64_t first_tensor;

@@ -28,10 +28,15 @@
 // Elementwise passes (steps 3 and 5) walk the tensor in grid-stride order,
 // each thread carrying its element's (ghost, channel) as mixed-radix digits
 // that it advances by additions, so no element pays for an integer division.
-// Both reductions and elementwise passes use 16-byte vector accesses when
-// every pointer is 16-byte aligned and the contiguous run they read (a row of
-// S values for ChannelsFirst, of C channels for ChannelsLast) is a multiple
-// of the vector width; scalar accesses otherwise. All offsets are int64.
+// Both reductions and elementwise passes use 16-byte vector accesses whenever
+// the contiguous run they read (a row of S values for ChannelsFirst, of C
+// channels for ChannelsLast) is a multiple of the vector width, scalar ones
+// otherwise: a choice by shape alone. The entry points copy an input that
+// starts off a 16-byte boundary (a rare storage offset) to fresh memory
+// first, so the grouping of values, the thread counts and the splits, and
+// with them the order of every addition, never depend on where a tensor
+// starts: a misaligned view gives the bits of an aligned copy. All offsets
+// are int64.
 //
 // Nothing is read back to the host (num_batches_tracked included), so a
 // training step that calls these ops can be captured in a CUDA graph.
@@ -52,6 +57,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <tuple>
@@ -59,7 +65,7 @@
 #include <vector>
 
 #include "cuda/multi_tensor_apply.cuh"  // mta::AlignedVector, mta::kVectorBytes, mta::kVectorWidth
-#include "cuda/rounding.cuh"  // fma_rn, sqrt_rn
+#include "cuda/rounding.cuh"  // fma_rn, mul_rn, sqrt_rn
 #include "ghost_bn_args.h"
 
 namespace swa_fast {
@@ -116,6 +122,13 @@ bool is_aligned_16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % mta::kVectorBytes == 0;
 }
 
+// `t` itself when its data starts on a 16-byte boundary, else a copy in fresh
+// (aligned) memory with the same layout. Dense views at odd storage offsets
+// are rare; copying them keeps every kernel on its one, vectorized order.
+at::Tensor aligned_16(const at::Tensor& t) {
+  return is_aligned_16(t.const_data_ptr()) ? t : t.clone(at::MemoryFormat::Preserve);
+}
+
 // Streaming multiprocessors of a device, queried once (a driver attribute
 // read, not a stream operation: allowed during graph capture).
 int multiprocessor_count(c10::DeviceIndex device) {
@@ -132,6 +145,24 @@ int multiprocessor_count(c10::DeviceIndex device) {
     counts[index] = std::max(1, value);
   }
   return counts[index];
+}
+
+// Blocks of `kernel` that fit on one SM at `threads` threads a block, asked
+// of the driver once per (kernel, device) instead of on every launch.
+int blocks_per_sm(const void* kernel, int threads, c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, c10::DeviceIndex>, int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(kernel, device);
+  const auto found = cache.find(key);
+  if (found != cache.end()) {
+    return found->second;
+  }
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  per_sm = std::max(1, per_sm);
+  cache.emplace(key, per_sm);
+  return per_sm;
 }
 
 // The geometry the kernels see: GhostGeometry with the ghost size clamped to
@@ -632,8 +663,9 @@ void run_reduction(
     cudaStream_t stream) {
   constexpr int kWide = mta::kVectorWidth<scalar_t>;
   const int64_t run = layout == GhostLayout::ChannelsFirst ? shape.spatial : shape.channels;
-  const bool vectorize =
-      run % kWide == 0 && is_aligned_16(x) && (!Op::kReadsGrad || is_aligned_16(dy));
+  // By shape alone (see the file comment): the entry points aligned x and dy.
+  const bool vectorize = run % kWide == 0;
+  TORCH_INTERNAL_ASSERT(is_aligned_16(x) && (!Op::kReadsGrad || is_aligned_16(dy)), "ghost BN input not aligned");
   const auto launch = [&](auto vec_tag) {
     constexpr int kVec = decltype(vec_tag)::value;
     const bool channels_first = layout == GhostLayout::ChannelsFirst;
@@ -917,7 +949,9 @@ __global__ void __launch_bounds__(kApplyThreads) ghost_apply_kernel(
     for (int k = 0; k < kVec; ++k) {
       const int64_t ik = kChannelsLast ? i + k : i;
       if constexpr (kGrad) {
-        ys[k] = coef0[ik] * ds[k] - coef1[ik] * xs[k] + coef2[ik];
+        // (a*dy - k*x) + d with each product rounded on its own, written out so
+        // that no compiler contraction can change the bits.
+        ys[k] = (mul_rn(coef0[ik], ds[k]) - mul_rn(coef1[ik], xs[k])) + coef2[ik];
       } else {
         ys[k] = fma_rn(xs[k], coef0[ik], coef1[ik]);  // the CPU's fmadd(x, scale, shift)
       }
@@ -954,14 +988,16 @@ void run_apply(
     cudaStream_t stream) {
   constexpr int kWide = mta::kVectorWidth<scalar_t>;
   const int64_t run = layout == GhostLayout::ChannelsFirst ? shape.spatial : shape.channels;
-  const bool vectorize = run % kWide == 0 && is_aligned_16(out) && is_aligned_16(x) && (!kGrad || is_aligned_16(dy));
+  const bool vectorize = run % kWide == 0;
+  TORCH_INTERNAL_ASSERT(
+      is_aligned_16(out) && is_aligned_16(x) && (!kGrad || is_aligned_16(dy)), "ghost BN tensors not aligned");
   const auto launch = [&](auto vec_tag, auto layout_tag) {
     constexpr int kVec = decltype(vec_tag)::value;
     constexpr bool kChannelsLast = decltype(layout_tag)::value;
     const auto kernel = ghost_apply_kernel<scalar_t, kVec, kChannelsLast, kGrad>;
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kApplyThreads, 0));
-    const int64_t resident = static_cast<int64_t>(std::max(1, per_sm)) * multiprocessor_count(device);
+    const int64_t resident = static_cast<int64_t>(blocks_per_sm(reinterpret_cast<const void*>(kernel), kApplyThreads,
+                                                                device)) *
+        multiprocessor_count(device);
     const int64_t units = shape.batch * shape.channels * shape.spatial / kVec;
     const int64_t grid = std::max<int64_t>(1, std::min(ceil_div(units, kApplyThreads), resident));
     const ApplyGeometry geo = make_apply_geometry(shape, layout, grid * kApplyThreads * kVec);
@@ -1276,7 +1312,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_batch_norm_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   const Shape shape = make_shape(geometry);
 
-  const at::Tensor x = input.contiguous(ghost_memory_format(input));
+  const at::Tensor x = aligned_16(input.contiguous(ghost_memory_format(input)));
   at::Tensor output = at::empty_like(x);
   const auto stats_options = x.options().dtype(ghost_stats_dtype(x.scalar_type()));
   at::Tensor mean = at::empty({shape.num_ghosts, shape.channels}, stats_options);
@@ -1314,8 +1350,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_batch_norm_backward_cuda(
   const Shape shape = make_shape(geometry);
 
   const auto format = ghost_memory_format(input);
-  const at::Tensor x = input.contiguous(format);
-  const at::Tensor dy = grad_output.contiguous(format);
+  const at::Tensor x = aligned_16(input.contiguous(format));
+  const at::Tensor dy = aligned_16(grad_output.contiguous(format));
   const at::Tensor mean_c = mean.contiguous();
   const at::Tensor var_c = var.contiguous();
   const bool has_weight = weight.has_value() && weight->defined();
@@ -1358,13 +1394,17 @@ void ghost_batch_norm_update_stats_cuda(
   const at::Tensor mean_c = mean.contiguous();
   const at::Tensor var_c = var.contiguous();
   const int64_t grid = std::min(ceil_div(shape.channels, kChannelThreads), kMaxGrid);
-  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "ghost_batch_norm_update_stats_cuda", [&] {
-    ghost_update_running_stats_kernel<scalar_t><<<static_cast<unsigned>(grid), kChannelThreads, 0, stream>>>(
-        running_mean.mutable_data_ptr(), running_var.mutable_data_ptr(), element_of(running_mean.scalar_type()),
-        num_batches_tracked.const_data_ptr<int64_t>(), mean_c.const_data_ptr<scalar_t>(),
-        var_c.const_data_ptr<scalar_t>(), shape, momentum.has_value(), momentum.value_or(0.0), average_ghosts);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  // No channels: nothing to update (a zero-block grid is a launch error), but
+  // the batch still counts, as on the CPU.
+  if (grid > 0) {
+    AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "ghost_batch_norm_update_stats_cuda", [&] {
+      ghost_update_running_stats_kernel<scalar_t><<<static_cast<unsigned>(grid), kChannelThreads, 0, stream>>>(
+          running_mean.mutable_data_ptr(), running_var.mutable_data_ptr(), element_of(running_mean.scalar_type()),
+          num_batches_tracked.const_data_ptr<int64_t>(), mean_c.const_data_ptr<scalar_t>(),
+          var_c.const_data_ptr<scalar_t>(), shape, momentum.has_value(), momentum.value_or(0.0), average_ghosts);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
   // Queued after the kernel on the same stream: the kernel read the old count.
   num_batches_tracked.add_(average_ghosts ? 1 : shape.num_ghosts);
 }

@@ -8,9 +8,11 @@
 //     chunk) map travel in the kernel's arguments (TensorListMetadata, passed
 //     by value), so a launch needs no device buffer, no host-to-device copy
 //     and no sync, and can be captured in a CUDA graph;
-//   - the host loop launches whenever the metadata is full (too many tensors
-//     or too many blocks), carrying a tensor whose chunks are not all
-//     launched yet into the next launch.
+//   - the host planner (plan_launches in launch_plan.h: plain C++, tested on
+//     the CPU) launches whenever the metadata is full (too many tensors or
+//     too many blocks), carrying a tensor whose chunks are not all launched
+//     yet into the next launch. The limits follow from the kernel-argument
+//     budget chosen at build time (SWA_FAST_KERNEL_ARG_BYTES: 4 KB or 32 KB).
 // All launches go on the current stream of the tensors' device.
 //
 // The harness knows nothing about what a functor computes. A functor is a
@@ -44,49 +46,25 @@
 
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <vector>
+
+#include "launch_plan.h"
+
+#if SWA_FAST_KERNEL_ARG_BYTES > 4096 && defined(CUDART_VERSION) && CUDART_VERSION < 12010
+#error "SWA_FAST_KERNEL_ARG_BYTES=32768 needs CUDA 12.1 or newer (kernel arguments over 4 KB)"
+#endif
 
 namespace swa_fast {
 namespace mta {
 
-// 64K elements per block: enough work to hide the launch and the metadata
-// reads, few enough that a list of small tensors still spreads over the SMs.
-constexpr int64_t kChunkSize = 65536;
+// Chunk size, launch limits, the metadata layout and the planner live in
+// launch_plan.h (host code, tested on the CPU); this file adds the device side.
 constexpr int kBlockSize = 512;
-
-// Kernel arguments are limited to 4 KB before CUDA 12.1 (and on every driver
-// that predates it). The counts below keep every metadata struct under that
-// with room for the functor; see the static_asserts.
-constexpr int kMaxBlocks = 320;
-constexpr int kMaxTensorsByDepth[4] = {110, 64, 48, 36};
-constexpr size_t kKernelArgBytes = 4096;
 
 // In-chunk indices are int: a chunk is far below 2^31 elements (tensor
 // offsets, numels and ordinals are int64).
 static_assert(kChunkSize <= std::numeric_limits<int>::max() / 16, "chunk indices must fit in int");
-
-template <int kDepth>
-struct TensorListMetadata {
-  static_assert(kDepth >= 1 && kDepth <= 4, "multi_tensor_apply supports 1 to 4 lists");
-  static constexpr int kMaxTensors = kMaxTensorsByDepth[kDepth - 1];
-
-  // addresses[d][slot]: first element of the slot's tensor in list d.
-  void* addresses[kDepth][kMaxTensors];
-  int64_t numel[kMaxTensors];
-  // Ordinal (see the header comment) of this launch's block 0.
-  int64_t first_chunk_ordinal;
-  // Index of the slot's tensor in the caller's lists.
-  int32_t tensor_index[kMaxTensors];
-  // Block b works on chunk block_to_chunk[b] of slot block_to_tensor[b].
-  int32_t block_to_chunk[kMaxBlocks];
-  uint8_t block_to_tensor[kMaxBlocks];
-};
-
-static_assert(TensorListMetadata<1>::kMaxTensors <= 255, "slots must fit in block_to_tensor's uint8_t");
-static_assert(sizeof(TensorListMetadata<1>) <= kKernelArgBytes - 256, "depth-1 metadata too large");
-static_assert(sizeof(TensorListMetadata<2>) <= kKernelArgBytes - 256, "depth-2 metadata too large");
-static_assert(sizeof(TensorListMetadata<3>) <= kKernelArgBytes - 256, "depth-3 metadata too large");
-static_assert(sizeof(TensorListMetadata<4>) <= kKernelArgBytes - 256, "depth-4 metadata too large");
 
 // What one block is given: its chunk of the slot's tensor in every list.
 template <int kDepth>
@@ -198,12 +176,8 @@ __device__ __forceinline__ T block_sum(T value) {
 }
 
 // ---------------------------------------------------------------------------
-// Host side: chunk counts (for workspaces) and the launch loop
+// Host side: chunk counts (for workspaces), the budget check and the launches
 // ---------------------------------------------------------------------------
-
-inline int64_t chunks_in(int64_t numel) {
-  return (numel + kChunkSize - 1) / kChunkSize;
-}
 
 // Number of chunk ordinals a call over these tensors uses.
 inline int64_t count_chunks(at::TensorList tensors) {
@@ -221,6 +195,34 @@ inline std::vector<int64_t> chunk_offsets(at::TensorList tensors) {
     offsets[i + 1] = offsets[i] + chunks_in(tensors[i].numel());
   }
   return offsets;
+}
+
+// A 32 KB build passes kernel arguments over 4 KB, which only a CUDA 12.1+
+// driver (530+) on a Volta or newer GPU accepts; on anything else the launch
+// would fail with a bare "invalid argument". Checked once per device; a 4 KB
+// build runs everywhere and checks nothing.
+inline void check_kernel_arg_budget(c10::DeviceIndex device) {
+  if constexpr (kKernelArgBytes > kSmallKernelArgBytes) {
+    static std::mutex mutex;
+    static std::vector<bool> checked;
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto index = static_cast<size_t>(device);
+    if (checked.size() > index && checked[index]) {
+      return;
+    }
+    int driver = 0;
+    C10_CUDA_CHECK(cudaDriverGetVersion(&driver));
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    TORCH_CHECK(
+        driver >= 12010 && major >= 7, "swa_fast was built with SWA_FAST_KERNEL_ARG_BYTES=", kKernelArgBytes,
+        ", which needs a CUDA 12.1 or newer driver and a Volta or newer GPU; this is driver ", driver / 1000, ".",
+        (driver % 1000) / 10, " with compute capability ", major, ".x. Rebuild with SWA_FAST_KERNEL_ARG_BYTES=4096.");
+    if (checked.size() <= index) {
+      checked.resize(index + 1, false);
+    }
+    checked[index] = true;
+  }
 }
 
 // Kernel and launcher live in an unnamed namespace, as PyTorch's do: a
@@ -245,23 +247,19 @@ __global__ void __launch_bounds__(kBlockSize)
   functor(chunk);
 }
 
-template <int kDepth, typename Functor>
-void launch(const TensorListMetadata<kDepth>& meta, int blocks, const Functor& functor, cudaStream_t stream) {
-  multi_tensor_apply_kernel<kDepth, Functor><<<blocks, kBlockSize, 0, stream>>>(meta, functor);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // Applies `functor` to every chunk of lists[0][i], ..., lists[kDepth-1][i]
-// for all i. All tensors of index i must have the same numel and be dense in
-// the same layout (the functor walks them as flat arrays); empty tensors are
-// skipped. The first `num_written` lists are the ones the functor writes:
-// their pointers come from mutable_data_ptr(), the others' from
-// const_data_ptr(), so copy-on-write inputs are not materialized.
+// for all i, in the launches plan_launches (launch_plan.h) packs. All tensors
+// of index i must have the same numel and be dense in the same layout (the
+// functor walks them as flat arrays); empty tensors are skipped. The first
+// `num_written` lists are the ones the functor writes: their pointers come
+// from mutable_data_ptr(), the others' from const_data_ptr(), so
+// copy-on-write inputs are not materialized. Every launch goes on the
+// current stream of the tensors' device.
 template <int kDepth, typename Functor>
 void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, int num_written, const Functor& functor) {
   static_assert(
       sizeof(TensorListMetadata<kDepth>) + sizeof(Functor) <= kKernelArgBytes,
-      "kernel arguments exceed 4 KB: shrink the functor or the metadata");
+      "kernel arguments exceed the budget (SWA_FAST_KERNEL_ARG_BYTES): shrink the functor or the metadata");
   TORCH_CHECK(lists.size() == static_cast<size_t>(kDepth), "multi_tensor_apply: expected ", kDepth, " lists");
   const size_t n = lists[0].size();
   for (const auto& list : lists) {
@@ -272,68 +270,26 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, int n
   }
   const c10::Device device = lists[0][0].device();
   TORCH_CHECK(device.is_cuda(), "multi_tensor_apply: tensors must be on a CUDA device, got ", device);
-  const c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-
-  constexpr int kMaxTensors = TensorListMetadata<kDepth>::kMaxTensors;
-  TensorListMetadata<kDepth> meta{};
-  meta.first_chunk_ordinal = 0;
-  int tensors = 0;  // slots filled in this launch
-  int blocks = 0;   // blocks filled in this launch
+  // Every pair is checked before the first launch, so a bad call writes nothing.
   for (size_t t = 0; t < n; ++t) {
-    const int64_t numel = lists[0][t].numel();
-    for (int d = 0; d < kDepth; ++d) {
-      const at::Tensor& tensor = lists[d][t];
+    for (int d = 1; d < kDepth; ++d) {
       TORCH_CHECK(
-          tensor.numel() == numel && tensor.device() == device,
-          "multi_tensor_apply: tensor ", t, " of list ", d, " differs in numel or device from list 0");
-    }
-    if (numel == 0) {
-      continue;
-    }
-    const int64_t chunks = chunks_in(numel);
-    TORCH_CHECK(
-        chunks <= std::numeric_limits<int32_t>::max(), "multi_tensor_apply: tensor ", t, " has too many elements (",
-        numel, ")");
-    for (int d = 0; d < kDepth; ++d) {
-      meta.addresses[d][tensors] =
-          d < num_written ? lists[d][t].mutable_data_ptr() : const_cast<void*>(lists[d][t].const_data_ptr());
-    }
-    meta.numel[tensors] = numel;
-    meta.tensor_index[tensors] = static_cast<int32_t>(t);
-    ++tensors;
-
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      meta.block_to_tensor[blocks] = static_cast<uint8_t>(tensors - 1);
-      meta.block_to_chunk[blocks] = static_cast<int32_t>(chunk);
-      ++blocks;
-      const bool last_chunk = chunk == chunks - 1;
-      // A slot is free again only once all its chunks have been launched.
-      const bool tensors_full = tensors == kMaxTensors && last_chunk;
-      const bool blocks_full = blocks == kMaxBlocks;
-      if (!tensors_full && !blocks_full) {
-        continue;
-      }
-      launch(meta, blocks, functor, stream);
-      meta.first_chunk_ordinal += blocks;
-      blocks = 0;
-      if (last_chunk) {
-        tensors = 0;
-      } else {
-        // The current tensor has chunks left: it becomes slot 0 of the next
-        // launch (block_to_chunk keeps counting its chunks).
-        for (int d = 0; d < kDepth; ++d) {
-          meta.addresses[d][0] = meta.addresses[d][tensors - 1];
-        }
-        meta.numel[0] = meta.numel[tensors - 1];
-        meta.tensor_index[0] = meta.tensor_index[tensors - 1];
-        tensors = 1;
-      }
+          lists[d][t].numel() == lists[0][t].numel() && lists[d][t].device() == device, "multi_tensor_apply: tensor ",
+          t, " of list ", d, " differs in numel or device from list 0");
     }
   }
-  if (blocks > 0) {
-    launch(meta, blocks, functor, stream);
-  }
+  const c10::cuda::CUDAGuard guard(device);
+  check_kernel_arg_budget(device.index());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  plan_launches<kDepth, kKernelArgBytes>(
+      n, [&](size_t t) { return lists[0][t].numel(); },
+      [&](int d, size_t t) {
+        return d < num_written ? lists[d][t].mutable_data_ptr() : const_cast<void*>(lists[d][t].const_data_ptr());
+      },
+      [&](const TensorListMetadata<kDepth>& meta, int blocks) {
+        multi_tensor_apply_kernel<kDepth, Functor><<<blocks, kBlockSize, 0, stream>>>(meta, functor);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 }  // namespace
