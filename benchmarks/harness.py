@@ -272,6 +272,12 @@ def loadavg() -> Optional[List[float]]:
 
 
 def git_commit() -> str:
+    """HEAD (with -dirty for local changes), or $SWA_FAST_GIT_COMMIT where the tree is a copy
+    without .git (the GPU machine: tools/gpu_check.sh is called with it set)."""
+    given = os.environ.get("SWA_FAST_GIT_COMMIT")
+    if given:
+        return given
+
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=30

@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -25,7 +24,8 @@ sys.path.insert(0, str(EXAMPLES))
 
 from recipe_lib.checkpoint import load_checkpoint, save_atomic  # noqa: E402
 from recipe_lib.engine import checkpoint_path, log_spaced_steps  # noqa: E402
-from test_recipe_data import idx_bytes, make_cifar10, make_folder, write_idx  # noqa: E402
+from recipe_lib.datasets import write_synthetic_fashion_mnist  # noqa: E402
+from test_recipe_data import make_cifar10, make_folder  # noqa: E402
 
 
 def load_recipe(name: str):
@@ -41,16 +41,7 @@ tutorial, paper, large_batch = (load_recipe(n) for n in ("swa_tutorial", "swa_pa
 @pytest.fixture(scope="module")
 def fashion(tmp_path_factory) -> Path:
     """Learnable 28x28 IDX data: class k is a bright band at rows 2k..2k+4 plus noise."""
-    root = tmp_path_factory.mktemp("fashion")
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 320), ("t10k", 96)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = rng.integers(0, 90, (n, 28, 28)).astype(np.uint8)
-        for i, k in enumerate(labels):
-            images[i, 2 * k:2 * k + 5, 4:24] += 150
-        write_idx(root / f"{prefix}-images-idx3-ubyte", idx_bytes(images), gz=True)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte", idx_bytes(labels), gz=False)
-    return root
+    return write_synthetic_fashion_mnist(tmp_path_factory.mktemp("fashion"), n_train=320, n_test=96)
 
 
 def common(data: Path, out: Path, *extra: str) -> list[str]:
