@@ -226,11 +226,12 @@ class _DeviceGroup:
             return pairs.current, pairs.current_other
         return [t.to(self.device) for t in pairs.current], [t.to(self.device) for t in pairs.current_other]
 
-    def apply(self, pairs: _Pairs, currents, weight: Tensor, skip: Optional[Tensor]) -> None:
+    def apply(self, pairs: _Pairs, currents, weight: Tensor, skip: Optional[Tensor], copy: bool = False) -> None:
+        """Average ``pairs`` at ``weight`` (``copy``: the pairs are copied, weight is 1)."""
         current, current_other = currents
         average_(pairs.averaged, current, weight, skip=skip)
         for p_avg, p_cur in zip(pairs.averaged_other, current_other):
-            _lerp_fallback(p_avg, p_cur, weight, skip)
+            _lerp_fallback(p_avg, p_cur, None if copy else weight, skip)
 
 
 @dataclass
@@ -243,9 +244,10 @@ class _UpdatePlan:
     groups: List[_DeviceGroup]
 
 
-def _lerp_fallback(averaged: Tensor, current: Tensor, weight: Tensor, skip: Optional[Tensor]) -> None:
-    """torch's own arithmetic for the rare pairs the fused op does not take."""
-    if averaged.is_floating_point() or averaged.is_complex():
+def _lerp_fallback(averaged: Tensor, current: Tensor, weight: Optional[Tensor], skip: Optional[Tensor]) -> None:
+    """torch's own arithmetic for the rare pairs the fused op does not take (``weight=None``:
+    a copy, as torch copies buffers, which also works for dtypes without a lerp such as float8)."""
+    if weight is not None and (averaged.is_floating_point() or averaged.is_complex()):
         new = torch.lerp(averaged, current.to(averaged.dtype), weight.to(averaged.dtype))
     else:
         new = current.to(averaged.dtype)
@@ -378,7 +380,7 @@ class AveragedModel(_torch_swa_utils.AveragedModel):
             weight = fn.weight(count_here).masked_fill(count_here == 0, 1.0)
             group.apply(group.average, average_currents, weight, skip_here)
             # Buffers are copied (weight 1), as torch does without use_buffers.
-            group.apply(group.copy, copy_currents, _ones(group.device), skip_here)
+            group.apply(group.copy, copy_currents, _ones(group.device), skip_here, copy=True)
         if skip is None:
             count.add_(1)
         else:

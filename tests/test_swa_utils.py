@@ -233,6 +233,33 @@ def test_skip_nonfinite_sees_complex_parameters(fused):
     assert torch.isfinite(torch.view_as_real(guarded.module.phase)).all()
 
 
+class Float8Buffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(3))
+        self.register_buffer("scale", torch.tensor([1.0, 2.0]).to(torch.float8_e4m3fn))
+
+
+@pytest.mark.parametrize("use_buffers", [False, True])
+def test_float8_buffers_behave_as_in_torch(use_buffers):
+    # float8 has no fused kernel (nor a lerp in torch): copied buffers are copied as torch
+    # copies them; averaged ones raise the same way torch's do.
+    results = []
+    for module in (torch_swa, swa_utils):
+        model = Float8Buffer()
+        averaged = module.AveragedModel(model, use_buffers=use_buffers)
+        try:
+            averaged.update_parameters(model)
+            model.scale.copy_(torch.tensor([3.0, 4.0]).to(torch.float8_e4m3fn))
+            averaged.update_parameters(model)
+            results.append(averaged.module.scale.float().tolist())
+        except NotImplementedError:
+            results.append("not implemented")
+    assert results[0] == results[1]
+    if not use_buffers:
+        assert results[1] == [3.0, 4.0]
+
+
 def test_cached_lists_follow_a_replaced_layer():
     model = small_bn_net()
     ours = swa_utils.AveragedModel(model)
