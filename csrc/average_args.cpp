@@ -1,28 +1,41 @@
 #include "average_args.h"
 
+#include <torch/csrc/utils/pybind.h>
+#include <torch/library.h>
+
 #include <ATen/ops/empty_strided.h>
 #include <ATen/ops/view_as_real.h>
 #include <c10/util/Exception.h>
 
+#include "bindings.h"
 #include "dense_layout.h"
+#include "dtypes.h"
 
 namespace swa_fast {
-namespace {
 
-// Rank of a floating dtype's precision; 0 for anything else.
-int float_rank(c10::ScalarType t) {
-  switch (t) {
-    case c10::ScalarType::Half:
-    case c10::ScalarType::BFloat16:
-      return 1;
-    case c10::ScalarType::Float:
-      return 2;
-    case c10::ScalarType::Double:
-      return 3;
-    default:
-      return 0;
-  }
+TORCH_LIBRARY_FRAGMENT(swa_fast, m) {
+  // averaged[i] = lerp(averaged[i], current[i], weight) for every i, in place,
+  // in one fused pass. weight: 0-dim float32/float64 tensor on the averaged
+  // device. weight == 1 is an exact copy. Integer/bool tensors are copied.
+  // skip: optional 0-dim bool on the same device; when true nothing changes
+  // (read on the device, so the decision costs no host sync).
+  m.def("average_(Tensor(a!)[] averaged, Tensor[] current, Tensor weight, Tensor? skip=None) -> ()");
+  // SWAG moments in the same pass: mean[i] = lerp(mean[i], x, w) and
+  // sq_mean[i] = lerp(sq_mean[i], x*x, w) with x = current[i]. Everything is
+  // computed in the arithmetic type (fp32; fp64 for fp64) and rounded once to
+  // the moments' dtype at the end; x*x is not rounded to fp16/bf16 first, so
+  // for fp16/bf16 moments the result is the fp32 computation rounded once
+  // (torch's `sq.lerp_(x * x, w)` in fp16 would round x*x, and overflow it to
+  // inf for |x| > 256), and for fp32/fp64 it is exactly torch's.
+  m.def(
+      "average_moments_(Tensor(a!)[] mean, Tensor(b!)[] sq_mean, Tensor[] current, Tensor weight, "
+      "Tensor? skip=None) -> ()");
+  // 0-dim bool on the tensors' device: true when any element of any floating
+  // tensor is NaN or +-Inf. Pair with the skip argument above.
+  m.def("nonfinite_flag(Tensor[] tensors) -> Tensor");
 }
+
+namespace {
 
 void check_same_device(const char* op, const at::Tensor& t, const char* list, size_t i, c10::Device device) {
   TORCH_CHECK(
@@ -209,6 +222,24 @@ c10::Device check_nonfinite_args(at::TensorList tensors) {
         "] is Float4_e2m1fn_x2 (two packed values per byte), which it cannot read");
   }
   return device;
+}
+
+void bind_average(pybind11::module_& m) {
+  m.def(
+      "is_fusable_pair", &is_fusable_pair, pybind11::arg("averaged"), pybind11::arg("current"),
+      "Whether the fused ops take this (averaged, current) pair as it is (dtypes and layout)");
+  m.def(
+      "validate_average_args",
+      [](const std::string& op, const std::vector<at::Tensor>& averaged, const std::vector<at::Tensor>& sq_mean,
+         bool with_moments, const std::vector<at::Tensor>& current, const at::Tensor& weight,
+         const std::optional<at::Tensor>& skip) {
+        validate_average_args(
+            op.c_str(), averaged, sq_mean, with_moments, current, weight, skip, /*read_weight_value=*/false);
+      },
+      "The kernels' argument checks on metadata only (for the fake kernels)");
+  m.def(
+      "check_nonfinite_args", [](const std::vector<at::Tensor>& tensors) { check_nonfinite_args(tensors); },
+      "nonfinite_flag's argument checks (for its fake kernel)");
 }
 
 }  // namespace swa_fast

@@ -3,18 +3,28 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/utils/pybind.h>
+#include <torch/library.h>
 
+#include "bindings.h"
 #include "dense_layout.h"
+#include "dtypes.h"
 
 namespace swa_fast {
+
+TORCH_LIBRARY_FRAGMENT(swa_fast, m) {
+  // L2 norms of a[i] - b[i] (of a[i] when b is None) for every i, and of the
+  // whole list, in one pass over the data. Accumulated in float32, or float64
+  // when any input is float64; both results have that dtype and a[0]'s device.
+  // The reduction order is fixed (per-chunk partial sums, reduced per tensor
+  // in chunk order, then over tensors), so the same inputs give the same bits
+  // on every call, whatever the thread count. No host sync.
+  m.def("distance(Tensor[] a, Tensor[]? b=None) -> (Tensor per_tensor, Tensor total)");
+}
+
 namespace {
 
 constexpr const char* kOp = "swa_fast.distance";
-
-bool is_supported_input_dtype(c10::ScalarType t) {
-  return t == c10::ScalarType::Float || t == c10::ScalarType::Double || t == c10::ScalarType::Half ||
-      t == c10::ScalarType::BFloat16;
-}
 
 void check_tensor(const at::Tensor& t, const char* list, size_t i, c10::Device device) {
   TORCH_CHECK(t.defined(), kOp, ": ", list, "[", i, "] is an undefined tensor");
@@ -25,7 +35,7 @@ void check_tensor(const at::Tensor& t, const char* list, size_t i, c10::Device d
       t.layout() == c10::kStrided, kOp, ": ", list, "[", i, "] has layout ", t.layout(),
       "; distance takes strided (dense) tensors");
   TORCH_CHECK(
-      is_supported_input_dtype(t.scalar_type()), kOp, ": ", list, "[", i, "] has dtype ", t.scalar_type(),
+      is_kernel_float(t.scalar_type()), kOp, ": ", list, "[", i, "] has dtype ", t.scalar_type(),
       "; distance takes floating tensors (float16, bfloat16, float32, float64)");
 }
 
@@ -83,6 +93,17 @@ DistanceInputs check_distance_args(at::TensorList a, const std::optional<at::Ten
 std::tuple<at::Tensor, at::Tensor> empty_distance_outputs(const DistanceInputs& in) {
   const at::TensorOptions options = at::TensorOptions().dtype(in.acc_dtype).device(in.device);
   return {at::empty({static_cast<int64_t>(in.a.size())}, options), at::empty({}, options)};
+}
+
+void bind_distance(pybind11::module_& m) {
+  m.def(
+      "validate_distance_args",
+      [](const std::vector<at::Tensor>& a, const std::optional<std::vector<at::Tensor>>& b) {
+        const std::optional<at::TensorList> b_list = b.has_value() ? std::optional<at::TensorList>(*b) : std::nullopt;
+        return std::string(c10::toString(validate_distance_args(a, b_list)));
+      },
+      pybind11::arg("a"), pybind11::arg("b") = pybind11::none(),
+      "distance's argument checks on metadata only; returns the result dtype's name (Float or Double)");
 }
 
 }  // namespace swa_fast

@@ -9,6 +9,8 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include "dtypes.h"
+
 #include <optional>
 #include <type_traits>
 #include <tuple>
@@ -44,59 +46,42 @@ std::tuple<at::Tensor, at::Tensor> empty_distance_outputs(const DistanceInputs& 
 // Dtype dispatch
 // ---------------------------------------------------------------------------
 
-template <typename T>
-struct DistanceType {
-  using type = T;
-};
-
-namespace distance_detail {
-
-// f(DistanceType<T>{}) for a floating dtype; double only when accumulating in
-// double (validate_distance_args makes any double input turn acc to double).
-template <typename acc_t, typename F>
-void with_input_type(c10::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case c10::ScalarType::Float:
-      return f(DistanceType<float>{});
-    case c10::ScalarType::Half:
-      return f(DistanceType<c10::Half>{});
-    case c10::ScalarType::BFloat16:
-      return f(DistanceType<c10::BFloat16>{});
-    case c10::ScalarType::Double:
-      if constexpr (std::is_same_v<acc_t, double>) {
-        return f(DistanceType<double>{});
-      }
-      break;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, "swa_fast.distance: no kernel for ", dtype, " accumulated in ", c10::CppTypeToScalarType<acc_t>::value);
-}
-
-template <typename acc_t, typename F>
-void with_pair_types(c10::ScalarType a, std::optional<c10::ScalarType> b, F&& f) {
-  with_input_type<acc_t>(a, [&](auto a_tag) {
-    if (!b.has_value()) {
-      return f(DistanceType<acc_t>{}, a_tag, DistanceType<void>{});
-    }
-    with_input_type<acc_t>(*b, [&](auto b_tag) { f(DistanceType<acc_t>{}, a_tag, b_tag); });
-  });
-}
-
-}  // namespace distance_detail
-
-// Calls f(DistanceType<acc_t>{}, DistanceType<a_t>{}, DistanceType<b_t>{}) for
-// one group of pairs; b_t is void for norms of a alone. Only the combinations
-// the checks admit are compiled: 20 with double accumulation (a, b each of
-// four dtypes, or b absent), 12 with float (no double input).
+// Calls f(TypeTag<acc_t>{}, TypeTag<a_t>{}, TypeTag<b_t>{}) for one group of
+// pairs; b_t is void for norms of a alone. Only the combinations the checks
+// admit are compiled: 20 with double accumulation (a, b each of four dtypes,
+// or b absent), 12 with float (no double input: validate_distance_args makes
+// any double input accumulate in double).
 template <typename F>
 void dispatch_distance_types(c10::ScalarType acc, c10::ScalarType a, std::optional<c10::ScalarType> b, F&& f) {
-  if (acc == c10::ScalarType::Double) {
-    distance_detail::with_pair_types<double>(a, b, f);
-  } else {
-    TORCH_CHECK(acc == c10::ScalarType::Float, "swa_fast.distance: accumulation dtype must be float or double, got ", acc);
-    distance_detail::with_pair_types<float>(a, b, f);
-  }
+  constexpr const char* kOp = "swa_fast.distance";
+  TORCH_CHECK(
+      acc == c10::ScalarType::Float || acc == c10::ScalarType::Double, kOp,
+      ": accumulation dtype must be float or double, got ", acc);
+  dispatch_kernel_float(kOp, acc, [&](auto acc_tag) {
+    using acc_t = typename decltype(acc_tag)::type;
+    // fp32 accumulation never sees a double input; half types never accumulate.
+    const auto input = [&](c10::ScalarType dtype, auto&& g) {
+      dispatch_kernel_float(kOp, dtype, [&](auto tag) {
+        using t = typename decltype(tag)::type;
+        if constexpr (float_rank_of<acc_t>() >= 2 && float_rank_of<t>() <= float_rank_of<acc_t>()) {
+          g(tag);
+        } else {
+          TORCH_CHECK(false, kOp, ": no kernel for ", dtype, " accumulated in ", acc);
+        }
+      });
+    };
+    if constexpr (float_rank_of<acc_t>() >= 2) {
+      input(a, [&](auto a_tag) {
+        if (!b.has_value()) {
+          f(acc_tag, a_tag, TypeTag<void>{});
+        } else {
+          input(*b, [&](auto b_tag) { f(acc_tag, a_tag, b_tag); });
+        }
+      });
+    } else {
+      TORCH_CHECK(false, kOp, ": accumulation dtype must be float or double, got ", acc);
+    }
+  });
 }
 
 }  // namespace swa_fast

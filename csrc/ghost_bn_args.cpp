@@ -1,7 +1,13 @@
 #include "ghost_bn_args.h"
 
 #include <c10/util/Exception.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
+
+#include <algorithm>
+
+#include "bindings.h"
+#include "dtypes.h"
 
 namespace swa_fast {
 
@@ -37,15 +43,6 @@ TORCH_LIBRARY_FRAGMENT(swa_fast, m) {
 }
 
 namespace {
-
-bool is_floating(c10::ScalarType t) {
-  return t == c10::ScalarType::Float || t == c10::ScalarType::Double || t == c10::ScalarType::Half ||
-      t == c10::ScalarType::BFloat16;
-}
-
-bool is_reduced(c10::ScalarType t) {
-  return t == c10::ScalarType::Half || t == c10::ScalarType::BFloat16;
-}
 
 int64_t checked_num_ghosts(const char* op, int64_t batch, int64_t ghost_batch_size) {
   TORCH_CHECK_VALUE(
@@ -88,9 +85,9 @@ void check_affine(
       input.device());
   const auto dtype = param->scalar_type();
   TORCH_CHECK_TYPE(
-      dtype == input.scalar_type() || (dtype == c10::ScalarType::Float && is_reduced(input.scalar_type())), op,
+      dtype == input.scalar_type() || (dtype == c10::ScalarType::Float && is_reduced_float(input.scalar_type())), op,
       ": ", name, " must have the input's dtype (", input.scalar_type(), ")",
-      is_reduced(input.scalar_type()) ? " or float32" : "", ", got ", dtype);
+      is_reduced_float(input.scalar_type()) ? " or float32" : "", ", got ", dtype);
 }
 
 void check_stats(
@@ -134,7 +131,7 @@ GhostGeometry validate_ghost_batch_norm_args(
       input.dim() >= 2 && input.dim() <= 5, op, ": input must be (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), "
       "got shape ", input.sizes());
   TORCH_CHECK_TYPE(
-      is_floating(input.scalar_type()), op, ": input must be float16, bfloat16, float32 or float64, got ",
+      is_kernel_float(input.scalar_type()), op, ": input must be float16, bfloat16, float32 or float64, got ",
       input.scalar_type());
   TORCH_CHECK_VALUE(input.size(1) >= 1, op, ": input has no channels (shape ", input.sizes(), ")");
   TORCH_CHECK_VALUE(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
@@ -155,8 +152,10 @@ GhostGeometry validate_ghost_batch_norm_args(
   }
   TORCH_CHECK_VALUE(
       geometry.spatial >= 1, op, ": input has a zero-sized spatial dimension (shape ", input.sizes(), ")");
-  geometry.ghost_size = ghost_batch_size;
   geometry.num_ghosts = checked_num_ghosts(op, geometry.batch, ghost_batch_size);
+  // A ghost size above N makes one ghost of N samples; clamping keeps products
+  // such as ghost_size * C * S within the element count.
+  geometry.ghost_size = std::min(ghost_batch_size, geometry.batch);
   geometry.layout = (geometry.spatial == 1 || ghost_memory_format(input) != at::MemoryFormat::Contiguous)
       ? GhostLayout::ChannelsLast
       : GhostLayout::ChannelsFirst;
@@ -203,8 +202,8 @@ GhostGeometry validate_ghost_update_stats_args(
   geometry.batch = batch_size;
   geometry.channels = mean.dim() == 2 ? mean.size(1) : -1;
   geometry.spatial = sample_numel;
-  geometry.ghost_size = ghost_batch_size;
   geometry.num_ghosts = checked_num_ghosts(op, batch_size, ghost_batch_size);
+  geometry.ghost_size = std::min(ghost_batch_size, batch_size);
   geometry.layout = GhostLayout::ChannelsLast;
   TORCH_CHECK_VALUE(sample_numel >= 1, op, ": sample_numel must be >= 1, got ", sample_numel);
   if (momentum.has_value()) {
@@ -220,7 +219,7 @@ GhostGeometry validate_ghost_update_stats_args(
     TORCH_CHECK(
         running->dim() == 1 && running->size(0) == geometry.channels, op, ": ", name, " must have shape [",
         geometry.channels, "], got ", running->sizes());
-    TORCH_CHECK_TYPE(is_floating(running->scalar_type()), op, ": ", name, " must be floating, got ",
+    TORCH_CHECK_TYPE(is_kernel_float(running->scalar_type()), op, ": ", name, " must be floating, got ",
                      running->scalar_type());
     TORCH_CHECK(running->device() == device, op, ": ", name, " is on ", running->device(), " but mean is on ", device);
     TORCH_CHECK(running->is_contiguous(), op, ": ", name, " must be contiguous");
@@ -236,6 +235,34 @@ GhostGeometry validate_ghost_update_stats_args(
       num_batches_tracked.device() == device, op, ": num_batches_tracked is on ", num_batches_tracked.device(),
       " but mean is on ", device);
   return geometry;
+}
+
+void bind_ghost_bn(pybind11::module_& m) {
+  m.def(
+      "validate_ghost_batch_norm_args",
+      [](const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+         int64_t ghost_batch_size, double eps) {
+        const auto geometry = validate_ghost_batch_norm_args(input, weight, bias, ghost_batch_size, eps);
+        return pybind11::make_tuple(geometry.num_ghosts, geometry.channels);
+      },
+      "ghost_batch_norm's checks on metadata; returns (num_ghosts, channels) (for the fake kernel)");
+  m.def(
+      "validate_ghost_batch_norm_backward_args",
+      [](const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+         const at::Tensor& mean, const at::Tensor& var, int64_t ghost_batch_size, double eps) {
+        validate_ghost_batch_norm_backward_args(grad_output, input, weight, mean, var, ghost_batch_size, eps);
+      },
+      "ghost_batch_norm_backward's checks on metadata (for the fake kernel)");
+  m.def(
+      "validate_ghost_update_stats_args",
+      [](const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& num_batches_tracked,
+         const at::Tensor& mean, const at::Tensor& var, int64_t batch_size, int64_t ghost_batch_size,
+         int64_t sample_numel, std::optional<double> momentum) {
+        validate_ghost_update_stats_args(
+            running_mean, running_var, num_batches_tracked, mean, var, batch_size, ghost_batch_size, sample_numel,
+            momentum);
+      },
+      "ghost_batch_norm_update_stats_'s checks on metadata (for the fake kernel)");
 }
 
 }  // namespace swa_fast

@@ -9,8 +9,9 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <algorithm>
 #include <optional>
+
+#include "host_device.h"
 
 namespace swa_fast {
 
@@ -20,19 +21,20 @@ namespace swa_fast {
 //                  input with S == 1, e.g. (N, C), whose memory is the same).
 enum class GhostLayout { ChannelsFirst, ChannelsLast };
 
-// The geometry of one call, read from metadata only.
+// The geometry of one call, read from metadata only; the CPU and CUDA
+// kernels both walk it (it is passed to CUDA kernels by value).
 struct GhostGeometry {
   int64_t batch;        // N
   int64_t channels;     // C
   int64_t spatial;      // S: values per channel per sample
-  int64_t ghost_size;   // samples per ghost (the last ghost may have fewer)
+  int64_t ghost_size;   // samples per ghost, at most N (the last ghost may have fewer)
   int64_t num_ghosts;   // G = ceil(N / ghost_size)
   GhostLayout layout;
 
   // Samples in ghost g.
-  int64_t ghost_samples(int64_t g) const {
-    const int64_t begin = g * ghost_size;
-    return std::min(ghost_size, batch - begin);
+  SWA_FAST_HOST_DEVICE int64_t ghost_samples(int64_t g) const {
+    const int64_t left = batch - g * ghost_size;
+    return left < ghost_size ? left : ghost_size;
   }
 };
 

@@ -3,8 +3,12 @@
 
 #include "launch_plan.h"
 
+#include <torch/csrc/utils/pybind.h>
+
 #include <algorithm>
 #include <utility>
+
+#include "bindings.h"
 
 namespace swa_fast {
 namespace mta {
@@ -89,4 +93,45 @@ LaunchLimitsInfo describe_limits(int64_t arg_bytes) {
 }
 
 }  // namespace mta
+
+void bind_launch_plan(pybind11::module_& m) {
+
+  m.def(
+      "plan_launches",
+      [](const std::vector<int64_t>& numels, int depth, int64_t arg_bytes) {
+        pybind11::list launches;
+        for (const auto& launch : mta::describe_launches(numels, depth, arg_bytes)) {
+          pybind11::list slots;
+          for (const auto& slot : launch.slots) {
+            slots.append(pybind11::make_tuple(slot.tensor_index, slot.numel, slot.addresses));
+          }
+          pybind11::dict entry;
+          entry["first_chunk_ordinal"] = launch.first_chunk_ordinal;
+          entry["slots"] = slots;
+          entry["blocks"] = launch.blocks;
+          launches.append(entry);
+        }
+        return launches;
+      },
+      pybind11::arg("numels"), pybind11::arg("depth"), pybind11::arg("arg_bytes") = mta::kKernelArgBytes,
+      "The CUDA harness's launches for tensors of these sizes, as data (for tests): per launch its first chunk "
+      "ordinal, its slots (tensor index, numel, one fake address per list) and its blocks (slot, chunk)");
+  m.def(
+      "fake_address", &mta::fake_address, pybind11::arg("list"), pybind11::arg("tensor"),
+      "The address plan_launches gives tensor `tensor` of list `list`");
+  m.def(
+      "launch_limits",
+      [](int64_t arg_bytes) {
+        const auto limits = mta::describe_limits(arg_bytes);
+        pybind11::dict info;
+        info["chunk_size"] = limits.chunk_size;
+        info["max_blocks"] = limits.max_blocks;
+        info["max_tensors"] = limits.max_tensors;
+        info["metadata_bytes"] = limits.metadata_bytes;
+        return info;
+      },
+      pybind11::arg("arg_bytes") = mta::kKernelArgBytes,
+      "Chunk size, blocks per launch, tensors per launch by depth (1-4) and metadata bytes for a budget");
+}
+
 }  // namespace swa_fast

@@ -2,7 +2,7 @@
 //
 // Structure (mirrored by csrc/cuda/average_cuda.cu):
 //   1. check_average_args validates everything on the host;
-//   2. the whole list is cut into fixed-size chunks (kChunk elements), each
+//   2. the whole list is cut into fixed-size chunks (cpu::kChunk elements, cpu/chunks.h), each
 //      chunk one unit of at::parallel_for work, so one huge tensor and many
 //      tiny ones load the threads evenly;
 //   3. each chunk runs lerp_chunk<avg_t, cur_t, kMoments>, which converts to
@@ -21,16 +21,17 @@
 #include <cstring>
 
 #include "average_args.h"
+#include "cpu/chunks.h"
 #include "cpu/vec_load.h"
 
 namespace swa_fast {
 namespace {
 
-constexpr int64_t kChunk = 1 << 15;  // elements per parallel work item
-constexpr int64_t kBlock = 512;      // elements per stack conversion buffer
-// Updates under this many chunks stay on the calling thread: waking a thread
-// costs more than averaging ~100k values.
-constexpr int64_t kChunksPerTask = 4;
+using cpu::Chunk;
+using cpu::kChunksPerTask;
+using cpu::split_into_chunks;
+
+constexpr int64_t kBlock = 512;  // elements per stack conversion buffer
 
 // torch's lerp (ATen/native/Lerp.h), with the same fused multiply-add that
 // torch's vectorized CPU kernel uses, so the results match torch.lerp bit for
@@ -118,23 +119,6 @@ void run_chunk(const at::Tensor& avg, const at::Tensor& sq, const at::Tensor& cu
       lerp_chunk<avg_t, scalar_t, kMoments>(avg.data_ptr<avg_t>(), sq_ptr, cur.const_data_ptr<scalar_t>(), begin, end, w);
     });
   });
-}
-
-struct Chunk {
-  int64_t tensor;
-  int64_t begin;
-  int64_t end;
-};
-
-std::vector<Chunk> split_into_chunks(at::TensorList tensors) {
-  std::vector<Chunk> chunks;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const int64_t numel = tensors[i].numel();
-    for (int64_t begin = 0; begin < numel; begin += kChunk) {
-      chunks.push_back({static_cast<int64_t>(i), begin, std::min(numel, begin + kChunk)});
-    }
-  }
-  return chunks;
 }
 
 template <bool kMoments>

@@ -3,7 +3,7 @@
 // Structure (mirrored by csrc/cuda/distance_cuda.cu):
 //   1. check_distance_args validates everything on the host and lays every
 //      b[i] out like a[i];
-//   2. the whole list is cut into fixed-size chunks (kChunk elements), each
+//   2. the whole list is cut into fixed-size chunks (cpu::kChunk elements, cpu/chunks.h), each
 //      chunk one unit of at::parallel_for work; chunk_sum_of_squares<acc_t,
 //      a_t, b_t> writes the chunk's sum of squared differences to
 //      partials[chunk] (fp32, fp64 when any input is fp64), with
@@ -29,15 +29,16 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/chunks.h"
 #include "distance_args.h"
 
 namespace swa_fast {
 namespace {
 
-constexpr int64_t kChunk = 1 << 15;  // elements per parallel work item (and per partial sum)
-// Calls under this many chunks stay on the calling thread: waking a thread
-// costs more than reading ~100k values.
-constexpr int64_t kChunksPerTask = 4;
+using cpu::Chunk;
+using cpu::kChunksPerTask;
+using cpu::split_into_chunks;
+
 // Independent vector accumulators: enough dependent-add chains in flight that
 // the loop waits on memory, not on the fused multiply-add latency.
 constexpr int kAccumulators = 4;
@@ -120,27 +121,6 @@ acc_t chunk_sum_of_squares(const a_t* a, const void* b_raw, int64_t n) {
 // Chunking and dispatch (CUDA: grouping by dtype pair, multi_tensor_apply)
 // ---------------------------------------------------------------------------
 
-struct Chunk {
-  int64_t tensor;
-  int64_t begin;
-  int64_t end;
-};
-
-// Every tensor's chunks, in list order; first_chunk[i]..first_chunk[i+1] are
-// tensor i's (an empty tensor has none).
-std::vector<Chunk> split_into_chunks(const std::vector<at::Tensor>& tensors, std::vector<int64_t>& first_chunk) {
-  std::vector<Chunk> chunks;
-  first_chunk.assign(tensors.size() + 1, 0);
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const int64_t numel = tensors[i].numel();
-    for (int64_t begin = 0; begin < numel; begin += kChunk) {
-      chunks.push_back({static_cast<int64_t>(i), begin, std::min(numel, begin + kChunk)});
-    }
-    first_chunk[i + 1] = static_cast<int64_t>(chunks.size());
-  }
-  return chunks;
-}
-
 template <typename acc_t>
 acc_t run_chunk(const DistanceInputs& in, const Chunk& chunk) {
   const at::Tensor& a = in.a[chunk.tensor];
@@ -173,7 +153,7 @@ acc_t run_chunk(const DistanceInputs& in, const Chunk& chunk) {
 template <typename acc_t>
 void distance_impl(const DistanceInputs& in, at::Tensor& per_tensor, at::Tensor& total) {
   std::vector<int64_t> first_chunk;
-  const std::vector<Chunk> chunks = split_into_chunks(in.a, first_chunk);
+  const std::vector<Chunk> chunks = split_into_chunks(in.a, &first_chunk);
   std::vector<acc_t> partials(chunks.size());
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), kChunksPerTask, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {

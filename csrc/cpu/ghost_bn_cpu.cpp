@@ -32,6 +32,7 @@
 
 #include "cpu/vec_load.h"
 #include "ghost_bn_args.h"
+#include "ghost_bn_formulas.h"
 
 namespace swa_fast {
 namespace {
@@ -223,11 +224,11 @@ void affine_coefficients(
   for (int64_t g = 0; g < geo.num_ghosts; ++g) {
     for (int64_t c = 0; c < geo.channels; ++c) {
       const int64_t i = g * geo.channels + c;
-      const opmath_t invstd = opmath_t(1) / std::sqrt(var[i] + static_cast<opmath_t>(eps));
       const opmath_t w = weight ? static_cast<opmath_t>(weight[c]) : opmath_t(1);
       const opmath_t b = bias ? static_cast<opmath_t>(bias[c]) : opmath_t(0);
-      scale[i] = w * invstd;
-      shift[i] = b - mean[i] * scale[i];
+      const auto affine = ghost::affine_coefficients(mean[i], var[i], w, b, static_cast<opmath_t>(eps));
+      scale[i] = affine.scale;
+      shift[i] = affine.shift;
     }
   }
 }
@@ -367,13 +368,14 @@ void grad_coefficients(
     const opmath_t w = weight ? static_cast<opmath_t>(weight[c]) : opmath_t(1);
     for (int64_t g = 0; g < geo.num_ghosts; ++g) {
       const int64_t i = g * C + c;
-      const opmath_t invstd = opmath_t(1) / std::sqrt(var[i] + static_cast<opmath_t>(eps));
       const opmath_t n = static_cast<opmath_t>(geo.ghost_samples(g) * geo.spatial);
-      gw += sum_dy_xmu[i] * invstd;
+      const auto coef =
+          ghost::grad_coefficients(mean[i], var[i], sum_dy[i], sum_dy_xmu[i], w, static_cast<opmath_t>(eps), n);
+      gw += coef.weight_term;
       gb += sum_dy[i];
-      a[i] = w * invstd;
-      k[i] = a[i] * invstd * invstd * sum_dy_xmu[i] / n;
-      d[i] = k[i] * mean[i] - a[i] * sum_dy[i] / n;
+      a[i] = coef.a;
+      k[i] = coef.k;
+      d[i] = coef.d;
     }
     grad_weight[c] = static_cast<param_t>(gw);
     grad_bias[c] = static_cast<param_t>(gb);
@@ -433,39 +435,19 @@ void ghost_grad_input(
 // Running statistics (CUDA: ghost_update_running_stats)
 // ---------------------------------------------------------------------------
 
+// One channel per iteration, the formulas of ghost::update_running_channel
+// (shared with the CUDA kernel); geo.spatial is sample_numel here.
 template <typename stat_t, typename opmath_t>
 void ghost_update_running_stats(
     stat_t* running_mean, stat_t* running_var, int64_t steps_before, const opmath_t* mean, const opmath_t* var,
-    const GhostGeometry& geo, int64_t sample_numel, std::optional<double> momentum, bool average_ghosts) {
-  const int64_t C = geo.channels;
-  const auto factor = [&](int64_t step) {  // step counts from 1, as num_batches_tracked after its increment
-    return momentum.has_value() ? static_cast<opmath_t>(*momentum) : opmath_t(1) / static_cast<opmath_t>(step);
-  };
+    const GhostGeometry& geo, std::optional<double> momentum, bool average_ghosts) {
   // A few flops per (ghost, channel): threads cost more than they save below ~16k channels.
-  at::parallel_for(0, C, 1 << 14, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, geo.channels, 1 << 14, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       opmath_t rm = static_cast<opmath_t>(running_mean[c]);
       opmath_t rv = static_cast<opmath_t>(running_var[c]);
-      opmath_t mean_sum = 0, var_sum = 0;
-      for (int64_t g = 0; g < geo.num_ghosts; ++g) {
-        const int64_t samples = geo.ghost_samples(g);
-        const opmath_t n = static_cast<opmath_t>(samples * sample_numel);
-        const opmath_t unbiased = var[g * C + c] * n / (n - opmath_t(1));
-        if (average_ghosts) {
-          mean_sum += static_cast<opmath_t>(samples) * mean[g * C + c];
-          var_sum += static_cast<opmath_t>(samples) * unbiased;
-        } else {
-          const opmath_t f = factor(steps_before + g + 1);
-          rm = f * mean[g * C + c] + (opmath_t(1) - f) * rm;
-          rv = f * unbiased + (opmath_t(1) - f) * rv;
-        }
-      }
-      if (average_ghosts) {
-        const opmath_t f = factor(steps_before + 1);
-        const opmath_t total = static_cast<opmath_t>(geo.batch);
-        rm = f * (mean_sum / total) + (opmath_t(1) - f) * rm;
-        rv = f * (var_sum / total) + (opmath_t(1) - f) * rv;
-      }
+      ghost::update_running_channel(rm, rv, mean, var, c, geo, steps_before, momentum.has_value(),
+                                    momentum.value_or(0.0), average_ghosts);
       running_mean[c] = static_cast<stat_t>(rm);
       running_var[c] = static_cast<stat_t>(rv);
     }
@@ -580,8 +562,7 @@ void ghost_batch_norm_update_stats_cpu(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(), "ghost_bn_running", [&] {
       ghost_update_running_stats<scalar_t, opmath_t>(
           running_mean.data_ptr<scalar_t>(), running_var.data_ptr<scalar_t>(), steps_before,
-          mean_c.const_data_ptr<opmath_t>(), var_c.const_data_ptr<opmath_t>(), geo, sample_numel, momentum,
-          average_ghosts);
+          mean_c.const_data_ptr<opmath_t>(), var_c.const_data_ptr<opmath_t>(), geo, momentum, average_ghosts);
     });
   });
   num_batches_tracked.add_(average_ghosts ? 1 : geo.num_ghosts);

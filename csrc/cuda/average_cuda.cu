@@ -28,8 +28,10 @@
 #include <vector>
 
 #include "average_args.h"
+#include "dtypes.h"
 #include "cuda/multi_tensor_apply.cuh"
-#include "cuda/rounding.cuh"  // fma_rn, mul_rn
+#include "cuda/tensor_groups.h"
+#include "rounding.h"  // fma_rn, mul_rn
 
 namespace swa_fast {
 namespace {
@@ -78,7 +80,7 @@ struct LerpFunctor {
   using opmath_t = at::opmath_type<avg_t>;
   static constexpr int kDepth = kMoments ? 3 : 2;
   static constexpr int kCur = kDepth - 1;
-  static constexpr int kILP = mta::kVectorWidth<avg_t>;
+  static constexpr int kILP = vec::kVectorWidth<avg_t>;
 
   const void* weight;
   bool weight_is_double;
@@ -109,24 +111,24 @@ struct LerpFunctor {
       }
     };
 
-    const bool aligned = mta::is_aligned<mta::kVectorBytes>(avg) &&
-        mta::is_aligned<kILP * sizeof(cur_t)>(cur) && (!kMoments || mta::is_aligned<mta::kVectorBytes>(sq));
+    const bool aligned = vec::is_aligned<vec::kVectorBytes>(avg) &&
+        vec::is_aligned<kILP * sizeof(cur_t)>(cur) && (!kMoments || vec::is_aligned<vec::kVectorBytes>(sq));
     mta::for_each_in_chunk<kILP>(
         chunk.size, aligned,
         [&](int v) {
-          auto a = mta::load_vector<kILP>(avg, v);
-          const auto c = mta::load_vector<kILP>(cur, v);
-          mta::AlignedVector<avg_t, kILP> s;
+          auto a = vec::load_vector<kILP>(avg, v);
+          const auto c = vec::load_vector<kILP>(cur, v);
+          vec::AlignedVector<avg_t, kILP> s;
           if constexpr (kMoments) {
-            s = mta::load_vector<kILP>(sq, v);
+            s = vec::load_vector<kILP>(sq, v);
           }
 #pragma unroll
           for (int k = 0; k < kILP; ++k) {
             update(a.val[k], s.val[k], c.val[k]);
           }
-          mta::store_vector(avg, v, a);
+          vec::store_vector(avg, v, a);
           if constexpr (kMoments) {
-            mta::store_vector(sq, v, s);
+            vec::store_vector(sq, v, s);
           }
         },
         [&](int i) {
@@ -149,7 +151,7 @@ struct LerpFunctor {
 // and they obey skip like the floating tensors (a cudaMemcpyAsync could not).
 template <typename word_t>
 struct CopyFunctor {
-  static constexpr int kILP = mta::kVectorWidth<word_t>;
+  static constexpr int kILP = vec::kVectorWidth<word_t>;
 
   const bool* skip;
 
@@ -159,9 +161,9 @@ struct CopyFunctor {
     }
     word_t* dst = chunk.template ptr<word_t>(0);
     const word_t* src = chunk.template ptr<word_t>(1);
-    const bool aligned = mta::is_aligned<mta::kVectorBytes>(dst) && mta::is_aligned<mta::kVectorBytes>(src);
+    const bool aligned = vec::is_aligned<vec::kVectorBytes>(dst) && vec::is_aligned<vec::kVectorBytes>(src);
     mta::for_each_in_chunk<kILP>(
-        chunk.size, aligned, [&](int v) { mta::store_vector(dst, v, mta::load_vector<kILP>(src, v)); },
+        chunk.size, aligned, [&](int v) { vec::store_vector(dst, v, vec::load_vector<kILP>(src, v)); },
         [&](int i) { dst[i] = src[i]; });
   }
 };
@@ -170,66 +172,29 @@ struct CopyFunctor {
 // Grouping by dtype and dispatch (CPU: run_chunk, split_into_chunks)
 // ---------------------------------------------------------------------------
 
-// Calls f(avg_tag, cur_tag) with TypeTag<avg_t>, TypeTag<cur_t> for the
-// floating pairs is_supported_dtype_pair accepts; only these are compiled.
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
+// Calls f(TypeTag<avg_t>{}, TypeTag<cur_t>{}) for the floating pairs
+// is_supported_dtype_pair accepts (the same dtype, or a lower-precision
+// current into fp32/fp64); only these are compiled.
 template <typename F>
 void dispatch_floating_pair(const char* op, at::ScalarType avg, at::ScalarType cur, F&& f) {
-  using at::BFloat16;
-  using at::Half;
-  using at::ScalarType;
-  if (avg == ScalarType::Double) {
-    switch (cur) {
-      case ScalarType::Double:
-        return f(TypeTag<double>{}, TypeTag<double>{});
-      case ScalarType::Float:
-        return f(TypeTag<double>{}, TypeTag<float>{});
-      case ScalarType::Half:
-        return f(TypeTag<double>{}, TypeTag<Half>{});
-      case ScalarType::BFloat16:
-        return f(TypeTag<double>{}, TypeTag<BFloat16>{});
-      default:
-        break;
-    }
-  } else if (avg == ScalarType::Float) {
-    switch (cur) {
-      case ScalarType::Float:
-        return f(TypeTag<float>{}, TypeTag<float>{});
-      case ScalarType::Half:
-        return f(TypeTag<float>{}, TypeTag<Half>{});
-      case ScalarType::BFloat16:
-        return f(TypeTag<float>{}, TypeTag<BFloat16>{});
-      default:
-        break;
-    }
-  } else if (avg == ScalarType::Half && cur == ScalarType::Half) {
-    return f(TypeTag<Half>{}, TypeTag<Half>{});
-  } else if (avg == ScalarType::BFloat16 && cur == ScalarType::BFloat16) {
-    return f(TypeTag<BFloat16>{}, TypeTag<BFloat16>{});
-  }
-  TORCH_CHECK(false, op, ": averaging ", cur, " into ", avg, " is not implemented on CUDA");
+  dispatch_kernel_float(op, avg, [&](auto avg_tag) {
+    using avg_t = typename decltype(avg_tag)::type;
+    dispatch_kernel_float(op, cur, [&](auto cur_tag) {
+      using cur_t = typename decltype(cur_tag)::type;
+      constexpr int kAvg = float_rank_of<avg_t>();
+      constexpr int kCur = float_rank_of<cur_t>();
+      if constexpr (std::is_same_v<avg_t, cur_t> || (kAvg >= 2 && kCur < kAvg)) {
+        f(avg_tag, cur_tag);
+      } else {
+        TORCH_CHECK(false, op, ": averaging ", cur, " into ", avg, " is not implemented on CUDA");
+      }
+    });
+  });
 }
 
-// The tensors of one launch group: lists[d][i] for depth d, pair i.
-struct Group {
-  at::ScalarType avg_dtype;
-  at::ScalarType cur_dtype;
-  std::vector<std::vector<at::Tensor>> lists;
-};
-
-Group& group_for(std::vector<Group>& groups, at::ScalarType avg, at::ScalarType cur, int depth) {
-  for (Group& g : groups) {
-    if (g.avg_dtype == avg && g.cur_dtype == cur) {
-      return g;
-    }
-  }
-  groups.push_back(Group{avg, cur, std::vector<std::vector<at::Tensor>>(depth)});
-  return groups.back();
-}
+// One launch group: (averaged dtype, current dtype); integer groups are keyed
+// by element size (copy_key).
+using Group = TensorGroup<std::pair<at::ScalarType, at::ScalarType>>;
 
 // Copies only care about the element size: integer and bool tensors are
 // grouped under one representative dtype per size (bool and uint8 share a
@@ -252,22 +217,26 @@ at::ScalarType copy_key(at::ScalarType dtype) {
 // A dtype without a kernel here (float8, sub-byte types) raises before any
 // group is launched, so no call leaves the lists half updated.
 void check_group_has_kernel(const char* op, const Group& group) {
-  if (at::isFloatingType(group.avg_dtype)) {
-    dispatch_floating_pair(op, group.avg_dtype, group.cur_dtype, [](auto, auto) {});
+  const at::ScalarType avg_dtype = group.key.first;
+  const at::ScalarType cur_dtype = group.key.second;
+  if (at::isFloatingType(avg_dtype)) {
+    dispatch_floating_pair(op, avg_dtype, cur_dtype, [](auto, auto) {});
     return;
   }
-  const size_t size = c10::elementSize(group.avg_dtype);
+  const size_t size = c10::elementSize(avg_dtype);
   TORCH_CHECK(
-      size == 1 || size == 2 || size == 4 || size == 8, op, ": copying ", group.avg_dtype,
+      size == 1 || size == 2 || size == 4 || size == 8, op, ": copying ", avg_dtype,
       " tensors is not implemented on CUDA");
 }
 
 template <bool kMoments>
 void run_group(const char* op, const Group& group, const at::Tensor& weight, const bool* skip) {
-  if (!at::isFloatingType(group.avg_dtype)) {
+  const at::ScalarType avg_dtype = group.key.first;
+  const at::ScalarType cur_dtype = group.key.second;
+  if (!at::isFloatingType(avg_dtype)) {
     TORCH_INTERNAL_ASSERT(!kMoments, op, ": moments of a non-floating tensor passed the argument checks");
     // Integer groups are keyed by element size (see copy_key).
-    switch (c10::elementSize(group.avg_dtype)) {
+    switch (c10::elementSize(avg_dtype)) {
       case 1:
         return mta::multi_tensor_apply<2>(group.lists, 1, CopyFunctor<uint8_t>{skip});
       case 2:
@@ -277,12 +246,12 @@ void run_group(const char* op, const Group& group, const at::Tensor& weight, con
       case 8:
         return mta::multi_tensor_apply<2>(group.lists, 1, CopyFunctor<uint64_t>{skip});
       default:
-        TORCH_INTERNAL_ASSERT(false, op, ": no copy kernel for ", group.avg_dtype, " (check_group_has_kernel)");
+        TORCH_INTERNAL_ASSERT(false, op, ": no copy kernel for ", avg_dtype, " (check_group_has_kernel)");
     }
   }
   const void* weight_ptr = weight.const_data_ptr();
   const bool weight_is_double = weight.scalar_type() == at::ScalarType::Double;
-  dispatch_floating_pair(op, group.avg_dtype, group.cur_dtype, [&](auto avg_tag, auto cur_tag) {
+  dispatch_floating_pair(op, avg_dtype, cur_dtype, [&](auto avg_tag, auto cur_tag) {
     using avg_t = typename decltype(avg_tag)::type;
     using cur_t = typename decltype(cur_tag)::type;
     using Functor = LerpFunctor<avg_t, cur_t, kMoments>;
@@ -309,18 +278,17 @@ void average_cuda_impl(
   const c10::cuda::CUDAGuard guard(averaged[0].device());
   const bool* skip_ptr = skip.has_value() ? skip->const_data_ptr<bool>() : nullptr;
 
-  constexpr int kDepth = kMoments ? 3 : 2;
   std::vector<Group> groups;
   for (size_t i = 0; i < averaged.size(); ++i) {
     const at::ScalarType avg_dtype = averaged[i].scalar_type();
-    Group& group = at::isFloatingType(avg_dtype)
-        ? group_for(groups, avg_dtype, cur[i].scalar_type(), kDepth)
-        : group_for(groups, copy_key(avg_dtype), copy_key(avg_dtype), kDepth);
-    group.lists[0].push_back(averaged[i]);
+    const auto key = at::isFloatingType(avg_dtype) ? std::make_pair(avg_dtype, cur[i].scalar_type())
+                                                   : std::make_pair(copy_key(avg_dtype), copy_key(avg_dtype));
+    const auto position = static_cast<int64_t>(i);
     if constexpr (kMoments) {
-      group.lists[1].push_back(sq_mean[i]);
+      add_to_group(groups, key, position, {averaged[i], sq_mean[i], cur[i]});
+    } else {
+      add_to_group(groups, key, position, {averaged[i], cur[i]});
     }
-    group.lists[kDepth - 1].push_back(cur[i]);
   }
   for (const Group& group : groups) {
     check_group_has_kernel(op, group);
@@ -355,7 +323,7 @@ void average_moments_cuda(
 // value is a benign race with a deterministic result, and needs no atomics.
 template <typename T>
 struct NonfiniteFunctor {
-  static constexpr int kILP = mta::kVectorWidth<T>;
+  static constexpr int kILP = vec::kVectorWidth<T>;
 
   bool* flag;
 
@@ -364,9 +332,9 @@ struct NonfiniteFunctor {
     const T* values = chunk.template ptr<T>(0);
     bool found = false;
     mta::for_each_in_chunk<kILP>(
-        chunk.size, mta::is_aligned<mta::kVectorBytes>(values),
+        chunk.size, vec::is_aligned<vec::kVectorBytes>(values),
         [&](int v) {
-          const auto x = mta::load_vector<kILP>(values, v);
+          const auto x = vec::load_vector<kILP>(values, v);
 #pragma unroll
           for (int k = 0; k < kILP; ++k) {
             found |= !isfinite(static_cast<opmath_t>(x.val[k]));

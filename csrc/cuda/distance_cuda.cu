@@ -15,7 +15,7 @@
 // Determinism: no float atomics anywhere. Each thread's elements and order
 // depend only on the chunk size (not on pointer alignment: the unaligned path
 // reads the same elements per thread as the vector path), and every
-// cross-thread sum is mta::block_sum's fixed tree, so the same inputs give the
+// cross-thread sum is reduce::block_sum's fixed tree, so the same inputs give the
 // same bits on every call. Nothing is read on the host: no sync, and the
 // results are valid when the stream reaches them.
 
@@ -35,7 +35,8 @@
 #include <vector>
 
 #include "cuda/multi_tensor_apply.cuh"
-#include "cuda/rounding.cuh"  // fma_rn: one rounding per accumulated square
+#include "cuda/tensor_groups.h"
+#include "rounding.h"  // fma_rn: one rounding per accumulated square
 #include "distance_args.h"
 
 namespace swa_fast {
@@ -50,9 +51,9 @@ namespace {
 template <typename a_t, typename b_t>
 constexpr int distance_ilp() {
   if constexpr (std::is_void_v<b_t>) {
-    return mta::kVectorWidth<a_t>;
+    return vec::kVectorWidth<a_t>;
   } else {
-    return mta::kVectorWidth<a_t> < mta::kVectorWidth<b_t> ? mta::kVectorWidth<a_t> : mta::kVectorWidth<b_t>;
+    return vec::kVectorWidth<a_t> < vec::kVectorWidth<b_t> ? vec::kVectorWidth<a_t> : vec::kVectorWidth<b_t>;
   }
 }
 
@@ -71,7 +72,7 @@ struct SumOfSquaresFunctor {
     const a_t* a = chunk.template ptr<const a_t>(0);
     const other_t* b = kPair ? chunk.template ptr<const other_t>(kDepth - 1) : nullptr;
     const bool aligned =
-        mta::is_aligned<kILP * sizeof(a_t)>(a) && (!kPair || mta::is_aligned<kILP * sizeof(other_t)>(b));
+        vec::is_aligned<kILP * sizeof(a_t)>(a) && (!kPair || vec::is_aligned<kILP * sizeof(other_t)>(b));
 
     // sum + d * d with d = x - y (d = x for norms), in acc_t.
     const auto add_square = [&](acc_t sum, int i) {
@@ -90,9 +91,9 @@ struct SumOfSquaresFunctor {
     if (aligned) {
 #pragma unroll 4
       for (int v = threadIdx.x; v < steps; v += mta::kBlockSize) {
-        const auto x = mta::load_vector<kILP>(a, v);
+        const auto x = vec::load_vector<kILP>(a, v);
         if constexpr (kPair) {
-          const auto y = mta::load_vector<kILP>(b, v);
+          const auto y = vec::load_vector<kILP>(b, v);
 #pragma unroll
           for (int k = 0; k < kILP; ++k) {
             const acc_t d = static_cast<acc_t>(x.val[k]) - static_cast<acc_t>(y.val[k]);
@@ -117,7 +118,7 @@ struct SumOfSquaresFunctor {
     for (int i = steps * kILP + threadIdx.x; i < chunk.size; i += mta::kBlockSize) {
       sum = add_square(sum, i);
     }
-    sum = mta::block_sum(sum);
+    sum = reduce::block_sum<acc_t, mta::kBlockSize>(sum);
     if (threadIdx.x == 0) {
       partials[chunk.ordinal] = sum;
     }
@@ -154,7 +155,7 @@ __global__ void __launch_bounds__(mta::kBlockSize)
   for (int32_t i = threadIdx.x; i < count; i += mta::kBlockSize) {
     sum += partials[start + i];
   }
-  sum = mta::block_sum(sum);
+  sum = reduce::block_sum<acc_t, mta::kBlockSize>(sum);
   if (threadIdx.x == 0) {
     sums[runs.first_tensor + blockIdx.x] = sum;
   }
@@ -169,7 +170,7 @@ __global__ void __launch_bounds__(mta::kBlockSize) finish_kernel(acc_t* per_tens
   for (int64_t i = threadIdx.x; i < n; i += mta::kBlockSize) {
     sum += per_tensor[i];
   }
-  sum = mta::block_sum(sum);
+  sum = reduce::block_sum<acc_t, mta::kBlockSize>(sum);
   if (threadIdx.x == 0) {
     *total = sqrt(sum);
   }
@@ -182,34 +183,19 @@ __global__ void __launch_bounds__(mta::kBlockSize) finish_kernel(acc_t* per_tens
 // Grouping by dtype pair and dispatch (CPU: split_into_chunks, run_chunk)
 // ---------------------------------------------------------------------------
 
-// The pairs of one launch group, and where their partials go.
-struct Group {
-  at::ScalarType a_dtype;
-  std::optional<at::ScalarType> b_dtype;
-  std::vector<std::vector<at::Tensor>> lists;  // {a} or {a, b}
-  std::vector<int64_t> index;                  // position of each pair in the caller's lists
-  int64_t base = 0;                            // first partial of this group
-};
+// One launch group: (a dtype, b dtype or none for norms of a alone).
+using Group = TensorGroup<std::pair<at::ScalarType, std::optional<at::ScalarType>>>;
 
-Group& group_for(std::vector<Group>& groups, at::ScalarType a, std::optional<at::ScalarType> b) {
-  for (Group& g : groups) {
-    if (g.a_dtype == a && g.b_dtype == b) {
-      return g;
-    }
-  }
-  groups.push_back(Group{a, b, std::vector<std::vector<at::Tensor>>(b.has_value() ? 2 : 1), {}, 0});
-  return groups.back();
-}
-
+// `partials`: this group's run of the workspace.
 template <typename acc_t>
 void run_group(const Group& group, c10::ScalarType acc_dtype, acc_t* partials) {
-  dispatch_distance_types(acc_dtype, group.a_dtype, group.b_dtype, [&](auto acc_tag, auto a_tag, auto b_tag) {
+  dispatch_distance_types(acc_dtype, group.key.first, group.key.second, [&](auto acc_tag, auto a_tag, auto b_tag) {
     using a_t = typename decltype(a_tag)::type;
     using b_t = typename decltype(b_tag)::type;
     // The dispatch instantiates both accumulation types; only acc_t runs.
     if constexpr (std::is_same_v<typename decltype(acc_tag)::type, acc_t>) {
       using Functor = SumOfSquaresFunctor<acc_t, a_t, b_t>;
-      mta::multi_tensor_apply<Functor::kDepth>(group.lists, 0, Functor{partials + group.base});
+      mta::multi_tensor_apply<Functor::kDepth>(group.lists, 0, Functor{partials});
     } else {
       TORCH_INTERNAL_ASSERT(false, "swa_fast.distance: accumulation dtype mismatch");
     }
@@ -226,26 +212,26 @@ void distance_impl(const DistanceInputs& in, at::Tensor& per_tensor, at::Tensor&
   const int64_t n = static_cast<int64_t>(in.a.size());
   std::vector<Group> groups;
   for (int64_t i = 0; i < n; ++i) {
-    const std::optional<at::ScalarType> b_dtype =
-        pair ? std::optional<at::ScalarType>(in.b[i].scalar_type()) : std::nullopt;
-    Group& group = group_for(groups, in.a[i].scalar_type(), b_dtype);
-    group.lists[0].push_back(in.a[i]);
     if (pair) {
-      group.lists[1].push_back(in.b[i]);
+      add_to_group(groups, std::make_pair(in.a[i].scalar_type(), std::optional(in.b[i].scalar_type())), i,
+                   {in.a[i], in.b[i]});
+    } else {
+      add_to_group(groups, std::make_pair(in.a[i].scalar_type(), std::optional<at::ScalarType>()), i, {in.a[i]});
     }
-    group.index.push_back(i);
   }
 
   // Lay the groups' partials end to end; a tensor's chunks are one contiguous
   // run within its group (ordinals follow list order).
   std::vector<int32_t> start(n, 0);
   std::vector<int32_t> count(n, 0);
+  std::vector<int64_t> base(groups.size(), 0);  // each group's first partial
   int64_t total_chunks = 0;
-  for (Group& group : groups) {
-    group.base = total_chunks;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const Group& group = groups[g];
+    base[g] = total_chunks;
     const std::vector<int64_t> offsets = mta::chunk_offsets(group.lists[0]);
     for (size_t k = 0; k < group.index.size(); ++k) {
-      const int64_t first = group.base + offsets[k];
+      const int64_t first = base[g] + offsets[k];
       TORCH_CHECK(
           first + (offsets[k + 1] - offsets[k]) <= std::numeric_limits<int32_t>::max(),
           "swa_fast.distance: too many elements for the partials workspace");
@@ -256,8 +242,8 @@ void distance_impl(const DistanceInputs& in, at::Tensor& per_tensor, at::Tensor&
   }
   at::Tensor partials = at::empty({total_chunks}, per_tensor.options());
   acc_t* partials_ptr = partials.mutable_data_ptr<acc_t>();
-  for (const Group& group : groups) {
-    run_group<acc_t>(group, in.acc_dtype, partials_ptr);
+  for (size_t g = 0; g < groups.size(); ++g) {
+    run_group<acc_t>(groups[g], in.acc_dtype, partials_ptr + base[g]);
   }
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(in.device.index()).stream();

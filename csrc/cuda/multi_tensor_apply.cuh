@@ -30,8 +30,8 @@
 //      no chunks), across all of its launches, so each tensor's partials are
 //      one contiguous, ordered run of the workspace.
 //   2. a second small kernel, one block per tensor, sums its tensor's run in
-//      a fixed order (block_sum below reduces within a block in an order
-//      fixed by thread indices). The runs' bounds come from chunk_offsets() (host
+//      a fixed order (reduce::block_sum, cuda/block_reduce.cuh, reduces
+//      within a block in an order fixed by thread indices). The runs' bounds come from chunk_offsets() (host
 //      values known before any launch: pass them by value in the kernel
 //      arguments, or, for long lists, also write chunk.tensor next to each
 //      partial in step 1 and let each block find its run by binary search).
@@ -49,6 +49,8 @@
 #include <mutex>
 #include <vector>
 
+#include "cuda/block_reduce.cuh"
+#include "cuda/vector_access.cuh"
 #include "launch_plan.h"
 
 #if SWA_FAST_KERNEL_ARG_BYTES > 4096 && defined(CUDART_VERSION) && CUDART_VERSION < 12010
@@ -83,38 +85,8 @@ struct Chunk {
 };
 
 // ---------------------------------------------------------------------------
-// Vector access helpers for functors
+// Walking a chunk (vector access itself: cuda/vector_access.cuh)
 // ---------------------------------------------------------------------------
-
-// 16 bytes is the widest load a thread can issue; it is also what the
-// caching allocator's alignment guarantees for a tensor at storage offset 0.
-constexpr int kVectorBytes = 16;
-
-// Elements of T per 16-byte vector: the ILP of a vectorized functor.
-template <typename T>
-constexpr int kVectorWidth = kVectorBytes / static_cast<int>(sizeof(T));
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) AlignedVector {
-  T val[N];
-};
-
-template <int kAlignment>
-__device__ __forceinline__ bool is_aligned(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % kAlignment == 0;
-}
-
-// Vector i of p, i.e. elements [i * N, i * N + N); p must be aligned to
-// sizeof(T) * N (check with is_aligned first).
-template <int N, typename T>
-__device__ __forceinline__ AlignedVector<T, N> load_vector(const T* p, int i) {
-  return reinterpret_cast<const AlignedVector<T, N>*>(p)[i];
-}
-
-template <int N, typename T>
-__device__ __forceinline__ void store_vector(T* p, int i, const AlignedVector<T, N>& v) {
-  reinterpret_cast<AlignedVector<T, N>*>(p)[i] = v;
-}
 
 // Walks a chunk of `size` elements with the whole block, coalesced: when
 // `aligned`, vector_body(v) for every whole vector v (elements v*N..v*N+N-1),
@@ -138,42 +110,9 @@ __device__ __forceinline__ void for_each_in_chunk(
   }
 }
 
-// ---------------------------------------------------------------------------
-// Deterministic block reduction for functors that write per-chunk partials
-// ---------------------------------------------------------------------------
-
-constexpr int kWarpSize = 32;
-
-// Sum of `value` over the kThreads threads of a block, in an order fixed by
-// the thread indices alone (a shuffle tree per warp, then a shuffle tree over
-// the warp sums in warp 0): the same inputs give the same bits, with no
-// atomics. Every thread of the block must call it; the result is valid in
-// thread 0. Uses static shared memory: a kernel that calls it twice must
-// __syncthreads() between the calls.
-template <typename T, int kThreads = kBlockSize>
-__device__ __forceinline__ T block_sum(T value) {
-  static_assert(kThreads % kWarpSize == 0 && kThreads <= kWarpSize * kWarpSize, "one warp must hold all warp sums");
-  constexpr int kWarps = kThreads / kWarpSize;
-  __shared__ T warp_sums[kWarps];
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    value += __shfl_down_sync(0xffffffffu, value, offset);
-  }
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  if (lane == 0) {
-    warp_sums[warp] = value;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    value = lane < kWarps ? warp_sums[lane] : T(0);
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      value += __shfl_down_sync(0xffffffffu, value, offset);
-    }
-  }
-  return value;
-}
+// A functor that writes per-chunk partials reduces its chunk with
+// reduce::block_sum<T, kBlockSize> (cuda/block_reduce.cuh): a fixed order of
+// additions, so partials, and everything summed from them, are reproducible.
 
 // ---------------------------------------------------------------------------
 // Host side: chunk counts (for workspaces), the budget check and the launches
