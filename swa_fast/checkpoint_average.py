@@ -13,15 +13,35 @@ the number of checkpoints.
   are not averaged: the last checkpoint's value is kept.
 * Every checkpoint must hold the same keys, shapes and dtypes as the first;
   errors name the file and the key.
+* Entries that cannot be averaged are refused, naming the file and the key:
+  sparse tensors (save them dense, ``tensor.to_dense()``), quantized ones
+  (``tensor.dequantize()``, or average the float checkpoints before
+  quantizing), nested ones, and meta tensors, which hold no data. To average
+  the rest of such a checkpoint, select the other entries with ``--prefix``
+  (or another state_dict with ``--key``).
+* ``--weights`` must be finite and >= 0, with a positive sum that does not
+  overflow; bad weights are refused before any file is read.
+* The output is written like ``torch.save`` would, but atomically: a new file
+  gets ``0666 & ~umask``, an existing one keeps its mode (and is refused when
+  it is not writable, or not a regular file), a symlink is written through
+  (the link stays, its target gets the new content). The temporary file is
+  ``.{name}.swa_fast-tmp-{host}-{pid}-{random}`` next to the target; those a
+  killed run left (their process, on this host, is gone) are removed by the
+  next save to the same output.
 """
 
 from __future__ import annotations
 
+import errno
+import math
 import os
+import re
+import secrets
+import socket
+import stat
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -34,6 +54,12 @@ PathLike = Union[str, os.PathLike]
 
 # Where training scripts usually put the model's weights in a checkpoint dict.
 COMMON_KEYS = ("state_dict", "model_state_dict", "model")
+
+_SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
+
+# Temporary outputs are ".{name}.swa_fast-tmp-{host}-{pid}-{8 hex}": recognisable, so that
+# the ones a killed run left can be told from every other file and removed.
+_TEMP_TAG = "swa_fast-tmp"
 
 
 class CheckpointError(ValueError):
@@ -81,6 +107,40 @@ def extract_state_dict(checkpoint: Any, key: Optional[str] = None, *, source: st
     )
 
 
+def _unsupported(value: Tensor) -> Optional[Tuple[str, str]]:
+    """(what the entry is, what the user can do) for an entry that cannot be averaged, else None."""
+    if value.is_nested:
+        return "nested tensor", "save its components as separate dense tensors"
+    if value.layout in _SPARSE_LAYOUTS:
+        return f"sparse tensor ({value.layout})", "save it dense (tensor.to_dense())"
+    if value.layout != torch.strided:
+        return f"tensor of layout {value.layout}", "save it dense (tensor.to_dense())"
+    if value.is_quantized:
+        return (
+            f"quantized tensor ({value.dtype})",
+            "save it dequantized (tensor.dequantize()) or average the float checkpoints before quantizing",
+        )
+    if value.is_meta:
+        # A meta "average" is a tensor without data that loads as garbage or fails later: refuse it here.
+        return "meta tensor (no data: saved from a model on the meta device?)", "save the checkpoint with real weights"
+    return None
+
+
+def _check_entries(state: Dict[str, Tensor], prefix: Optional[str], source: str) -> None:
+    """Refuse the entries (among those ``prefix`` keeps) that cannot be averaged, naming file and key.
+    Checked on every file before anything is folded: a later file may hold what the first did not."""
+    for name, value in state.items():
+        if prefix and not name.startswith(prefix):
+            continue
+        problem = _unsupported(value)
+        if problem is not None:
+            what, remedy = problem
+            raise CheckpointError(
+                f"{source}: key {name!r} is a {what}; sparse, quantized, nested and meta entries cannot be "
+                f"averaged: {remedy}, or select the other entries with --prefix (another state_dict with --key)"
+            )
+
+
 def _select(state: Dict[str, Tensor], prefix: Optional[str], strip_prefix: bool, source: str) -> Dict[str, Tensor]:
     if not prefix:
         return state
@@ -96,8 +156,14 @@ def _normalized_weights(weights: Optional[Sequence[float]], count: int) -> Optio
     weights = [float(w) for w in weights]
     if len(weights) != count:
         raise CheckpointError(f"{len(weights)} weights given for {count} checkpoints")
-    if any(not w >= 0 for w in weights) or sum(weights) <= 0:  # `not >=` also rejects NaN
+    # inf/NaN would give lerp weights inf/inf (NaN) or w/inf (0): one checkpoint would silently be the "average".
+    if not all(math.isfinite(w) for w in weights):
+        raise CheckpointError(f"weights must be finite numbers, got {weights}")
+    # Negative weights are refused: a running sum W_k could reach 0 or go negative mid-way.
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise CheckpointError(f"weights must be >= 0 with a positive sum, got {weights}")
+    if not math.isfinite(sum(weights)):  # each finite, e.g. 1e308 twice: the later lerp weights would be w/inf = 0
+        raise CheckpointError(f"the sum of the weights overflows to inf, got {weights}: scale them down")
     return weights
 
 
@@ -164,13 +230,20 @@ def average_checkpoints(
         prefix: keep only the entries whose name starts with it.
         strip_prefix: remove ``prefix`` from the kept names (e.g. ``module.``
             of a DDP or ``AveragedModel`` state_dict).
-        weights: one non-negative weight per checkpoint (normalized); default equal.
+        weights: one finite non-negative weight per checkpoint (normalized; their
+            sum must be positive and finite); default equal.
         progress: show a tqdm bar.
         load: reads one file (default ``torch.load(path, map_location="cpu", weights_only=True)``).
 
     Returns:
         A new state_dict on the CPU, in the first checkpoint's key order and
         dtypes. Integer/bool entries are the last checkpoint's.
+
+    Raises:
+        CheckpointError: bad weights, an unreadable file, a missing state_dict,
+            keys/shapes/dtypes unlike the first file's, or an entry that cannot
+            be averaged (sparse, quantized, nested, meta); the message names
+            the file and, where there is one, the key.
     """
     paths = [os.fspath(p) for p in paths]
     if not paths:
@@ -191,7 +264,9 @@ def average_checkpoints(
             checkpoint = load(path)
         except Exception as error:  # any unreadable file: truncated, not a checkpoint, unsafe pickle
             raise CheckpointError(f"{path}: cannot read checkpoint ({type(error).__name__}: {error})") from error
-        state = _select(extract_state_dict(checkpoint, key, source=path), prefix, strip_prefix, path)
+        state = extract_state_dict(checkpoint, key, source=path)
+        _check_entries(state, prefix, path)
+        state = _select(state, prefix, strip_prefix, path)
         del checkpoint  # only `state`'s tensors stay alive, and only until the next file
         if index == 0:
             reference = {name: value.to("meta") for name, value in state.items()}
@@ -202,23 +277,114 @@ def average_checkpoints(
         seen_weight += weight_k
         # lerp weight w_k / W_k; while all weights so far are 0 any value is right: copy.
         lerp_weight = weight_k / seen_weight if seen_weight > 0 else 1.0
-        _fold(accumulators, state, first=index == 0, lerp_weight=lerp_weight)
+        try:
+            _fold(accumulators, state, first=index == 0, lerp_weight=lerp_weight)
+        except (RuntimeError, TypeError) as error:  # e.g. a dtype torch has no lerp for (complex32)
+            raise CheckpointError(f"{path}: cannot average ({type(error).__name__}: {error})") from error
         del state  # the last reference to this checkpoint's tensors
 
     return {name: accumulators[name].to(reference[name].dtype) for name in reference}
 
 
+def _host_tag() -> str:
+    # On a filesystem shared between machines a pid only means something on the host that wrote it.
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "host"
+
+
+def _resolve_output(path: Path) -> Path:
+    """The file ``open(path, "wb")`` would write: a symlink's (final) target, so the link stays a link."""
+    if not path.is_symlink():
+        return path
+    target = Path(os.path.realpath(path))
+    if target.is_symlink():  # realpath stops on a loop, leaving a link open() would refuse
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path))
+    return target
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():  # 0 and negatives would signal process groups
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process (EPERM), or not a pid: leave its file alone
+        return True
+    return True
+
+
+def _remove_stale_temp_files(target: Path) -> None:
+    """Remove the temporary files of ``target`` left by runs on this host whose process is gone
+    (killed mid-write; each is as large as a checkpoint). Best effort: never fails the save."""
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return
+    pattern = re.compile(re.escape(f".{target.name}.{_TEMP_TAG}-{_host_tag()}-") + r"([0-9]+)-[0-9a-f]{8}")
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return  # the write reports an unusable directory
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is None or _process_alive(int(match.group(1))):
+            continue
+        stale = target.parent / name
+        try:
+            if stat.S_ISREG(os.lstat(stale).st_mode):  # only plain files: ours are never anything else
+                os.unlink(stale)
+        except OSError:  # removed by a concurrent run, or not ours to remove
+            pass
+
+
+def _create_temp(target: Path) -> Tuple[Path, int]:
+    """A new temporary file next to ``target`` and its descriptor, created with mode 0666 so that
+    the kernel applies the umask (and a directory's default ACL) exactly as for ``open()``."""
+    prefix = f".{target.name}.{_TEMP_TAG}-{_host_tag()}-{os.getpid()}-"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = target.parent / (prefix + secrets.token_hex(4))
+        try:
+            return tmp, os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(target.parent))
+
+
 def save_atomic(obj: Any, path: PathLike) -> None:
     """``torch.save`` to a temporary file in ``path``'s directory, then ``os.replace``:
-    readers see the old file or the complete new one, never a partial one."""
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+    readers see the old file or the complete new one, never a partial one.
+
+    Otherwise as ``torch.save(obj, path)``: a new file gets ``0666 & ~umask``, an
+    existing one keeps its permission bits and is refused (``PermissionError``) when
+    ``open()`` would refuse to write it, and a symlink is written through (its target
+    is replaced; the link stays). An existing directory, FIFO or device is refused
+    (``OSError``) rather than replaced by a regular file. Stale temporary files of earlier killed runs for
+    this output (see :func:`_remove_stale_temp_files`) are removed first.
+    """
+    target = _resolve_output(Path(path))
+    try:
+        existing = os.stat(target)
+    except FileNotFoundError:
+        existing = None
+    # os.replace would put a regular file where a directory, FIFO or device (-o /dev/null as root) was.
+    if existing is not None and stat.S_ISDIR(existing.st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(target))
+    if existing is not None and not stat.S_ISREG(existing.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file: the average is written to a regular or a new file", str(target))
+    # open(path, "wb") would fail on a read-only file: do not bypass that by replacing it.
+    if existing is not None and not os.access(target, os.W_OK):
+        mode = stat.S_IMODE(existing.st_mode)
+        raise PermissionError(errno.EACCES, f"{os.strerror(errno.EACCES)} (mode {mode:04o})", str(target))
+    _remove_stale_temp_files(target)
+    tmp, handle = _create_temp(target)
     try:
         with os.fdopen(handle, "wb") as file:
+            if existing is not None:
+                # Writing in place keeps the mode; the kernel would clear set-id bits on the write.
+                os.fchmod(file.fileno(), stat.S_IMODE(existing.st_mode) & 0o777)
             torch.save(obj, file)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -234,8 +400,17 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--key", help=f"take the state_dict from checkpoint[KEY] (default: auto: {', '.join(COMMON_KEYS)})")
     parser.add_argument("--prefix", help="keep only the keys starting with PREFIX")
     parser.add_argument("--strip-prefix", action="store_true", help="remove PREFIX from the kept keys (e.g. module.)")
-    parser.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per checkpoint")
+    parser.add_argument(
+        "--weights", nargs="+", type=float, metavar="W", help="one weight per checkpoint (finite, >= 0, positive sum)"
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    parser.epilog = (
+        "Sparse, quantized, nested and meta entries cannot be averaged and are refused with the file and the key: "
+        "save them dense (to_dense()) or dequantized (dequantize()), or select the other entries with --prefix "
+        "(another state_dict with --key). The output is replaced atomically with torch.save's permissions "
+        "(0666 & ~umask, or the existing file's mode); a symlinked output is written through to its target. "
+        "Temporary files (.OUTPUT.swa_fast-tmp-HOST-PID-*) left by a killed run are removed by the next run."
+    )
 
 
 def run(args: Any) -> int:

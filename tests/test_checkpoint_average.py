@@ -1,7 +1,10 @@
 """Checkpoint averaging (swa_fast.checkpoint_average, ``python -m swa_fast average``) against float64 means."""
 
 import gc
+import math
 import os
+import re
+import stat
 import subprocess
 import sys
 import weakref
@@ -97,6 +100,24 @@ def test_weights(checkpoints):
 
 @pytest.mark.parametrize("weights, message", [([1.0], "1 weights given for 4"), ([1, -1, 1, 1], ">= 0"), ([0, 0, 0, 0], "positive sum")])
 def test_bad_weights(checkpoints, weights, message):
+    with pytest.raises(CheckpointError, match=message):
+        average_checkpoints(checkpoints[0], weights=weights)
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ([math.inf, math.inf, 1, 1], r"weights must be finite.*inf"),
+        ([1, math.nan, 1, 1], r"weights must be finite.*nan"),
+        ([1, -math.inf, 1, 1], r"weights must be finite.*-inf"),
+        ([1e308, 1e308, 0, 0], r"sum of the weights overflows"),
+    ],
+    ids=["inf", "nan", "-inf", "sum-overflows"],
+)
+def test_non_finite_weights_refused(checkpoints, weights, message, monkeypatch):
+    # Refused before any file is read: inf/inf (NaN) or w/inf (0) lerp weights would
+    # silently make one checkpoint the "average".
+    monkeypatch.setattr(checkpoint_average, "_load", lambda path: pytest.fail(f"{path} was read"))
     with pytest.raises(CheckpointError, match=message):
         average_checkpoints(checkpoints[0], weights=weights)
 
@@ -229,6 +250,70 @@ def test_no_state_dict_found(tmp_path):
         average_checkpoints([path], key="model")
 
 
+# The kinds of entry that cannot be averaged; each is refused with the file and the key.
+UNSUPPORTED_ENTRIES = {
+    "sparse_coo": lambda: torch.eye(3).to_sparse(),
+    "sparse_csr": lambda: torch.eye(3).to_sparse_csr(),
+    "sparse_csc": lambda: torch.eye(3).to_sparse_csc(),
+    "quantized": lambda: torch.quantize_per_tensor(torch.randn(3, 3), 0.1, 0, torch.qint8),
+    "quantized_per_channel": lambda: torch.quantize_per_channel(
+        torch.randn(3, 3), torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0, 0, 0]), 0, torch.quint8
+    ),
+    "meta": lambda: torch.empty(3, 3, device="meta"),
+    "nested": lambda: torch.nested.nested_tensor([torch.randn(2), torch.randn(3)]),
+}
+UNSUPPORTED_MESSAGES = {
+    "sparse_coo": r"sparse tensor \(torch\.sparse_coo\).*to_dense\(\)",
+    "sparse_csr": r"sparse tensor \(torch\.sparse_csr\).*to_dense\(\)",
+    "sparse_csc": r"sparse tensor \(torch\.sparse_csc\).*to_dense\(\)",
+    "quantized": r"quantized tensor \(torch\.qint8\).*dequantize\(\)",
+    "quantized_per_channel": r"quantized tensor \(torch\.quint8\).*dequantize\(\)",
+    "meta": r"meta tensor.*no data",
+    "nested": r"nested tensor",
+}
+
+
+@pytest.mark.parametrize("kind", list(UNSUPPORTED_ENTRIES))
+def test_unsupported_entries_name_file_and_key(tmp_path, kind):
+    dense = write(tmp_path, "dense.pt", {"w": torch.zeros(3, 3), "odd": torch.zeros(3, 3)})
+    odd = write(tmp_path, "odd.pt", {"w": torch.ones(3, 3), "odd": UNSUPPORTED_ENTRIES[kind]()})
+    message = UNSUPPORTED_MESSAGES[kind]
+    # In a later file (first one dense) and in the first file, and alone.
+    with pytest.raises(CheckpointError, match=rf"odd\.pt: key 'odd' is a {message}"):
+        average_checkpoints([dense, odd])
+    with pytest.raises(CheckpointError, match=rf"odd\.pt: key 'odd' is a {message}"):
+        average_checkpoints([odd, dense])
+    with pytest.raises(CheckpointError, match=rf"odd\.pt: key 'odd' is a {message}"):
+        average_checkpoints([odd])
+    # The way out the message suggests: select the other entries.
+    wrapped = write(tmp_path, "wrapped.pt", {"model.w": torch.ones(3, 3), "extra.odd": UNSUPPORTED_ENTRIES[kind]()})
+    other = write(tmp_path, "other.pt", {"model.w": torch.zeros(3, 3), "extra.odd": torch.zeros(3, 3)})
+    averaged = average_checkpoints([wrapped, other], prefix="model.")
+    torch.testing.assert_close(averaged["model.w"], torch.full((3, 3), 0.5))
+
+
+def test_unsupported_entry_under_a_key_names_the_state_dict_key(tmp_path):
+    path = write(tmp_path, "a.pt", {"model": {"w": torch.zeros(2), "emb": torch.eye(2).to_sparse()}, "epoch": 1})
+    with pytest.raises(CheckpointError, match=r"a\.pt: key 'emb' is a sparse tensor"):
+        average_checkpoints([path], key="model")
+
+
+def test_failure_while_folding_names_the_file(tmp_path, monkeypatch):
+    # Anything the fold itself refuses (a dtype torch has no lerp for, ...) still names the file.
+    first = write(tmp_path, "a.pt", {"w": torch.zeros(2)})
+    second = write(tmp_path, "b.pt", {"w": torch.ones(2)})
+    real_fold = checkpoint_average._fold
+
+    def failing_fold(accumulators, state, *, first, lerp_weight):
+        if not first:
+            raise NotImplementedError("no kernel for this")
+        real_fold(accumulators, state, first=first, lerp_weight=lerp_weight)
+
+    monkeypatch.setattr(checkpoint_average, "_fold", failing_fold)
+    with pytest.raises(CheckpointError, match=r"b\.pt: cannot average \(NotImplementedError: no kernel for this\)"):
+        average_checkpoints([first, second])
+
+
 # -- atomic write and the CLI ------------------------------------------------------------
 
 
@@ -245,6 +330,146 @@ def test_save_atomic_leaves_old_file_on_error(tmp_path, monkeypatch):
         checkpoint_average.save_atomic({"x": torch.zeros(1)}, out)
     assert out.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt"]  # no temporary file left
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (restored after)."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002], ids=oct)
+def test_save_atomic_new_file_mode_is_torch_saves(tmp_path, umask, mask):
+    umask(mask)
+    reference = tmp_path / "reference.pt"
+    torch.save({"x": torch.zeros(1)}, reference)
+    out = tmp_path / "out.pt"
+    checkpoint_average.save_atomic({"x": torch.zeros(1)}, out)
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(reference.stat().st_mode) == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o664, 0o600], ids=oct)
+def test_save_atomic_keeps_an_existing_files_mode(tmp_path, umask, mode):
+    umask(0o077)  # would give 0600 to a new file
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"old")
+    out.chmod(mode)
+    checkpoint_average.save_atomic({"x": torch.ones(1)}, out)
+    assert stat.S_IMODE(out.stat().st_mode) == mode
+    assert torch.equal(torch.load(out, weights_only=True)["x"], torch.ones(1))
+
+
+def test_save_atomic_refuses_an_output_open_would_refuse(tmp_path, monkeypatch):
+    # A read-only output: open(path, "wb") (torch.save) fails for a non-root user, so
+    # replacing the file behind it would bypass the protection. Root may write it.
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"old")
+    out.chmod(0o444)
+    if os.geteuid() == 0:  # root: access() says yes; play an ordinary user
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if mode & os.W_OK else real_access(p, mode, **kw))
+    with pytest.raises(PermissionError, match="out.pt"):
+        checkpoint_average.save_atomic({"x": torch.ones(1)}, out)
+    assert out.read_bytes() == b"old" and stat.S_IMODE(out.stat().st_mode) == 0o444
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt"]
+
+
+def test_save_atomic_refuses_a_non_regular_output(tmp_path):
+    # open() would write into a FIFO or device, or fail on a directory; replacing any of
+    # them with a regular file (e.g. -o /dev/null as root) is never what was asked.
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    directory = tmp_path / "dir.pt"
+    directory.mkdir()
+    for out in (fifo, directory):
+        with pytest.raises(OSError, match=re.escape(out.name)):
+            checkpoint_average.save_atomic({"x": torch.ones(1)}, out)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and directory.is_dir() and not any(directory.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.pt", "pipe.pt"]
+
+
+def test_save_atomic_writes_through_a_symlink(tmp_path):
+    real_dir = tmp_path / "store"
+    real_dir.mkdir()
+    target = real_dir / "real.pt"
+    target.write_bytes(b"old")
+    target.chmod(0o640)
+    link = tmp_path / "out.pt"
+    link.symlink_to(os.path.join("store", "real.pt"))  # relative, as `ln -s` makes them
+    chain = tmp_path / "latest.pt"
+    chain.symlink_to("out.pt")  # a link to the link
+    checkpoint_average.save_atomic({"x": torch.ones(1)}, chain)
+    assert chain.is_symlink() and os.readlink(chain) == "out.pt"
+    assert link.is_symlink() and os.readlink(link) == os.path.join("store", "real.pt")
+    assert not target.is_symlink() and stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert torch.equal(torch.load(target, weights_only=True)["x"], torch.ones(1))
+    assert sorted(p.name for p in real_dir.iterdir()) == ["real.pt"]
+    # A dangling link: the target is created, as open() would.
+    dangling = tmp_path / "dangling.pt"
+    dangling.symlink_to(real_dir / "new.pt")
+    checkpoint_average.save_atomic({"x": torch.zeros(1)}, dangling)
+    assert dangling.is_symlink()
+    assert torch.equal(torch.load(real_dir / "new.pt", weights_only=True)["x"], torch.zeros(1))
+
+
+def test_save_atomic_refuses_a_symlink_loop(tmp_path):
+    (tmp_path / "a.pt").symlink_to("b.pt")
+    (tmp_path / "b.pt").symlink_to("a.pt")
+    with pytest.raises(OSError, match="symbolic links"):
+        checkpoint_average.save_atomic({"x": torch.zeros(1)}, tmp_path / "a.pt")
+    assert os.readlink(tmp_path / "a.pt") == "b.pt" and os.readlink(tmp_path / "b.pt") == "a.pt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]
+
+
+def dead_pid():
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_save_atomic_removes_stale_temp_files_of_dead_processes(tmp_path, monkeypatch):
+    out = tmp_path / "out.pt"
+    seen = []
+    real_save = torch.save
+
+    def watching_save(obj, file):
+        seen.extend(p.name for p in tmp_path.iterdir())
+        real_save(obj, file)
+
+    monkeypatch.setattr(checkpoint_average.torch, "save", watching_save)
+    checkpoint_average.save_atomic({"x": torch.zeros(1)}, out)
+    monkeypatch.setattr(checkpoint_average.torch, "save", real_save)
+    # The temporary file is recognisable: output name, tag, host, pid, random part.
+    assert len(seen) == 1
+    own = re.fullmatch(rf"\.out\.pt\.swa_fast-tmp-(.+)-{os.getpid()}-([0-9a-f]{{8}})", seen[0])
+    assert own, seen
+
+    def temp_name(pid, output="out.pt", host=own.group(1), random="0123abcd"):
+        return f".{output}.swa_fast-tmp-{host}-{pid}-{random}"
+
+    dead = dead_pid()
+    stale = [temp_name(dead), temp_name(dead, random="ffffffff")]
+    kept = [
+        temp_name(os.getpid()),  # this process: alive
+        temp_name(os.getppid()),  # the parent: alive
+        temp_name(dead, output="other.pt"),  # another output's
+        temp_name(dead, host=own.group(1) + "x"),  # another machine's (shared filesystem): its pid means nothing here
+        temp_name(dead, random="xyz"),  # not our naming
+        temp_name(dead) + ".bak",
+        ".out.pt.k2j4h5g6.tmp",  # tempfile's naming: no pid to judge by
+        "out.pt.swa_fast-tmp-x",
+    ]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"partial")
+    (tmp_path / temp_name(dead, random="aaaaaaaa")).mkdir()  # not a file: left alone
+    kept.append(temp_name(dead, random="aaaaaaaa"))
+    checkpoint_average.save_atomic({"x": torch.ones(1)}, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["out.pt"])
+    assert torch.equal(torch.load(out, weights_only=True)["x"], torch.ones(1))
 
 
 def cli(*args, cwd):
@@ -290,3 +515,43 @@ def test_cli_error_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]
     result = cli(first, "--strip-prefix", "-o", out, cwd=tmp_path)
     assert result.returncode == 1 and "--strip-prefix needs --prefix" in result.stderr
+
+
+def test_cli_non_finite_weights_write_nothing(checkpoints, tmp_path):
+    paths, _ = checkpoints
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"old")
+    for weights in (["inf"] * COUNT, ["1e308"] * COUNT, ["nan"] * COUNT):
+        result = cli(*paths[:2], *paths[2:], "--weights", *weights, "-o", out, cwd=tmp_path)
+        assert result.returncode == 1, result.stdout
+        assert "swa_fast average: error:" in result.stderr and "Traceback" not in result.stderr
+        assert out.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in paths] + ["out.pt"])
+
+
+def test_cli_unsupported_entry_writes_nothing(tmp_path):
+    first = write(tmp_path, "a.pt", {"x": torch.zeros(2, 2), "q": torch.zeros(2, 2)})
+    quantized = torch.quantize_per_tensor(torch.ones(2, 2), 0.1, 0, torch.qint8)
+    second = write(tmp_path, "b.pt", {"x": torch.ones(2, 2), "q": quantized})
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"old")
+    result = cli(first, second, "-o", out, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "b.pt: key 'q' is a quantized tensor" in result.stderr, result.stderr
+    assert out.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt", "out.pt"]
+
+
+def test_cli_help_documents_refused_entries():
+    result = subprocess.run(
+        [sys.executable, "-m", "swa_fast", "average", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.lower().split())
+    for phrase in ("sparse", "quantized", "meta", "--prefix", "finite"):
+        assert phrase in text, phrase
