@@ -6,8 +6,13 @@ reads the real Fashion-MNIST when the Debian package is installed.
 
 from __future__ import annotations
 
+import os
 import pickle
+import shlex
+import struct
 import sys
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +199,149 @@ def test_cifar_missing_key_and_label_count(tmp_path):
         load_cifar(tmp_path)
 
 
+# A crafted "batch" must not run code: the loader's unpickler admits only the
+# globals numpy arrays and builtin containers need (hostile-tester finding).
+
+class _OpensMarker:
+    """Unpickles as ``open(marker, "w")``: creates the marker file if the global is admitted."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+class _RunsShell:
+    """Unpickles as ``os.system("touch marker")``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
+
+
+@pytest.mark.parametrize("gadget, refused", [(_OpensMarker, r"io\.open"), (_RunsShell, r"(posix|nt)\.system")])
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_cifar_pickle_refuses_code_before_running_it(tmp_path, gadget, refused, protocol):
+    root = tmp_path / "cifar-10-batches-py"
+    make_cifar10(root)
+    marker = tmp_path / "pwned"
+    with (root / "data_batch_1").open("wb") as f:  # looks like a batch; 'data' is the payload
+        pickle.dump({b"batch_label": b"x", b"data": gadget(marker), b"labels": [0, 1, 2]}, f, protocol=protocol)
+    with pytest.raises(DatasetError, match=rf"cifar-10-batches-py/data_batch_1: refuses to load {refused} "
+                                           r"from a pickle; not a CIFAR batch"):
+        load_cifar(tmp_path)
+    assert not marker.exists()
+
+
+def global_call_pickle(module: str, name: str) -> bytes:
+    """A protocol-2 pickle that calls ``module.name()`` (GLOBAL, EMPTY_TUPLE, REDUCE)."""
+    return b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n)R."
+
+
+@pytest.mark.parametrize("module, name", [
+    ("builtins", "eval"), ("__builtin__", "getattr"), ("builtins", "bytearray"), ("copyreg", "_reconstructor"),
+    ("numpy", "load"), ("numpy", "frombuffer"), ("numpy.core.multiarray", "_reconstruct_"),
+    ("numpy._core.numeric", "fromstring"), ("_codecs", "decode"), ("subprocess", "call"),
+])
+def test_cifar_pickle_refuses_any_other_global(tmp_path, module, name):
+    make_cifar10(tmp_path)
+    (tmp_path / "batches.meta").write_bytes(global_call_pickle(module, name))
+    with pytest.raises(DatasetError, match=rf"batches.meta: refuses to load {module}\.{name} from a pickle"):
+        load_cifar(tmp_path)
+
+
+def test_cifar_pickle_codecs_encode_is_latin1_only(tmp_path):
+    # Python 3 writes bytes at protocols 0-2 as _codecs.encode(text, 'latin1'); nothing else is admitted.
+    make_cifar10(tmp_path)
+    payload = b"\x80\x02c_codecs\nencode\nX\x03\x00\x00\x00abcX\x05\x00\x00\x00rot13\x86R."
+    assert pickle.loads(payload) == "nop"  # the stock unpickler runs it
+    (tmp_path / "batches.meta").write_bytes(payload)
+    with pytest.raises(DatasetError, match=r"batches.meta: .*_codecs\.encode.*'latin1'"):
+        load_cifar(tmp_path)
+
+
+@pytest.mark.parametrize("module, name", [("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
+                                          ("_codecs", "encode")])
+@pytest.mark.parametrize("state", ["slots", "dict"])
+def test_cifar_pickle_cannot_rewrite_an_admitted_function(tmp_path, module, name, state):
+    # BUILD on an admitted global sets attributes on it; on a shared Python function that would
+    # change it for the whole process (here its defaults), so the loader hands out fresh wrappers.
+    from numpy._core import numeric
+
+    make_cifar10(tmp_path)
+    attrs = b"}X\x0c\x00\x00\x00__defaults__K\x07\x85s"  # {'__defaults__': (7,)}
+    build = b"N" + attrs + b"\x86b" if state == "slots" else attrs + b"b"  # (None, slots) or a __dict__ update
+    (tmp_path / "batches.meta").write_bytes(b"\x80\x02c" + f"{module}\n{name}\n".encode() + build + b".")
+    import recipe_lib.datasets as datasets
+
+    functions = (numeric._frombuffer, datasets._latin1_encode)
+    before = [(f.__defaults__, dict(f.__dict__)) for f in functions]
+    try:
+        with pytest.raises(DatasetError, match="batches.meta: expected a pickled dict, got function"):
+            load_cifar(tmp_path)
+        assert [(f.__defaults__, dict(f.__dict__)) for f in functions] == before
+    finally:  # a failure must not leave numpy broken for the tests after it
+        for f, (defaults, attrs) in zip(functions, before):
+            f.__defaults__ = defaults
+            f.__dict__.clear()
+            f.__dict__.update(attrs)
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_cifar_loads_every_pickle_protocol_of_this_numpy(tmp_path, protocol):
+    # numpy 2 writes numpy._core.* (and _frombuffer at protocol 5), Python 3 at protocols 0-2 writes
+    # bytes through _codecs.encode and sets through __builtin__.set: all must load.
+    expected = make_cifar10(tmp_path)
+    rng = np.random.default_rng(3)
+    meta = {b"label_names": [f"c{i}".encode() for i in range(10)], b"num_vis": np.int64(3072),
+            b"num_cases_per_batch": 3, b"spare": {1, 2}, b"frozen": frozenset({3})}
+    with (tmp_path / "batches.meta").open("wb") as f:
+        pickle.dump(meta, f, protocol=protocol)
+    rows = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
+    with (tmp_path / "test_batch").open("wb") as f:
+        pickle.dump({b"batch_label": b"testing batch 1 of 1", b"data": rows, b"labels": np.array([1, 2, 3]),
+                     b"filenames": [b"a.png", b"b.png", b"c.png"]}, f, protocol=protocol)
+    splits = load_cifar(tmp_path)
+    assert torch.equal(splits.test.images.reshape(3, -1), torch.from_numpy(rows))
+    assert splits.test.labels.tolist() == [1, 2, 3]
+    assert torch.equal(splits.train.images.reshape(15, -1), torch.from_numpy(expected["train"]))
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Writes bytes the way Python 2's cPickle wrote ``str`` (SHORT_BINSTRING/BINSTRING), as the official files do."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_bytes(self, obj: bytes) -> None:
+        n = len(obj)
+        self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj if n < 256 else pickle.BINSTRING + struct.pack("<i", n) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+
+
+def test_cifar_loads_python2_numpy1_style_pickles(tmp_path):
+    # The official archives are Python 2 pickles of numpy 1 arrays: numpy.core.multiarray._reconstruct,
+    # numpy.ndarray, numpy.dtype, the raw pixels as a binary string, read with encoding='bytes'.
+    rng = np.random.default_rng(4)
+    rows = rng.integers(0, 256, (2, 3072), dtype=np.uint8)
+    for name, obj in (("batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)], b"num_vis": 3072}),
+                      *((f"data_batch_{i}", {b"data": rows, b"labels": [i, 9]}) for i in range(1, 6)),
+                      ("test_batch", {b"data": rows[::-1].copy(), b"labels": [4, 5]})):
+        buffer = __import__("io").BytesIO()
+        _Python2Pickler(buffer, protocol=2).dump(obj)
+        payload = buffer.getvalue()
+        assert b"_codecs" not in payload
+        (tmp_path / name).write_bytes(payload.replace(b"cnumpy._core.", b"cnumpy.core."))
+    assert b"cnumpy.core.multiarray\n_reconstruct\n" in (tmp_path / "test_batch").read_bytes()
+    splits = load_cifar(tmp_path)
+    assert torch.equal(splits.test.images.reshape(2, -1), torch.from_numpy(rows[::-1].copy()))
+    assert splits.train.labels.tolist() == [1, 9, 2, 9, 3, 9, 4, 9, 5, 9]
+    assert splits.train.classes[3] == "c3"
+
+
 # ----------------------------------------------------------------- image folders
 
 def save_image(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (8, 6), mode: str = "RGB") -> np.ndarray:
@@ -255,6 +403,45 @@ def test_image_folder_unreadable_image(tmp_path):
     (tmp_path / "test/buildings/broken.png").write_bytes(b"not a png at all")
     with pytest.raises(DatasetError, match="broken.png: unreadable image"):
         load_image_folder(tmp_path)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A 60-byte PNG that declares ``width`` x ``height`` pixels (a decompression bomb's header, no real data)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_image_folder_decompression_bomb_names_the_file(tmp_path):
+    # 20000x20000 = 4e8 pixels, over twice PIL.Image.MAX_IMAGE_PIXELS: PIL raises DecompressionBombError.
+    make_folder(tmp_path)
+    (tmp_path / "test/glacier/bomb.png").write_bytes(png_header_only(20000, 20000))
+    with pytest.raises(DatasetError, match=r"test/glacier/bomb.png: image is too large \(Pillow: .*400000000 pixels.*\), "
+                                           r"over PIL\.Image\.MAX_IMAGE_PIXELS = \d+: refused as a possible decompression "
+                                           r"bomb.*raise PIL\.Image\.MAX_IMAGE_PIXELS.*--image-size does not help"):
+        load_image_folder(tmp_path, image_size=8)
+
+
+@pytest.mark.parametrize("size", [(15, 10), (20, 10), (21, 10), (300, 10)])  # 1.5x, 2x (PIL warns), >2x (PIL raises)
+@pytest.mark.parametrize("warnings_as_errors", [False, True])
+def test_image_folder_over_max_image_pixels_is_an_error(tmp_path, monkeypatch, size, warnings_as_errors):
+    make_folder(tmp_path)  # 8x6 = 48 pixels each, under the limit
+    save_image(tmp_path / "train/buildings/big.png", (5, 5, 5), size=size)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with warnings.catch_warnings():
+        # Between 1x and 2x the limit PIL only warns; under -W error its warning is raised instead.
+        warnings.simplefilter("error" if warnings_as_errors else "ignore", Image.DecompressionBombWarning)
+        # Our own check names the size; where Pillow raises first (over 2x, or its warning as an
+        # error) its message gives the pixel count.
+        pixels = size[0] * size[1]
+        with pytest.raises(DatasetError, match=rf"train/buildings/big.png: image is ({size[0]}x{size[1]} = {pixels} "
+                                               rf"pixels|too large \(Pillow: .*\b{pixels} pixels.*\)), over "
+                                               r"PIL\.Image\.MAX_IMAGE_PIXELS = 100: refused"):
+            load_image_folder(tmp_path, image_size=6)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # how to allow it when intended
+    assert load_image_folder(tmp_path, image_size=6).train.images.shape == (5, 3, 6, 6)
 
 
 def test_image_folder_empty(tmp_path):

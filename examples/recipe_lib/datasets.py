@@ -14,13 +14,14 @@ names the offending file, because "bad magic number" is useless without it.
 from __future__ import annotations
 
 import gzip
+import importlib
 import os
 import pickle
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 import torch
@@ -223,16 +224,112 @@ def write_synthetic_fashion_mnist(directory: Path | str, n_train: int = 2048, n_
 
 # --------------------------------------------------------------------------- CIFAR
 
+def _numpy_core(submodule: str, name: str) -> object:
+    """``numpy._core.<submodule>.<name>`` (numpy 2), else ``numpy.core.<submodule>.<name>`` (numpy 1).
+
+    Both spellings in a pickle resolve to the same function here, so numpy 1
+    pickles (the official Python 2 files) load on numpy 2 and vice versa,
+    without touching numpy 2's deprecated ``numpy.core`` shim.
+    """
+    for package in ("numpy._core", "numpy.core"):
+        try:
+            return getattr(importlib.import_module(f"{package}.{submodule}"), name)
+        except (ImportError, AttributeError):
+            continue
+    raise pickle.UnpicklingError(f"this numpy has no {submodule}.{name}")
+
+
+def _latin1_encode(text: str, encoding: str) -> bytes:
+    """``_codecs.encode`` as Python 3 pickles use it for bytes at protocols 0-2: latin-1 only.
+
+    Any other codec is refused: pickle never writes one, and arbitrary codecs
+    (including any a library registered) are code we did not mean to admit.
+    """
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode is admitted for 'latin1' text only, got {encoding!r}")
+    return text.encode("latin-1")
+
+
+def _fresh(fn: Callable[..., object]) -> Callable[..., object]:
+    """A new function that calls ``fn``, so a pickle's ``BUILD`` on it cannot alter ``fn`` itself.
+
+    ``BUILD`` on any object sets its attributes (``__dict__`` or ``setattr``);
+    on a shared Python function (numpy's ``_frombuffer``, :func:`_latin1_encode`)
+    that would rewrite its ``__defaults__`` for the whole process. Built-in
+    functions and types refuse new attributes, so they are handed out as is.
+    """
+    def call(*args: object) -> object:
+        return fn(*args)
+
+    return call
+
+
+# The only globals a CIFAR pickle may name, as (module, name) written in the
+# file, each mapped to what it loads. This is everything numpy arrays and
+# scalars need under numpy 1 and 2 at every pickle protocol (0-2 reference
+# _reconstruct/ndarray/dtype/scalar, plus _codecs.encode for Python 3 bytes;
+# 5 adds _frombuffer), and the two builtin containers without an opcode of
+# their own before protocol 4 (Python 2 and Python 3 at protocols 0-2 spell
+# builtins as __builtin__). dict, list, tuple, str, bytes, int, float need no
+# global. Everything else -- os.system, builtins.eval/getattr/open, copyreg,
+# numpy.load -- is how a crafted pickle runs code, and the official files
+# never name it.
+_PICKLE_GLOBALS: dict[tuple[str, str], Callable[[], object]] = {
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    **{(f"{package}.multiarray", "_reconstruct"): (lambda: _numpy_core("multiarray", "_reconstruct"))
+       for package in ("numpy.core", "numpy._core")},
+    **{(f"{package}.multiarray", "scalar"): (lambda: _numpy_core("multiarray", "scalar"))
+       for package in ("numpy.core", "numpy._core")},
+    **{(f"{package}.numeric", "_frombuffer"): (lambda: _fresh(_numpy_core("numeric", "_frombuffer")))
+       for package in ("numpy.core", "numpy._core")},
+    ("_codecs", "encode"): lambda: _fresh(_latin1_encode),
+    **{(module, "set"): (lambda: set) for module in ("builtins", "__builtin__")},
+    **{(module, "frozenset"): (lambda: frozenset) for module in ("builtins", "__builtin__")},
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only :data:`_PICKLE_GLOBALS`.
+
+    A pickle runs code by naming a callable global (``GLOBAL``/``STACK_GLOBAL``/
+    ``INST``/``EXT*`` all go through :meth:`find_class`) and calling it with
+    ``REDUCE``/``BUILD``; refusing the name refuses the call before anything
+    runs. What remains admitted only builds arrays, scalars and containers
+    (``_fresh`` keeps ``BUILD`` on an admitted function from altering it).
+    Persistent ids are refused too (the stock unpickler already refuses them).
+    """
+
+    def __init__(self, file: BinaryIO, path: Path) -> None:
+        super().__init__(file, encoding="bytes")  # Python 2 str -> bytes, as numpy's raw data needs
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> object:
+        resolve = _PICKLE_GLOBALS.get((module, name))
+        if resolve is None:
+            raise DatasetError(f"{self._path}: refuses to load {module}.{name} from a pickle; not a CIFAR batch "
+                               "(only numpy arrays and builtin containers are admitted)")
+        return resolve()
+
+    def persistent_load(self, pid: object) -> object:
+        raise DatasetError(f"{self._path}: refuses a persistent id in a pickle; not a CIFAR batch")
+
+
 def _unpickle(path: Path) -> dict[str, object]:
     """Load a CIFAR batch; keys come back as ``str`` whether pickled as bytes or str.
 
-    These are pickles: load only files you trust (the official archives).
+    The files are pickles, which can run any code they name while loading, so
+    :class:`_CifarUnpickler` admits only the globals numpy arrays and builtin
+    containers need and refuses the rest with a :class:`DatasetError` naming
+    the file and the global, before it runs.
     """
     if not path.is_file():
         raise MissingDataError(f"{path}: no such file")
     try:
         with path.open("rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _CifarUnpickler(f, path).load()
+    except DatasetError:
+        raise  # a refused global: already names the file and what was refused
     except Exception as e:  # UnpicklingError, EOFError, ValueError, ... all mean "not a CIFAR batch"
         raise DatasetError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):
@@ -324,16 +421,41 @@ def _list_folder(split_dir: Path) -> tuple[tuple[str, ...], list[tuple[Path, int
     return classes, samples
 
 
+def _bomb_error(path: Path, what: str, limit: int | None) -> DatasetError:
+    """The error for an image over Pillow's pixel limit: names the file and how to allow it if intended."""
+    return DatasetError(
+        f"{path}: {what}, over PIL.Image.MAX_IMAGE_PIXELS = {limit}: refused as a possible decompression bomb "
+        "(a small file that decodes to gigabytes). If the image is genuine, raise PIL.Image.MAX_IMAGE_PIXELS "
+        "(None disables the check) before loading; --image-size does not help, images are decoded at full "
+        "size before they are resized")
+
+
 def _decode(path: Path, size: tuple[int, int] | None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # reads the header only; pixels are decoded by convert()
+            # Pillow raises DecompressionBombError above 2x MAX_IMAGE_PIXELS but only warns
+            # between 1x and 2x, then decodes hundreds of megabytes per image. Checking the
+            # size here makes both an error naming the file. Turning the warning into an error
+            # with a warnings filter instead would change process-wide state from worker
+            # threads (filters are global, catch_warnings is not thread-safe), so Pillow's
+            # own warning may still be printed just before this error.
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and img.width * img.height > limit:
+                raise _bomb_error(path, f"image is {img.width}x{img.height} = {img.width * img.height} pixels", limit)
             img = img.convert("RGB")
             if size is not None and img.size != (size[1], size[0]):
                 # Pillow's bilinear filter widens its support when downscaling (antialiased).
                 img = img.resize((size[1], size[0]), Image.BILINEAR)
             return np.array(img, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
+    except DatasetError:
+        raise  # ours (a ValueError), already complete: not "unreadable"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Raised inside Image.open before the size is ours to read: above 2x the limit, or
+        # between 1x and 2x when the caller runs with warnings as errors (-W error). Pillow's
+        # message gives the pixel count only.
+        raise _bomb_error(path, f"image is too large (Pillow: {str(e).rstrip('.')})", Image.MAX_IMAGE_PIXELS) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
 
