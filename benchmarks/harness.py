@@ -23,6 +23,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"  # run.py writes here, readme_tables.py reads
 
 
 @dataclass

@@ -54,6 +54,7 @@ import swa_fast
 
 from benchmarks import averaging, distance, ghost_bn
 from benchmarks.harness import (
+    RESULTS_DIR,
     device_info,
     format_candidates,
     git_commit,
@@ -62,8 +63,6 @@ from benchmarks.harness import (
     run_rounds,
     summarize_candidates,
 )
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # A suite module has CASES (name -> case with .name, .note, .applies_to(device)),
 # SPEEDUPS, build_candidates(case, device), describe(case) and header_lines(case, label).
