@@ -37,11 +37,12 @@ ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 
 
-def _load_source_hash():
-    spec = importlib.util.spec_from_file_location("_source_hash", ROOT / "swa_fast" / "_source_hash.py")
+def _build_facts():
+    """swa_fast/_build_facts.py, loaded by path: importing swa_fast would need the extension."""
+    spec = importlib.util.spec_from_file_location("_build_facts", ROOT / "swa_fast" / "_build_facts.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.source_hash
+    return module
 
 
 def _want_cuda(torch, cpp_extension) -> bool:
@@ -55,21 +56,14 @@ def _want_cuda(torch, cpp_extension) -> bool:
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
-def _host_has_avx2_fma() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
-
-
 def _cpu_capability() -> str:
     choice = os.environ.get("SWA_FAST_CPU_CAPABILITY", "auto").lower()
     if choice not in ("auto", "avx2", "default"):
         raise SystemExit(f"SWA_FAST_CPU_CAPABILITY must be auto, avx2 or default, got {choice!r}")
     is_x86 = platform.machine().lower() in ("x86_64", "amd64")
     if choice == "auto":
-        choice = "avx2" if is_x86 and _host_has_avx2_fma() else "default"
+        # An unreadable /proc/cpuinfo (None) builds the portable kernels.
+        choice = "avx2" if is_x86 and _build_facts().host_has_avx2_fma() else "default"
     if choice == "avx2" and not is_x86:
         raise SystemExit("SWA_FAST_CPU_CAPABILITY=avx2 needs an x86-64 machine")
     return choice
@@ -97,7 +91,7 @@ def _extension():
         cuda_archs = ";".join(sorted({f.split("code=")[-1] for f in arch_flags if "code=" in f}))
 
     defines = [
-        ("SWA_FAST_SOURCE_HASH", f'"{_load_source_hash()(CSRC, with_cuda)}"'),
+        ("SWA_FAST_SOURCE_HASH", f'"{_build_facts().source_hash(CSRC, with_cuda)}"'),
         ("SWA_FAST_TORCH_VERSION", f'"{torch.__version__}"'),
         ("SWA_FAST_CPU_CAPABILITY_NAME", f'"{cpu_capability}"'),
         ("SWA_FAST_CUDA_ARCHS", f'"{cuda_archs}"'),

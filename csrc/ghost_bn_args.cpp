@@ -243,9 +243,15 @@ void bind_ghost_bn(pybind11::module_& m) {
       [](const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
          int64_t ghost_batch_size, double eps) {
         const auto geometry = validate_ghost_batch_norm_args(input, weight, bias, ghost_batch_size, eps);
-        return pybind11::make_tuple(geometry.num_ghosts, geometry.channels);
+        const at::MemoryFormat format = ghost_memory_format(input);
+        return pybind11::make_tuple(
+            geometry.num_ghosts, geometry.channels,
+            format == at::MemoryFormat::Contiguous ? "contiguous"
+                : format == at::MemoryFormat::ChannelsLast ? "channels_last" : "channels_last_3d",
+            std::string(c10::toString(ghost_stats_dtype(input.scalar_type()))));
       },
-      "ghost_batch_norm's checks on metadata; returns (num_ghosts, channels) (for the fake kernel)");
+      "ghost_batch_norm's checks on metadata; returns (num_ghosts, channels, the output's memory format, the "
+      "statistics' dtype name) for the fake kernel");
   m.def(
       "validate_ghost_batch_norm_backward_args",
       [](const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,

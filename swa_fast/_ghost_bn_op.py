@@ -26,36 +26,41 @@ def _is_static(*values) -> bool:
     return True
 
 
-def stats_dtype(input_dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the per-ghost statistics: float64 for float64 input, else float32."""
-    return torch.float64 if input_dtype == torch.float64 else torch.float32
+_FORMATS = {
+    "contiguous": torch.contiguous_format,
+    "channels_last": torch.channels_last,
+    "channels_last_3d": torch.channels_last_3d,
+}
+_DTYPES = {"Float": torch.float32, "Double": torch.float64}
 
 
-def memory_format(input: Tensor) -> torch.memory_format:
-    """The memory format the kernels compute in and return (csrc/ghost_bn_args.cpp,
-    ``ghost_memory_format``): channels_last(_3d) for such 4-D/5-D input, else contiguous."""
+def _layout_facts(input: Tensor, weight, bias, ghost_batch_size, eps):
+    """(num_ghosts, channels, output memory format, statistics dtype): from the C++ checks
+    when the shapes are concrete. Under symbolic shapes the C++ code cannot run, and this is
+    the one place that restates its rules (csrc/ghost_bn_args.cpp: ghost_memory_format,
+    ghost_stats_dtype, num_ghosts) in Python, for the fake tensors' metadata."""
+    if _is_static(input, weight, bias, ghost_batch_size):
+        ghosts, channels, fmt, dtype = _C.validate_ghost_batch_norm_args(input, weight, bias, ghost_batch_size, eps)
+        return ghosts, channels, _FORMATS[fmt], _DTYPES[dtype]
+    torch._check(ghost_batch_size >= 1, lambda: "ghost_batch_size must be a positive number of samples")
     if input.is_contiguous():
-        return torch.contiguous_format
-    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
-def num_ghosts(batch_size, ghost_batch_size):
-    return (batch_size + ghost_batch_size - 1) // ghost_batch_size
+        fmt = torch.contiguous_format
+    elif input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+        fmt = torch.channels_last
+    elif input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
+        fmt = torch.channels_last_3d
+    else:
+        fmt = torch.contiguous_format
+    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    ghosts = (input.shape[0] + ghost_batch_size - 1) // ghost_batch_size
+    return ghosts, input.shape[1], fmt, dtype
 
 
 @torch.library.register_fake("swa_fast::ghost_batch_norm")
 def _ghost_batch_norm_fake(input, weight, bias, ghost_batch_size, eps):
-    if _is_static(input, weight, bias, ghost_batch_size):
-        ghosts, channels = _C.validate_ghost_batch_norm_args(input, weight, bias, ghost_batch_size, eps)
-    else:
-        torch._check(ghost_batch_size >= 1, lambda: "ghost_batch_size must be a positive number of samples")
-        ghosts, channels = num_ghosts(input.shape[0], ghost_batch_size), input.shape[1]
-    output = torch.empty_like(input, memory_format=memory_format(input))
-    mean = input.new_empty((ghosts, channels), dtype=stats_dtype(input.dtype))
+    ghosts, channels, fmt, dtype = _layout_facts(input, weight, bias, ghost_batch_size, eps)
+    output = torch.empty_like(input, memory_format=fmt)
+    mean = input.new_empty((ghosts, channels), dtype=dtype)
     return output, mean, torch.empty_like(mean)
 
 
@@ -63,9 +68,8 @@ def _ghost_batch_norm_fake(input, weight, bias, ghost_batch_size, eps):
 def _ghost_batch_norm_backward_fake(grad_output, input, weight, mean, var, ghost_batch_size, eps, compute_grad_input):
     if _is_static(grad_output, input, weight, mean, var, ghost_batch_size):
         _C.validate_ghost_batch_norm_backward_args(grad_output, input, weight, mean, var, ghost_batch_size, eps)
-    grad_input = (
-        torch.empty_like(input, memory_format=memory_format(input)) if compute_grad_input else input.new_empty((0,))
-    )
+    _ghosts, _channels, fmt, _dtype = _layout_facts(input, weight, None, ghost_batch_size, eps)
+    grad_input = torch.empty_like(input, memory_format=fmt) if compute_grad_input else input.new_empty((0,))
     param = weight if weight is not None else mean
     grad_weight = param.new_empty((input.shape[1],))
     return grad_input, grad_weight, torch.empty_like(grad_weight)

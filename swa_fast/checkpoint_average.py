@@ -46,7 +46,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from swa_fast._ops import _C, average_
+from swa_fast._average_op import average_, is_fusable_pair
 
 __all__ = ["CheckpointError", "average_checkpoints", "extract_state_dict", "save_atomic", "COMMON_KEYS"]
 
@@ -201,7 +201,7 @@ def _fold(accumulators: Dict[str, Tensor], state: Dict[str, Tensor], *, first: b
             accumulators[name] = value.to(dtype, memory_format=torch.contiguous_format, copy=True)
         else:
             current = value.contiguous()
-            if _C.is_fusable_pair(accumulators[name], current):
+            if is_fusable_pair(accumulators[name], current):
                 fused_avg.append(accumulators[name])
                 fused_cur.append(current)
             else:  # complex: torch's lerp

@@ -47,7 +47,7 @@ from torch.optim import swa_utils as _torch_swa_utils
 from torch.optim.swa_utils import SWALR, get_ema_avg_fn, get_swa_avg_fn
 
 from swa_fast import _registry
-from swa_fast._ops import _C, average_, nonfinite_flag
+from swa_fast._average_op import average_, is_fusable_pair, nonfinite_flag
 
 __all__ = [
     "AveragedModel",
@@ -190,7 +190,7 @@ class _Pairs:
     current_other: List[Tensor] = field(default_factory=list)
 
     def add(self, averaged: Tensor, current: Tensor) -> None:
-        if _C.is_fusable_pair(averaged, current):
+        if is_fusable_pair(averaged, current):
             self.averaged.append(averaged)
             self.current.append(current)
         else:

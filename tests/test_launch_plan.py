@@ -18,21 +18,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import swa_fast
-from swa_fast._ops import _C
+from swa_fast import _launch_plan as planner
 
 BUDGETS = [4096, 32768]
 DEPTHS = [1, 2, 3, 4]
-CHUNK = _C.launch_limits(4096)["chunk_size"]
+CHUNK = planner.launch_limits(4096)["chunk_size"]
 
 
 def limits(arg_bytes: int, depth: int) -> tuple[int, int]:
-    info = _C.launch_limits(arg_bytes)
+    info = planner.launch_limits(arg_bytes)
     return info["max_blocks"], info["max_tensors"][depth - 1]
 
 
 def check_plan(numels: list[int], depth: int, arg_bytes: int) -> list[dict]:
     """Plans the launches and asserts every invariant the kernels rely on; returns the plan."""
-    launches = _C.plan_launches(numels, depth, arg_bytes)
+    launches = planner.plan_launches(numels, depth, arg_bytes)
     max_blocks, max_tensors = limits(arg_bytes, depth)
 
     # Every (tensor, chunk) exactly once, in list order; empty tensors nowhere.
@@ -50,7 +50,7 @@ def check_plan(numels: list[int], depth: int, arg_bytes: int) -> list[dict]:
         ordinal += len(blocks)
         for tensor_index, numel, addresses in slots:
             assert numel == numels[tensor_index] > 0
-            assert addresses == [_C.fake_address(d, tensor_index) for d in range(depth)]
+            assert addresses == [planner.fake_address(d, tensor_index) for d in range(depth)]
         # Slots are filled in list order and each is used by a run of consecutive blocks.
         assert [s for s, _ in blocks] == sorted(s for s, _ in blocks)
         assert {s for s, _ in blocks} == set(range(len(slots)))
@@ -69,7 +69,7 @@ def check_plan(numels: list[int], depth: int, arg_bytes: int) -> list[dict]:
 
 @pytest.mark.parametrize("arg_bytes", BUDGETS)
 def test_limits_fill_the_kernel_argument_budget(arg_bytes):
-    info = _C.launch_limits(arg_bytes)
+    info = planner.launch_limits(arg_bytes)
     assert info["chunk_size"] == 65536
     functor_room = 128
     for depth in DEPTHS:
@@ -84,7 +84,7 @@ def test_limits_fill_the_kernel_argument_budget(arg_bytes):
 
 def test_the_build_reports_its_budget():
     assert swa_fast.BUILD_INFO["kernel_arg_bytes"] in BUDGETS
-    assert _C.launch_limits() == _C.launch_limits(swa_fast.BUILD_INFO["kernel_arg_bytes"])
+    assert planner.launch_limits() == planner.launch_limits(swa_fast.BUILD_INFO["kernel_arg_bytes"])
 
 
 @pytest.mark.parametrize("arg_bytes", BUDGETS)
@@ -163,14 +163,14 @@ def test_sizes_over_two_to_the_31_elements(arg_bytes):
 
 def test_more_chunks_than_int32_are_refused_before_any_launch():
     with pytest.raises(RuntimeError, match="tensor 1 has too many elements"):
-        _C.plan_launches([5, 2**31 * CHUNK], 1)
+        planner.plan_launches([5, 2**31 * CHUNK], 1)
 
 
 def test_bad_depth_and_budget_are_refused():
     with pytest.raises(RuntimeError, match="depth must be 1 to 4"):
-        _C.plan_launches([5], 5)
+        planner.plan_launches([5], 5)
     with pytest.raises(RuntimeError, match="arg_bytes must be 4096 or 32768"):
-        _C.plan_launches([5], 1, 8192)
+        planner.plan_launches([5], 1, 8192)
 
 
 @settings(max_examples=60, deadline=None)

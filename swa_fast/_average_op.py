@@ -1,0 +1,118 @@
+"""The averaging ops: fake kernels and Python wrappers of ``average_``, ``average_moments_``
+and ``nonfinite_flag``.
+
+Their schemas and checks are ``csrc/average_args.{h,cpp}``; their kernels
+``csrc/cpu/average_cpu.cpp`` and ``csrc/cuda/average_cuda.cu``. The fake
+kernels run the same C++ checks on metadata (``_C.validate_average_args``), so
+``torch.compile`` reports bad arguments while tracing as eager mode would.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from swa_fast._ops import _C
+
+
+@torch.library.register_fake("swa_fast::average_")
+def _average_fake(averaged, current, weight, skip=None) -> None:
+    _C.validate_average_args("swa_fast.average_", averaged, [], False, current, weight, skip)
+
+
+@torch.library.register_fake("swa_fast::average_moments_")
+def _average_moments_fake(mean, sq_mean, current, weight, skip=None) -> None:
+    _C.validate_average_args("swa_fast.average_moments_", mean, sq_mean, True, current, weight, skip)
+
+
+@torch.library.register_fake("swa_fast::nonfinite_flag")
+def _nonfinite_flag_fake(tensors):
+    _C.check_nonfinite_args(tensors)
+    return tensors[0].new_empty((), dtype=torch.bool)
+
+
+Weight = Union[float, Tensor]
+
+
+def is_fusable_pair(averaged: Tensor, current: Tensor) -> bool:
+    """Whether the fused ops take this (averaged, current) pair as it is: the dtype pair
+    (``csrc/average_args.cpp``, ``is_supported_dtype_pair``) and a dense averaged tensor.
+    The rest (complex, float8, a current more precise than its average) go through torch."""
+    return _C.is_fusable_pair(averaged, current)
+
+
+def weight_tensor(weight: Weight, device: torch.device) -> Tensor:
+    """The 0-dim weight tensor the ops take; checks a Python float's range.
+
+    A float becomes a float64 tensor filled on ``device`` (a fill kernel, not a
+    host-to-device copy, so no sync). A tensor is passed through unchanged.
+    """
+    if isinstance(weight, Tensor):
+        return weight
+    if not 0.0 <= float(weight) <= 1.0:
+        raise ValueError(f"weight must be in [0, 1], got {weight}")
+    return torch.full((), float(weight), dtype=torch.float64, device=device)
+
+
+def _device_of(tensors: Sequence[Tensor]) -> torch.device:
+    return tensors[0].device if len(tensors) else torch.device("cpu")
+
+
+def average_(
+    averaged: Sequence[Tensor],
+    current: Sequence[Tensor],
+    weight: Weight,
+    *,
+    skip: Optional[Tensor] = None,
+) -> None:
+    """In place, for every i: ``averaged[i] = torch.lerp(averaged[i], current[i], weight)``.
+
+    One fused pass over the whole list (CPU: threads over chunks of all
+    tensors; CUDA: a multi-tensor-apply launch per ~64 tensors).
+
+    Args:
+        averaged: the running averages, updated in place. fp32/fp64/fp16/bf16;
+            integer and bool tensors are copied from ``current``.
+        current: the new values, same shapes; the averaged dtype or a
+            lower-precision floating dtype (e.g. a bf16 model into fp32 averages).
+        weight: in [0, 1]; a float, or a 0-dim float32/float64 tensor on the
+            averaged device (the value is then read on the device: no sync).
+            SWA uses 1/(n+1), EMA 1-decay; 1 is an exact copy.
+        skip: optional 0-dim bool tensor on the device; when true nothing is
+            written (see :func:`nonfinite_flag`).
+    """
+    with torch.no_grad():
+        torch.ops.swa_fast.average_(list(averaged), list(current), weight_tensor(weight, _device_of(averaged)), skip)
+
+
+def average_moments_(
+    mean: Sequence[Tensor],
+    sq_mean: Sequence[Tensor],
+    current: Sequence[Tensor],
+    weight: Weight,
+    *,
+    skip: Optional[Tensor] = None,
+) -> None:
+    """SWAG's first and second moments in one pass: ``mean[i] = lerp(mean[i], x, w)``,
+    ``sq_mean[i] = lerp(sq_mean[i], x * x, w)`` with ``x = current[i]``.
+
+    ``sq_mean[i]`` must match ``mean[i]`` in shape, strides and dtype; other
+    arguments as in :func:`average_`.
+    """
+    with torch.no_grad():
+        torch.ops.swa_fast.average_moments_(
+            list(mean), list(sq_mean), list(current), weight_tensor(weight, _device_of(mean)), skip
+        )
+
+
+def nonfinite_flag(tensors: Sequence[Tensor]) -> Tensor:
+    """A 0-dim bool tensor on the tensors' device: True if any value is NaN or Inf.
+
+    Computed on the device without a sync; pass it as ``skip=`` to
+    :func:`average_` to drop an update that would poison the average.
+    """
+    if len(tensors) == 0:
+        raise ValueError("nonfinite_flag needs at least one tensor (the flag is created on their device)")
+    return torch.ops.swa_fast.nonfinite_flag(list(tensors))
