@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.harness import Candidate, copy_candidate, dtype_name
 from swa_fast.nn import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+
+from benchmarks.harness import Candidate, copy_candidate, dtype_name
 
 __all__ = ["CASES", "SPEEDUPS", "GhostCase", "build_candidates", "describe", "header_lines"]
 

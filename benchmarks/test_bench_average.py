@@ -13,8 +13,8 @@ candidates interleaved in one process with GB/s and speedups, use the runner
 import pytest
 import torch
 
-from benchmarks.cases import get_case
 from benchmarks.averaging import build_candidates
+from benchmarks.cases import get_case
 from benchmarks.harness import pedantic_benchmark
 
 CASE_NAMES = ["resnet50", "transformer"]

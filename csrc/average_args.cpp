@@ -10,6 +10,8 @@
 #include "bindings.h"
 #include "dense_layout.h"
 #include "dtypes.h"
+#include "inplace.h"
+#include "overlap.h"
 
 namespace swa_fast {
 
@@ -33,6 +35,17 @@ TORCH_LIBRARY_FRAGMENT(swa_fast, m) {
   // 0-dim bool on the tensors' device: true when any element of any floating
   // tensor is NaN or +-Inf. Pair with the skip argument above.
   m.def("nonfinite_flag(Tensor[] tensors) -> Tensor");
+}
+
+// The in-place ops follow torch's in-place rules (inplace.h).
+TORCH_LIBRARY_IMPL(swa_fast, Autograd, m) {
+  m.impl("average_", inplace::autograd_kernel());
+  m.impl("average_moments_", inplace::autograd_kernel());
+}
+
+TORCH_LIBRARY_IMPL(swa_fast, ADInplaceOrView, m) {
+  m.impl("average_", inplace::inplace_or_view_kernel());
+  m.impl("average_moments_", inplace::inplace_or_view_kernel());
 }
 
 namespace {
@@ -158,6 +171,21 @@ void validate_average_args(
           " and dtype ", sq.scalar_type(), " for mean's ", avg.sizes(), " and ", avg.scalar_type());
     }
   }
+  // No written tensor may share memory with another tensor of the call (the
+  // weight and skip flags included: every block reads them), except
+  // averaged[i] being current[i] itself in average_ (lerp(a, a, w) = a).
+  // Moments refuse even that: torch's two lerps in sequence would see mean's
+  // new values in x * x, the fused pass its old ones.
+  const at::TensorList skip_list = skip.has_value() ? at::TensorList(*skip) : at::TensorList();
+  if (with_moments) {
+    check_no_overlap(
+        op, {{"mean", averaged, true}, {"sq_mean", sq_mean, true}, {"current", current, false},
+             {"weight", weight, false, false, false}, {"skip", skip_list, false, false, false}});
+  } else {
+    check_no_overlap(
+        op, {{"averaged", averaged, true, true}, {"current", current, false, true},
+             {"weight", weight, false, false, false}, {"skip", skip_list, false, false, false}});
+  }
 }
 
 std::vector<at::Tensor> check_average_args(
@@ -240,6 +268,21 @@ void bind_average(pybind11::module_& m) {
   m.def(
       "check_nonfinite_args", [](const std::vector<at::Tensor>& tensors) { check_nonfinite_args(tensors); },
       "nonfinite_flag's argument checks (for its fake kernel)");
+  m.def(
+      "dtypes_and_devices",
+      [](const std::vector<at::Tensor>& tensors) {
+        // Three bytes per tensor, exact (no hash): AveragedModel's cached plan compares them
+        // on every update, one call instead of two Python attribute reads per tensor.
+        std::string key;
+        key.reserve(3 * tensors.size());
+        for (const at::Tensor& t : tensors) {
+          key.push_back(static_cast<char>(t.scalar_type()));
+          key.push_back(static_cast<char>(t.device().type()));
+          key.push_back(static_cast<char>(t.device().index()));
+        }
+        return pybind11::bytes(key);
+      },
+      "The dtype and device of every tensor, as bytes (for AveragedModel's plan check)");
 }
 
 }  // namespace swa_fast

@@ -4,10 +4,17 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+
 #include <algorithm>
+#include <tuple>
 
 #include "bindings.h"
 #include "dtypes.h"
+#include "inplace.h"
+#include "overlap.h"
 
 namespace swa_fast {
 
@@ -42,17 +49,37 @@ TORCH_LIBRARY_FRAGMENT(swa_fast, m) {
       "int sample_numel, float? momentum, bool average_ghosts) -> ()");
 }
 
+// The buffer update follows torch's in-place rules (inplace.h); the forward
+// and backward are functional (ghost_batch_norm has an autograd formula in
+// swa_fast/_ghost_bn_op.py).
+TORCH_LIBRARY_IMPL(swa_fast, Autograd, m) {
+  m.impl("ghost_batch_norm_update_stats_", inplace::autograd_kernel());
+}
+
+TORCH_LIBRARY_IMPL(swa_fast, ADInplaceOrView, m) {
+  m.impl("ghost_batch_norm_update_stats_", inplace::inplace_or_view_kernel());
+}
+
 namespace {
 
-int64_t checked_num_ghosts(const char* op, int64_t batch, int64_t ghost_batch_size) {
+// The number of ghosts, under nn.BatchNorm's rule for batch statistics: more
+// than one value per channel in every ghost, i.e. a ghost of one sample is
+// fine when each sample has several values per channel (spatial > 1). Empty
+// input (N = 0 or spatial = 0) is allowed, as BatchNorm allows it: N = 0 is
+// one empty ghost (what the chunk loop x.split(ghost) gives, and what
+// BatchNorm counts as one batch).
+int64_t checked_num_ghosts(const char* op, int64_t batch, int64_t ghost_batch_size, int64_t spatial) {
   TORCH_CHECK_VALUE(
       ghost_batch_size >= 1, op, ": ghost_batch_size must be a positive number of samples, got ", ghost_batch_size);
-  TORCH_CHECK_VALUE(batch >= 1, op, ": the batch is empty (N = 0); there is nothing to normalize");
+  TORCH_CHECK_VALUE(batch >= 0, op, ": the batch size must be >= 0, got ", batch);
+  if (batch == 0) {
+    return 1;
+  }
   const int64_t num_ghosts = (batch + ghost_batch_size - 1) / ghost_batch_size;
   const int64_t last = batch - (num_ghosts - 1) * ghost_batch_size;
   // The same error nn.BatchNorm raises for a batch of one value per channel,
   // naming what made a ghost of one sample.
-  if (last == 1) {
+  if (last == 1 && spatial == 1) {
     if (batch == 1) {
       TORCH_CHECK_VALUE(
           false, op, ": Expected more than 1 value per channel when training: a batch of N = 1 sample is one "
@@ -103,6 +130,28 @@ void check_stats(
 
 }  // namespace
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_ghost_batch_norm(
+    const at::Tensor& input, const GhostGeometry& geometry) {
+  const auto stats_options = input.options().dtype(ghost_stats_dtype(input.scalar_type()));
+  return {
+      at::empty_like(input, ghost_memory_format(input)), at::zeros({geometry.num_ghosts, geometry.channels}, stats_options),
+      at::zeros({geometry.num_ghosts, geometry.channels}, stats_options)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_ghost_batch_norm_backward(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+    const GhostGeometry& geometry, bool compute_grad_input) {
+  const bool has_weight = weight.has_value() && weight->defined();
+  const auto param_options = has_weight ? weight->options() : mean.options();
+  at::Tensor grad_input =
+      compute_grad_input ? at::empty_like(input, ghost_memory_format(input)) : at::empty({0}, input.options());
+  return {grad_input, at::zeros({geometry.channels}, param_options), at::zeros({geometry.channels}, param_options)};
+}
+
+bool updates_running_stats(const GhostGeometry& geometry) {
+  return geometry.batch > 0 && geometry.spatial > 0 && geometry.channels > 0;
+}
+
 at::MemoryFormat ghost_memory_format(const at::Tensor& input) {
   if (input.is_contiguous()) {
     return at::MemoryFormat::Contiguous;
@@ -133,8 +182,8 @@ GhostGeometry validate_ghost_batch_norm_args(
   TORCH_CHECK_TYPE(
       is_kernel_float(input.scalar_type()), op, ": input must be float16, bfloat16, float32 or float64, got ",
       input.scalar_type());
-  TORCH_CHECK_VALUE(input.size(1) >= 1, op, ": input has no channels (shape ", input.sizes(), ")");
-  TORCH_CHECK_VALUE(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
+  // As F.batch_norm with batch statistics: eps = 0 divides a constant channel by zero.
+  TORCH_CHECK_VALUE(eps > 0.0, op, ": eps must be positive when normalizing with batch statistics, got ", eps);
   check_affine(op, "weight", weight, input);
   check_affine(op, "bias", bias, input);
   if (weight.has_value() && weight->defined() && bias.has_value() && bias->defined()) {
@@ -150,9 +199,7 @@ GhostGeometry validate_ghost_batch_norm_args(
   for (int64_t d = 2; d < input.dim(); ++d) {
     geometry.spatial *= input.size(d);
   }
-  TORCH_CHECK_VALUE(
-      geometry.spatial >= 1, op, ": input has a zero-sized spatial dimension (shape ", input.sizes(), ")");
-  geometry.num_ghosts = checked_num_ghosts(op, geometry.batch, ghost_batch_size);
+  geometry.num_ghosts = checked_num_ghosts(op, geometry.batch, ghost_batch_size, geometry.spatial);
   // A ghost size above N makes one ghost of N samples; clamping keeps products
   // such as ghost_size * C * S within the element count.
   geometry.ghost_size = std::min(ghost_batch_size, geometry.batch);
@@ -202,10 +249,10 @@ GhostGeometry validate_ghost_update_stats_args(
   geometry.batch = batch_size;
   geometry.channels = mean.dim() == 2 ? mean.size(1) : -1;
   geometry.spatial = sample_numel;
-  geometry.num_ghosts = checked_num_ghosts(op, batch_size, ghost_batch_size);
+  TORCH_CHECK_VALUE(sample_numel >= 0, op, ": sample_numel must be >= 0, got ", sample_numel);
+  geometry.num_ghosts = checked_num_ghosts(op, batch_size, ghost_batch_size, sample_numel);
   geometry.ghost_size = std::min(ghost_batch_size, batch_size);
   geometry.layout = GhostLayout::ChannelsLast;
-  TORCH_CHECK_VALUE(sample_numel >= 1, op, ": sample_numel must be >= 1, got ", sample_numel);
   if (momentum.has_value()) {
     TORCH_CHECK_VALUE(*momentum >= 0.0 && *momentum <= 1.0, op, ": momentum must be in [0, 1], got ", *momentum);
   }
@@ -234,6 +281,12 @@ GhostGeometry validate_ghost_update_stats_args(
   TORCH_CHECK(
       num_batches_tracked.device() == device, op, ": num_batches_tracked is on ", num_batches_tracked.device(),
       " but mean is on ", device);
+  // The running statistics and the count are written while the per-ghost
+  // statistics are read: no two of them may share memory.
+  check_no_overlap(
+      op, {{"running_mean", running_mean, true, false, false}, {"running_var", running_var, true, false, false},
+           {"num_batches_tracked", num_batches_tracked, true, false, false}, {"mean", mean, false, false, false},
+           {"var", var, false, false, false}});
   return geometry;
 }
 

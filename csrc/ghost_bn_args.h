@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 #include "host_device.h"
 
@@ -48,8 +49,9 @@ c10::ScalarType ghost_stats_dtype(c10::ScalarType input_dtype);
 
 // ghost_batch_norm's checks: input (N, C, *) with 2 to 5 dims and floating
 // dtype; weight/bias None or 1-D of C on the input's device, in the input's
-// dtype or float32 for half/bfloat16 input; ghost_batch_size >= 1; every ghost
-// of at least 2 samples. Metadata only.
+// dtype or float32 for half/bfloat16 input; ghost_batch_size >= 1; eps > 0;
+// more than one value per channel in every ghost (nn.BatchNorm's rule), or
+// empty input. Metadata only.
 GhostGeometry validate_ghost_batch_norm_args(
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,
@@ -70,9 +72,10 @@ GhostGeometry validate_ghost_batch_norm_backward_args(
 
 // ghost_batch_norm_update_stats_'s checks: running_mean/running_var 1-D of C
 // floating, num_batches_tracked a one-element int64 tensor, all on the device
-// of mean/var ([G, C]); batch_size and ghost_batch_size give G ghosts of at
-// least 2 samples; sample_numel >= 1; momentum, when given, in [0, 1].
-// Returns the geometry with spatial = sample_numel (layout unused).
+// of mean/var ([G, C]); batch_size, ghost_batch_size and sample_numel give G
+// ghosts of more than one value per channel each (or an empty batch);
+// momentum, when given, in [0, 1]. Returns the geometry with spatial =
+// sample_numel (layout unused).
 GhostGeometry validate_ghost_update_stats_args(
     const at::Tensor& running_mean,
     const at::Tensor& running_var,
@@ -83,5 +86,19 @@ GhostGeometry validate_ghost_update_stats_args(
     int64_t ghost_batch_size,
     int64_t sample_numel,
     std::optional<double> momentum);
+
+// Empty input (no values: N = 0, a spatial size 0, or C = 0), treated as
+// F.batch_norm treats it, for both kernels: an empty output, statistics of
+// zeros (there are none), no running-statistics update (num_batches_tracked
+// still counts the batch), zero gradients for weight and bias.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_ghost_batch_norm(
+    const at::Tensor& input, const GhostGeometry& geometry);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_ghost_batch_norm_backward(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+    const GhostGeometry& geometry, bool compute_grad_input);
+
+// Whether ghost_batch_norm_update_stats_ changes the running statistics (it
+// always advances num_batches_tracked): not for an empty batch.
+bool updates_running_stats(const GhostGeometry& geometry);
 
 }  // namespace swa_fast

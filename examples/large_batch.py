@@ -34,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from torch.optim.lr_scheduler import LRScheduler, MultiStepLR  # noqa: E402
 
+from swa_fast.regime import LinearWarmup, adapt_regime, sqrt_lr_scaling  # noqa: E402
+
 from recipe_lib.cli import RecipeSpec, apply_preset, base_parser, preset_help, run_recipe  # noqa: E402
 from recipe_lib.datasets import ImageDataset  # noqa: E402
 from recipe_lib.engine import Arm, ArmResult  # noqa: E402
-from swa_fast.regime import LinearWarmup, adapt_regime, sqrt_lr_scaling  # noqa: E402
 
 PRESETS = {
     # About 1.5 minutes per seed on a 2-core CPU: F1 on 20k Fashion-MNIST images (no augmentation, as the

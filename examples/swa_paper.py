@@ -35,10 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+from swa_fast.regime import SWAScheduleLR  # noqa: E402
+
 from recipe_lib.cli import RecipeSpec, apply_preset, base_parser, preset_help, run_recipe  # noqa: E402
 from recipe_lib.datasets import ImageDataset  # noqa: E402
 from recipe_lib.engine import Arm, FGESettings, SWASettings  # noqa: E402
-from swa_fast.regime import SWAScheduleLR  # noqa: E402
 
 PRESETS = {
     # A few minutes on a 2-core CPU: the small VGG-16-BN variant, a 10-epoch budget on 10k Fashion-MNIST images.

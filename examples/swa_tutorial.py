@@ -32,11 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from torch.optim.lr_scheduler import CosineAnnealingLR  # noqa: E402
 
+from swa_fast.regime import LinearWarmup  # noqa: E402
+from swa_fast.swa_utils import SWALR  # noqa: E402
+
 from recipe_lib.cli import RecipeSpec, apply_preset, base_parser, preset_help, run_recipe  # noqa: E402
 from recipe_lib.datasets import ImageDataset  # noqa: E402
 from recipe_lib.engine import Arm, SWASettings  # noqa: E402
-from swa_fast.regime import LinearWarmup  # noqa: E402
-from swa_fast.swa_utils import SWALR  # noqa: E402
 
 PRESETS = {
     # Minutes on a 2-core CPU: a narrow ResNet-18 on a Fashion-MNIST subset, trained from scratch (so a larger

@@ -11,9 +11,9 @@ The kernels themselves are ``torch.ops.swa_fast.*``, wrapped here as
 
 __version__ = "0.1.0"
 
-from swa_fast._ops import BUILD_INFO  # noqa: E402  (loads _C and registers every op)
-from swa_fast._average_op import average_, average_moments_, nonfinite_flag  # noqa: E402
 from swa_fast import checkpoint_average, distance, nn, regime, swa_utils  # noqa: E402
+from swa_fast._average_op import average_, average_moments_, nonfinite_flag  # noqa: E402
+from swa_fast._ops import BUILD_INFO  # noqa: E402  (loads _C and registers every op)
 
 __all__ = [
     "BUILD_INFO",

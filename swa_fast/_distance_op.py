@@ -1,7 +1,7 @@
 """The distance op: its fake kernel and the low-level wrapper.
 
 ``torch.ops.swa_fast.distance(a, b=None) -> (per_tensor, total)`` is defined in
-``csrc/distance_schema.cpp``; its kernels are ``csrc/cpu/distance_cpu.cpp`` and
+``csrc/distance_args.cpp``; its kernels are ``csrc/cpu/distance_cpu.cpp`` and
 ``csrc/cuda/distance_cuda.cu``. Importing this module registers the fake
 kernel, which runs the same C++ checks as the real kernels
 (``_C.validate_distance_args``), so ``torch.compile`` reports bad arguments

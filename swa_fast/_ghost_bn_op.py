@@ -1,9 +1,13 @@
 """Fake kernels and autograd for the ghost batch norm ops in ``torch.ops.swa_fast``.
 
-``ghost_batch_norm`` is differentiable through ``torch.library.register_autograd``
-(its backward is the ``ghost_batch_norm_backward`` op); its mean/var outputs
-are statistics, not differentiable. ``ghost_batch_norm_update_stats_`` mutates
-buffers and needs no gradient.
+Their schemas and checks are ``csrc/ghost_bn_args.{h,cpp}``; their kernels
+``csrc/cpu/ghost_bn_cpu.cpp`` and ``csrc/cuda/ghost_bn_cuda.cu``.
+``ghost_batch_norm`` is differentiable through ``torch.library.register_autograd``:
+its backward is the fused ``ghost_batch_norm_backward`` op, or, when the
+backward itself must be differentiable (``create_graph=True``: double
+backward), the same gradients as torch expressions. Its mean/var outputs are
+statistics, not differentiable. ``ghost_batch_norm_update_stats_`` mutates
+buffers and has no gradient (csrc/inplace.h: torch's in-place rules).
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ def _layout_facts(input: Tensor, weight, bias, ghost_batch_size, eps):
     else:
         fmt = torch.contiguous_format
     dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-    ghosts = (input.shape[0] + ghost_batch_size - 1) // ghost_batch_size
+    ghosts = torch.sym_max(1, (input.shape[0] + ghost_batch_size - 1) // ghost_batch_size)  # N = 0: one empty ghost
     return ghosts, input.shape[1], fmt, dtype
 
 
@@ -96,9 +100,39 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(mean, var)
 
 
+def _differentiable_gradients(grad_output, input, weight, ghost_batch_size, eps, needs):
+    """The gradients as differentiable torch expressions, for ``create_graph=True`` (gradient
+    penalties, Hessian-vector products, MAML): the forward is recomputed with torch ops, one
+    chunk per ghost with its own biased statistics, and differentiated with
+    ``create_graph=True``, so second and higher derivatives are exact. Slower than the fused
+    backward, which runs whenever no graph of the backward is asked for."""
+    dims = [0, *range(2, input.dim())]
+    channel_shape = [1, -1] + [1] * (input.dim() - 2)
+    with torch.enable_grad():
+        x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
+        pieces = []
+        for chunk in x.split(ghost_batch_size):
+            mean = chunk.mean(dims, keepdim=True)
+            var = chunk.var(dims, unbiased=False, keepdim=True)
+            pieces.append((chunk - mean) * torch.rsqrt(var + eps))
+        normalized = torch.cat(pieces)
+        output = normalized * weight.view(channel_shape) if weight is not None else normalized
+        targets = [t for t, need in ((input, needs[0]), (weight, needs[1])) if need]
+        grads = list(torch.autograd.grad(output, targets, grad_output.to(output.dtype), create_graph=True))
+    grad_input = grads.pop(0) if needs[0] else None
+    grad_weight = grads.pop(0) if needs[1] else None
+    grad_bias = grad_output.sum(dims) if needs[2] else None
+    return grad_input, grad_weight, grad_bias
+
+
 def _backward(ctx, grad_output, _grad_mean, _grad_var):
     input, weight, mean, var = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():  # backward(create_graph=True): the gradient itself must be differentiable
+        grad_input, grad_weight, grad_bias = _differentiable_gradients(
+            grad_output, input, weight, ctx.ghost_batch_size, ctx.eps, (need_input, need_weight, need_bias)
+        )
+        return grad_input, grad_weight, grad_bias, None, None
     grad_input, grad_weight, grad_bias = torch.ops.swa_fast.ghost_batch_norm_backward(
         grad_output, input, weight, mean, var, ctx.ghost_batch_size, ctx.eps, need_input
     )

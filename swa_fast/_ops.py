@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
 import torch
 
 from swa_fast._build_facts import host_has_avx2_fma, source_hash

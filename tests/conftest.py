@@ -1,4 +1,5 @@
-"""Shared fixtures. GPU tests carry @pytest.mark.cuda and skip without a GPU."""
+"""pytest hooks. GPU tests carry @pytest.mark.cuda and skip without a GPU and a CUDA build.
+(Shared test code is in helpers.py.)"""
 
 import pytest
 import torch
@@ -13,11 +14,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=reason))
-
-
-def devices():
-    """The devices the op tests run on: CPU always, CUDA when it can."""
-    found = ["cpu"]
-    if torch.cuda.is_available() and swa_fast.BUILD_INFO["cuda"]:
-        found.append(pytest.param("cuda", marks=pytest.mark.cuda))
-    return found

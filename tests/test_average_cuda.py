@@ -12,15 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
+import swa_fast
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"),
-]
+import helpers
 
-if CUDA:  # importing swa_fast without a GPU is the other test files' business
-    import swa_fast
+pytestmark = pytest.mark.cuda  # skipped without a GPU and a CUDA build (conftest.py)
+
 
 DEVICE = "cuda"
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -33,15 +30,8 @@ WEIGHTS = [1e-3, 0.1, 0.3, 0.49999997, 0.5, 0.7, 0.999]
 
 
 def make(n, dtype, seed, device=DEVICE):
-    generator = torch.Generator().manual_seed(seed)
-    values = torch.randn(n, generator=generator, dtype=torch.float64)
-    if dtype.is_floating_point:
-        return values.to(device=device, dtype=dtype)
-    if dtype == torch.bool:
-        return (values > 0).to(device)
-    if dtype == torch.uint8:
-        values = values.abs()
-    return (values * 50).round().clamp(-100, 100).to(device=device, dtype=dtype)
+    """helpers.make with the seed before the device (most tensors here are on the GPU)."""
+    return helpers.make(n, dtype, device, seed)
 
 
 def foreach_lerp(averaged, current, weight):
@@ -357,7 +347,7 @@ def test_nonfinite_flag_over_many_tensors():
 
 
 @pytest.mark.skipif(
-    not CUDA or torch.cuda.get_device_properties(0).total_memory < 24 * 2**30,
+    not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 24 * 2**30,
     reason="needs a GPU with 24 GB for two tensors over 2^31 elements",
 )
 def test_tensor_over_2_to_31_elements():
@@ -439,7 +429,7 @@ def test_runs_on_the_current_stream():
     assert not flag.item()
 
 
-@pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_tensors_on_a_non_current_device():
     device = "cuda:1"
     averaged = [make(n, torch.float32, seed=i, device=device) for i, n in enumerate(SIZES)]

@@ -4,17 +4,13 @@ import pytest
 import torch
 
 import swa_fast
-from conftest import devices
+
+from helpers import devices, make
 from reference import lerp_reference, moments_reference, torch_lerp
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SIZES = [0, 1, 3, 8, 17, 1023, 40_000, 100_003]  # tails, one chunk, several chunks
 WEIGHTS = [1e-3, 0.25, 1 / 3, 0.5, 0.75, 0.999]
-
-
-def make(n, dtype, device, seed):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -139,8 +135,18 @@ def test_nonfinite_flag_finds_any_position(device, dtype, bad):
 
 @pytest.mark.parametrize("device", devices())
 def test_empty_lists_are_a_no_op(device):
-    swa_fast.average_([], [], 0.5)
-    swa_fast.average_moments_([], [], [], 0.5)
+    # Nothing to average is not an error, and the op dispatches nothing else (no kernel, no copy)...
+    with torch.profiler.profile() as profile:
+        assert swa_fast.average_([], [], 0.5) is None
+        assert swa_fast.average_moments_([], [], [], 0.5) is None
+    weight_tensor_ops = {"aten::full", "aten::empty", "aten::fill_"}
+    ops = {e.name for e in profile.events() if e.name.startswith("aten::") and e.name not in weight_tensor_ops}
+    assert ops == set()
+    # ...but lists of different lengths still are.
+    with pytest.raises(RuntimeError, match="averaged has 0 tensors but current has 1"):
+        swa_fast.average_([], [make(3, torch.float32, device)], 0.5)
+    with pytest.raises(RuntimeError, match="mean has 0 tensors but sq_mean has 1"):
+        swa_fast.average_moments_([], [make(3, torch.float32, device)], [], 0.5)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -309,3 +315,89 @@ def test_ops_work_under_torch_compile():
     compiled(compiled_avg, current, weight)
     for a, b in zip(eager_avg, compiled_avg):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------
+# In-place semantics: version counters, leaves, inference tensors (as torch's)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", devices())
+def test_written_tensors_bump_their_version_so_autograd_notices(device):
+    averaged, sq = make(4, torch.float32, device, 0), make(4, torch.float32, device, 1)
+    weight = make(4, torch.float32, device, 2).requires_grad_()
+    loss = (weight * averaged).sum() + (weight * sq).sum()  # both saved for backward
+    versions = averaged._version, sq._version
+    swa_fast.average_moments_([averaged], [sq], [make(4, torch.float32, device, 3)], 0.5)
+    assert (averaged._version, sq._version) == (versions[0] + 1, versions[1] + 1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()  # torch._foreach_lerp_ would raise the same; a stale gradient would be wrong
+
+
+@pytest.mark.parametrize("device", devices())
+def test_a_leaf_that_requires_grad_is_refused_under_grad_mode(device):
+    leaf = make(4, torch.float32, device, 0).requires_grad_()
+    before = leaf.detach().clone()
+    weight = torch.tensor(0.5, device=device)
+    with pytest.raises(RuntimeError, match=r"averaged\[0\] is a leaf Variable that requires grad"):
+        torch.ops.swa_fast.average_([leaf], [make(4, torch.float32, device, 1)], weight, None)
+    non_leaf = leaf * 2
+    with pytest.raises(RuntimeError, match=r"averaged\[0\] requires grad, but the op has no derivative"):
+        torch.ops.swa_fast.average_([non_leaf], [make(4, torch.float32, device, 1)], weight, None)
+    assert torch.equal(leaf.detach(), before)
+    with torch.no_grad():  # as AveragedModel calls it: allowed
+        torch.ops.swa_fast.average_([leaf], [make(4, torch.float32, device, 1)], weight, None)
+    assert not torch.equal(leaf.detach(), before)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_inference_tensors_are_written_only_in_inference_mode(device):
+    with torch.inference_mode():
+        averaged = make(4, torch.float32, device, 0)
+    before = averaged.clone()
+    current = make(4, torch.float32, device, 1)
+    with pytest.raises(RuntimeError, match=r"averaged\[0\] is an inference tensor"):
+        swa_fast.average_([averaged], [current], 0.5)
+    assert torch.equal(averaged, before)
+    with torch.inference_mode():
+        swa_fast.average_([averaged], [current], 0.5)
+    assert torch.equal(averaged, torch_lerp(before, current, 0.5))
+
+
+# ---------------------------------------------------------------------------
+# Aliasing: refused like torch.lerp_'s "refer to a single memory location"
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", devices())
+def test_overlapping_memory_is_refused_and_nothing_is_written(device):
+    base = make(12, torch.float32, device, 0)
+    base[3] = 0.25  # a valid weight, read by every block while base is written
+    other = make(12, torch.float32, device, 1)
+    snapshot = base.clone()
+    cases = [
+        ("the same tensor twice in averaged", lambda: swa_fast.average_([base, base], [other, other], 0.5),
+         r"averaged\[0\] and averaged\[1\] share memory"),
+        ("averaged overlapping current", lambda: swa_fast.average_([base[:8]], [base[4:]], 0.5),
+         r"averaged\[0\] and current\[0\] share memory"),
+        ("averaged[0] is current[1]", lambda: swa_fast.average_([base, other[:6]], [other, base[:6]], 0.5),
+         r"share memory"),
+        ("sq_mean is mean", lambda: swa_fast.average_moments_([base], [base], [other], 0.5),
+         r"mean\[0\] and sq_mean\[0\] share memory"),
+        ("mean is current", lambda: swa_fast.average_moments_([base], [other.clone()], [base], 0.5),
+         r"mean\[0\] and current\[0\] share memory"),
+        ("the weight inside an average", lambda: torch.ops.swa_fast.average_([base], [other], base[3], None),
+         r"averaged\[0\] and weight share memory"),
+    ]
+    for what, call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+        assert torch.equal(base, snapshot), what
+
+
+@pytest.mark.parametrize("device", devices())
+def test_averaging_a_tensor_with_itself_is_torchs_lerp(device):
+    a = make(1000, torch.float32, device, 0)
+    before = a.clone()
+    swa_fast.average_([a], [a], 0.3)  # torch.lerp_(a, a, w) = a: allowed, as torch allows it
+    assert torch.equal(a, torch_lerp(before, before, 0.3))

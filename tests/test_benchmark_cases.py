@@ -12,12 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from benchmarks import cases as bench_cases
+from benchmarks import run as bench_run
 
-from benchmarks import cases as bench_cases  # noqa: E402
-from benchmarks import run as bench_run  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_resnet50_is_torchvisions_parameter_set():

@@ -3,19 +3,16 @@
 No timing is asserted (a timing is a benchmark, never a test assertion).
 """
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from benchmarks import cases as bench_cases
+from benchmarks import distance as bench_distance
+from benchmarks import run as bench_run
 
-from benchmarks import cases as bench_cases  # noqa: E402
-from benchmarks import distance as bench_distance  # noqa: E402
-from benchmarks import run as bench_run  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 CANDIDATES = {"torch_foreach", "torch_loop", "swa_fast_distance", "copy"}
 

@@ -3,17 +3,14 @@
 No timing is asserted (a timing is a benchmark, never a test assertion).
 """
 
-import sys
 from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from benchmarks import ghost_bn
+from benchmarks import run as bench_run
 
-from benchmarks import ghost_bn  # noqa: E402
-from benchmarks import run as bench_run  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_cases_are_the_issues_shapes():
@@ -28,16 +25,36 @@ def test_every_candidate_computes_the_same_gradients():
     case = ghost_bn.GhostCase("tiny", (8, 3, 4, 4), 4)
     candidates = {c.key: c for c in ghost_bn.build_candidates(case, "cpu")}
     assert set(candidates) == {"batchnorm", "chunk_loop", "reshape_trick", "swa_fast", "copy"}
-    # The candidates close over their modules; check the ghost ones agree on one step.
-    x = torch.randn(8, 3, 4, 4, requires_grad=True)
-    ghost = ghost_bn._GHOST[4](3, 4)
-    chunk = ghost_bn._PLAIN[4](3)
-    trick = ghost_bn._reshape_trick(case, chunk.weight, chunk.bias, 1e-5)
-    outputs = [ghost(x), torch.cat([chunk(c) for c in x.split(4)]), trick(x)]
-    for out in outputs[1:]:
-        torch.testing.assert_close(out, outputs[0])
     for candidate in candidates.values():
-        candidate.fn()  # runs
+        candidate.fn()  # each runs
+    # The three ghost implementations the suite times agree on the output and on every gradient.
+    torch.manual_seed(0)
+    x0 = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    upstream = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    ghost = ghost_bn._GHOST[4](3, 4).double()
+    chunk = ghost_bn._PLAIN[4](3).double()
+    trick = ghost_bn._reshape_trick(case, chunk.weight, chunk.bias, 1e-5)
+    with torch.no_grad():
+        for module in (ghost, chunk):
+            module.weight.copy_(torch.tensor([0.5, 1.5, 2.0]))
+            module.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+
+    def forward_backward(fn, params):
+        x = x0.clone().requires_grad_()
+        for p in params:
+            p.grad = None
+        out = fn(x)
+        out.backward(upstream)
+        return [out.detach(), x.grad, *(p.grad.clone() for p in params)]
+
+    results = [
+        forward_backward(ghost, (ghost.weight, ghost.bias)),
+        forward_backward(lambda x: torch.cat([chunk(c) for c in x.split(4)]), (chunk.weight, chunk.bias)),
+        forward_backward(trick, (chunk.weight, chunk.bias)),
+    ]
+    for other in results[1:]:
+        for got, want, name in zip(other, results[0], ("output", "grad input", "grad weight", "grad bias")):
+            torch.testing.assert_close(got, want, msg=name)
 
 
 def test_runner_quick_ghost_bn_end_to_end(monkeypatch, capsys):

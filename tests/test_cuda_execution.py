@@ -19,26 +19,17 @@ from typing import Callable, Dict, List
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
+import swa_fast
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"),
-]
+from helpers import make
 
-if CUDA:  # importing swa_fast without a GPU is the other test files' business
-    import swa_fast
+pytestmark = pytest.mark.cuda  # skipped without a GPU and a CUDA build (conftest.py)
+
 
 OPS = torch.ops.swa_fast
 # About 50 ms at the H200's ~2 GHz: far longer than the host needs to launch the op.
 SLEEP_CYCLES = 100_000_000
 SIZES = [5, 4096, 70_001]
-
-
-def make(shape, dtype, device, seed, offset=0.0):
-    generator = torch.Generator().manual_seed(seed)
-    values = torch.randn(shape, generator=generator, dtype=torch.float64) + offset
-    return values.to(device=device, dtype=dtype)
 
 
 @dataclass
@@ -151,7 +142,7 @@ def test_every_kernel_runs_on_the_current_stream(case):
     assert_same(got, expected)
 
 
-@pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_every_kernel_runs_on_its_tensors_device(case):
     with torch.cuda.device(1):

@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from distance_reference import distance_reference
 from swa_fast.distance import LogFit, WeightDistanceTracker, fit_log, weight_distance
+
+from distance_reference import distance_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,17 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
+from swa_fast.distance import WeightDistanceTracker, distance_norms, weight_distance
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"),
-]
+import helpers
+from distance_reference import distance_reference
 
-if CUDA:  # importing swa_fast without a GPU is the other test files' business
-    from swa_fast.distance import WeightDistanceTracker, distance_norms, weight_distance
+pytestmark = pytest.mark.cuda  # skipped without a GPU and a CUDA build (conftest.py)
 
-from distance_reference import distance_reference  # noqa: E402
 
 DEVICE = "cuda"
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -32,8 +28,8 @@ SIZES = [0, 1, 3, 4, 5, 9, 1023, 65_535, 65_536, 65_537, 200_003]
 
 
 def make(n, dtype, seed, device=DEVICE):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+    """helpers.make with the seed before the device (most tensors here are on the GPU)."""
+    return helpers.make(n, dtype, device, seed)
 
 
 def misaligned_copy(t):

@@ -4,21 +4,15 @@ import pytest
 import torch
 
 import swa_fast  # noqa: F401  (loads the op)
-from conftest import devices
-from distance_reference import distance_reference
 from swa_fast._distance_op import distance_norms
+
+from distance_reference import distance_reference
+from helpers import devices, make
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # 0; inside one vector; around the vector widths and the 4-accumulator groups;
 # one chunk (32k on CPU, 64k on CUDA) and its neighbours; several chunks.
 SIZES = [0, 1, 3, 8, 17, 31, 33, 1023, 32_767, 32_768, 32_769, 65_537, 200_003]
-
-
-def make(n, dtype, device, seed, shape=None):
-    generator = torch.Generator().manual_seed(seed)
-    values = torch.randn(n, generator=generator, dtype=torch.float64)
-    values = values.to(device=device, dtype=dtype)
-    return values.reshape(shape) if shape is not None else values
 
 
 def tolerance(acc_dtype, numel):
@@ -95,8 +89,8 @@ def test_one_huge_and_many_tiny_tensors_with_empty_ones(device):
 
 @pytest.mark.parametrize("device", devices())
 def test_shapes_views_and_layouts(device):
-    base = make(4 * 6 * 5 * 3, torch.float32, device, 0, shape=(4, 6, 5, 3))
-    other = make(4 * 6 * 5 * 3, torch.float32, device, 1, shape=(4, 6, 5, 3))
+    base = make((4, 6, 5, 3), torch.float32, device, 0)
+    other = make((4, 6, 5, 3), torch.float32, device, 1)
     a = [
         base.to(memory_format=torch.channels_last),  # dense, not contiguous
         base[:, ::2],  # a strided view

@@ -1,7 +1,6 @@
 """Distributed update_bn and AveragedModel over DDP: two gloo ranks on CPU (tests/distributed_worker.py)."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,17 +9,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import distributed_worker as worker
 from swa_fast import swa_utils
+
+import distributed_worker as worker
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -19,17 +19,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
+import swa_fast  # noqa: F401  (registers the ops)
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"),
-]
+from reference import ghost_averaged_stats_step, ghost_chunk_loop
 
-if CUDA:  # importing swa_fast without a GPU is the other test files' business
-    import swa_fast  # noqa: F401  (registers the ops)
+pytestmark = pytest.mark.cuda  # skipped without a GPU and a CUDA build (conftest.py)
 
-from reference import ghost_averaged_stats_step, ghost_chunk_loop  # noqa: E402
 
 OPS = torch.ops.swa_fast
 DEVICE = "cuda"

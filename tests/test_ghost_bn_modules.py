@@ -17,6 +17,7 @@ from swa_fast.nn import (
     ghost_batch_norm,
     revert_ghost_batchnorm,
 )
+
 from reference import ghost_averaged_stats_step, ghost_chunk_loop
 
 CLASSES = [

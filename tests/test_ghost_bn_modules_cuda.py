@@ -7,12 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-CUDA = torch.cuda.is_available()
+from swa_fast.nn import convert_ghost_batchnorm
 
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
+pytestmark = pytest.mark.cuda  # skipped without a GPU and a CUDA build (conftest.py)
 
-if CUDA:  # importing swa_fast without a GPU is the other test files' business
-    from swa_fast.nn import convert_ghost_batchnorm
 
 
 def conv_model():

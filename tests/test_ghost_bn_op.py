@@ -9,10 +9,10 @@ bound is that rounding: 4e-3 (fp16) and 3e-2 (bf16) relative to max(1, |y|).
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import swa_fast  # noqa: F401  (registers the ops)
-from conftest import devices
+
+from helpers import devices
 from reference import ghost_averaged_stats_step, ghost_chunk_loop
 
 OPS = torch.ops.swa_fast
@@ -131,12 +131,13 @@ def test_half_input_with_float32_statistics_and_affine(device, dtype, rtol, shap
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("shape", [(9, 3), (9, 2, 3, 3)])
-def test_every_ghost_size_from_2_to_n(device, shape):
+def test_every_ghost_size_from_1_to_n(device, shape):
     x = make_input(shape, torch.contiguous_format, torch.float64, device)
     weight, bias = make_affine(shape[1], torch.float64, device)
     n = shape[0]
-    for ghost in range(2, n + 2):
-        if n % ghost == 1:  # a last ghost of one sample
+    values_per_sample = x[0, 0].numel()
+    for ghost in range(1, n + 2):
+        if (ghost == 1 or n % ghost == 1) and values_per_sample == 1:  # a ghost of one value per channel
             with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
                 OPS.ghost_batch_norm(x, weight, bias, ghost, EPS)
             continue
@@ -348,3 +349,133 @@ def test_misaligned_input_gives_the_same_bits_as_aligned(device, dtype, shape, f
         names = ("output", "mean", "var", "grad_input", "grad_weight", "grad_bias")
         for name, got, want in zip(names, shifted, aligned):
             assert torch.equal(got, want), f"{name} differs at storage offset {offset}"
+
+
+# ---------------------------------------------------------------------------
+# Double backward: gradient penalties, Hessian-vector products
+# ---------------------------------------------------------------------------
+
+DOUBLE_BACKWARD_CASES = [
+    ((8, 3), 3, True),  # 2-D, ghosts 3 + 3 + 2
+    ((6, 2, 5), 4, False),  # 3-D, remainder ghost, no affine
+    ((5, 2, 2, 3), 2, True),  # 4-D, ghosts 2 + 2 + 1 (one sample with 6 values)
+    ((4, 2, 2, 2, 2), 3, True),  # 5-D
+]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("shape,ghost,affine", DOUBLE_BACKWARD_CASES)
+def test_gradgradcheck_in_float64(device, shape, ghost, affine):
+    x = make_input(shape, torch.contiguous_format, torch.float64, device).requires_grad_()
+    inputs = [x]
+    if affine:
+        weight, bias = make_affine(shape[1], torch.float64, device)
+        inputs += [weight.requires_grad_(), bias.requires_grad_()]
+
+    def fn(x, weight=None, bias=None):
+        return OPS.ghost_batch_norm(x, weight, bias, ghost, EPS)[0]
+
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_gradient_penalty_reaches_the_weight_as_with_the_chunk_loop(device):
+    # WGAN-GP / R1: the norm of d(out)/d(x), differentiated again w.r.t. the weight.
+    x = make_input((12, 3, 4, 4), torch.contiguous_format, torch.float64, device).requires_grad_()
+    weight, bias = make_affine(3, torch.float64, device)
+    upstream = make_input((12, 3, 4, 4), torch.contiguous_format, torch.float64, device, seed=5)
+    grads = {}
+    for name, forward in (("swa_fast", lambda x, w, b: OPS.ghost_batch_norm(x, w, b, 4, EPS)[0]),
+                          ("chunk loop", lambda x, w, b: ghost_chunk_loop(x, 4, w, b, eps=EPS))):
+        w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        out = forward(x, w, b)
+        (dx,) = torch.autograd.grad((out * upstream).sum(), x, create_graph=True)
+        dx.square().sum().backward()
+        grads[name] = w.grad
+    assert grads["swa_fast"].abs().max() > 1e-3  # not silently zero
+    assert_close(grads["swa_fast"], grads["chunk loop"], 1e-9)
+
+
+# ---------------------------------------------------------------------------
+# nn.BatchNorm's rules: more than one value per channel per ghost, empty input, eps
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("shape,ghost", [((5, 3, 8, 8), 4), ((1, 3, 16), 4), ((1, 2, 3, 3), 1), ((6, 2, 2), 1)])
+def test_a_ghost_of_one_sample_with_several_values_per_channel(device, shape, ghost):
+    x = make_input(shape, torch.contiguous_format, torch.float64, device)
+    dy = make_input(shape, torch.contiguous_format, torch.float64, device, seed=3)
+    weight, bias = make_affine(shape[1], torch.float64, device)
+    out, mean, var = OPS.ghost_batch_norm(x, weight, bias, ghost, EPS)
+    assert_close(out, ghost_chunk_loop(x, ghost, weight, bias, eps=EPS), 1e-10)
+    want_dx, want_dw = reference_forward_backward(x, weight, bias, ghost, dy)[1:3]
+    grad_input, grad_weight, _ = OPS.ghost_batch_norm_backward(dy, x, weight, mean, var, ghost, EPS, True)
+    assert_close(grad_input, want_dx, 1e-8)
+    assert_close(grad_weight, want_dw, 1e-8)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("shape", [(1, 3), (5, 3), (9, 2)])
+def test_a_ghost_of_one_value_per_channel_is_refused_as_batch_norm_refuses_it(device, shape):
+    x = make_input(shape, torch.contiguous_format, torch.float32, device)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        OPS.ghost_batch_norm(x, None, None, 4, EPS)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (6, 3, 0), (4, 3, 0, 5), (0, 3)])
+@pytest.mark.parametrize("stats_mode", ["per_ghost", "averaged"])
+def test_empty_input_as_batch_norm(device, shape, stats_mode):
+    from swa_fast.nn.functional import ghost_batch_norm
+
+    channels = shape[1]
+    x = torch.zeros(shape, device=device, requires_grad=True)
+    weight = torch.ones(channels, device=device, requires_grad=True)
+    bias = torch.zeros(channels, device=device, requires_grad=True)
+    running = [torch.full((channels,), 0.5, device=device), torch.full((channels,), 2.0, device=device)]
+    tracked = torch.tensor(3, device=device)
+    out = ghost_batch_norm(x, 2, *running, weight, bias, True, 0.1, EPS, tracked, stats_mode)
+    reference = torch.nn.functional.batch_norm(x, running[0].clone(), running[1].clone(), weight, bias, True)
+    assert out.shape == reference.shape == x.shape
+    out.sum().backward()
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(bias.grad, torch.zeros_like(bias))
+    assert torch.equal(running[0], torch.full_like(running[0], 0.5))  # untouched, as BatchNorm leaves them
+    assert torch.equal(running[1], torch.full_like(running[1], 2.0))
+    ghosts = 1 if shape[0] == 0 else -(-shape[0] // 2)  # N = 0 is one empty batch, as BatchNorm counts it
+    assert int(tracked) == 3 + (1 if stats_mode == "averaged" else ghosts)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("eps", [0.0, -1e-5])
+def test_eps_must_be_positive_with_batch_statistics(device, eps):
+    x = torch.ones(4, 3, device=device)  # a constant channel: eps = 0 would divide by zero
+    with pytest.raises(ValueError, match="eps must be positive"):
+        OPS.ghost_batch_norm(x, None, None, 2, eps)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        torch.nn.functional.batch_norm(x, None, None, training=True, eps=eps)  # torch's own rule
+
+
+# ---------------------------------------------------------------------------
+# The running-statistics update: torch's in-place rules and aliasing
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", devices())
+def test_update_stats_bumps_versions_and_refuses_aliases(device):
+    x = make_input((8, 3, 2, 2), torch.contiguous_format, torch.float32, device)
+    _, mean, var = OPS.ghost_batch_norm(x, None, None, 4, EPS)
+    running_mean, running_var = torch.zeros(3, device=device), torch.ones(3, device=device)
+    tracked = torch.tensor(0, device=device)
+    versions = [t._version for t in (running_mean, running_var, tracked)]
+    OPS.ghost_batch_norm_update_stats_(running_mean, running_var, tracked, mean, var, 8, 4, 4, 0.1, False)
+    assert [t._version for t in (running_mean, running_var, tracked)] > versions
+    snapshot = running_mean.clone()
+    with pytest.raises(RuntimeError, match="running_mean and running_var share memory"):
+        OPS.ghost_batch_norm_update_stats_(running_mean, running_mean, tracked, mean, var, 8, 4, 4, 0.1, False)
+    with pytest.raises(RuntimeError, match="running_mean and mean share memory"):
+        OPS.ghost_batch_norm_update_stats_(mean[0], running_var, tracked, mean, var, 8, 4, 4, 0.1, False)
+    assert torch.equal(running_mean, snapshot)
+    leaf = torch.zeros(3, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="running_mean is a leaf Variable that requires grad"):
+        OPS.ghost_batch_norm_update_stats_(leaf, running_var, tracked, mean, var, 8, 4, 4, 0.1, False)

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 
+import gpu_check_report
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tools" / "gpu_check.sh"
 STAGES = ["env", "build", "tests", "sanitizer", "graph", "bench", "recipe"]
-
-sys.path.insert(0, str(ROOT / "tools"))
-import gpu_check_report  # noqa: E402
 
 
 def run_check(out: Path, budget: int | None = None) -> subprocess.CompletedProcess:

@@ -6,11 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from benchmarks import readme_tables
 
-from benchmarks import readme_tables  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 README = REPO_ROOT / "README.md"
 CPU_RESULTS = REPO_ROOT / "benchmarks" / "results" / "cpu-intel-xeon-processor-2threads.json"

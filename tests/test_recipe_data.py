@@ -10,7 +10,6 @@ import os
 import pickle
 import shlex
 import struct
-import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -19,9 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # recipes import recipe_lib from there
-
-from recipe_lib.datasets import (  # noqa: E402
+from helpers import make_cifar10, make_folder, save_image, write_pickle
+from recipe_lib.datasets import (
     FASHION_MNIST_DIR,
     DatasetError,
     MissingDataError,
@@ -121,27 +119,6 @@ def test_real_fashion_mnist():
 
 
 # ----------------------------------------------------------------- CIFAR
-
-def write_pickle(path: Path, obj) -> None:
-    with path.open("wb") as f:
-        pickle.dump(obj, f)
-
-
-def make_cifar10(root: Path, per_batch: int = 3) -> dict[str, np.ndarray]:
-    """The official layout: bytes keys, uint8 data rows, list labels."""
-    rng = np.random.default_rng(1)
-    root.mkdir(parents=True, exist_ok=True)
-    write_pickle(root / "batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)], b"num_vis": 3072})
-    data, labels = [], []
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        rows = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-        lab = rng.integers(0, 10, per_batch).tolist()
-        write_pickle(root / name, {b"batch_label": name.encode(), b"data": rows, b"labels": lab})
-        data.append(rows)
-        labels.append(lab)
-    return {"train": np.concatenate(data[:5]), "train_labels": np.concatenate(labels[:5]),
-            "test": data[5], "test_labels": np.asarray(labels[5])}
-
 
 def test_cifar10_decodes(tmp_path):
     expected = make_cifar10(tmp_path / "cifar-10-batches-py")
@@ -343,30 +320,6 @@ def test_cifar_loads_python2_numpy1_style_pickles(tmp_path):
 
 
 # ----------------------------------------------------------------- image folders
-
-def save_image(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (8, 6), mode: str = "RGB") -> np.ndarray:
-    """A (W, H) = size image with a color gradient (so a resize or transposition would show); returns HxWx3."""
-    w, h = size
-    pixels = np.zeros((h, w, 3), np.uint8)
-    pixels[...] = color
-    pixels[:, :, 0] = (np.arange(w)[None, :] * 20 + np.arange(h)[:, None] * 3 + color[0]) % 256
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.fromarray(pixels)
-    if mode == "L":
-        img = img.convert("L")
-        pixels = np.asarray(img.convert("RGB"))
-    img.save(path)
-    return pixels
-
-
-def make_folder(root: Path, train_split: str = "train", test_split: str = "test") -> dict[str, list[np.ndarray]]:
-    out: dict[str, list[np.ndarray]] = {"train": [], "test": []}
-    for split, dirname in (("train", train_split), ("test", test_split)):
-        for label, cls in enumerate(("glacier", "buildings")):  # sorted: buildings=0, glacier=1
-            for i in range(2 if split == "train" else 1):
-                out[split].append(save_image(root / dirname / cls / f"img{i}.png", (label * 100, 50 + i, 7)))
-    return out
-
 
 def test_image_folder_decodes(tmp_path):
     pixels = make_folder(tmp_path)

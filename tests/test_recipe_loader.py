@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # recipes import recipe_lib from there
-
-from recipe_lib.datasets import ImageDataset  # noqa: E402
-from recipe_lib.loader import BatchLoader, shard_indices  # noqa: E402
-from recipe_lib.transforms import random_hflip  # noqa: E402
+from recipe_lib.datasets import ImageDataset
+from recipe_lib.loader import BatchLoader, shard_indices
+from recipe_lib.transforms import random_hflip
 
 
 def dataset(n: int) -> ImageDataset:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # recipes import recipe_lib from there
-
-from recipe_lib.models import MODEL_DESCRIPTIONS, MODEL_NAMES, build_model, count_parameters  # noqa: E402
+from recipe_lib.models import (
+    MODEL_DESCRIPTIONS,
+    MODEL_NAMES,
+    build_model,
+    count_parameters,
+)
 
 # The quick-preset models: cheap enough to try at every input size.
 SMALL = ("resnet18_small", "vgg_small", "preresnet20", "wrn16_4", "resnet20", "f1_small")

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # recipes import recipe_lib from there
-
-from recipe_lib.transforms import (  # noqa: E402
+from recipe_lib.transforms import (
     DEFAULT_STATS,
     channel_stats,
     compose,

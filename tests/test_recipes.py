@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import free_port, make_cifar10, make_folder
+from recipe_lib.checkpoint import load_checkpoint, save_atomic
+from recipe_lib.datasets import write_synthetic_fashion_mnist
+from recipe_lib.engine import checkpoint_path, log_spaced_steps
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-from recipe_lib.checkpoint import load_checkpoint, save_atomic  # noqa: E402
-from recipe_lib.engine import checkpoint_path, log_spaced_steps  # noqa: E402
-from recipe_lib.datasets import write_synthetic_fashion_mnist  # noqa: E402
-from test_recipe_data import make_cifar10, make_folder  # noqa: E402
 
 
 def load_recipe(name: str):
@@ -277,11 +275,6 @@ def test_bad_options_are_refused(fashion, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ torchrun
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_torchrun_two_processes(fashion, tmp_path):

@@ -355,3 +355,75 @@ def test_update_bn_runs_without_grad():
     seen = []
     swa_utils.update_bn(batches(2), model, forward_fn=lambda m, b: seen.append(torch.is_grad_enabled()) or m(b[0]))
     assert seen == [False, False]
+
+
+# ---------------------------------------------------------------------------
+# The cached plan never gives a wrong answer: copies, pickles, replaced tensors
+# ---------------------------------------------------------------------------
+
+
+def test_deepcopy_after_an_update_averages_the_model_it_is_given():
+    model = small_bn_net()
+    ours = swa_utils.AveragedModel(model)
+    theirs = torch_swa.AveragedModel(model)
+    train_and_average(model, [ours, theirs], steps=2)
+    ours_copy, theirs_copy = copy.deepcopy(ours), copy.deepcopy(theirs)
+    train_and_average(model, [ours_copy, theirs_copy], steps=3)  # the copies follow the live model
+    assert max_abs_diff(ours_copy.state_dict(), theirs_copy.state_dict()) <= 1e-6
+    assert max_abs_diff(ours_copy.state_dict(), ours.state_dict()) > 1e-4  # and moved away from the original
+
+
+@pytest.mark.parametrize("save", ["pickle", "torch.save"])
+def test_an_updated_averaged_model_can_be_pickled_whole(save, tmp_path):
+    import pickle
+
+    model = small_bn_net()
+    ours = swa_utils.AveragedModel(model)
+    train_and_average(model, [ours], steps=2)
+    if save == "pickle":
+        loaded = pickle.loads(pickle.dumps(ours))
+    else:
+        torch.save(ours, tmp_path / "whole.pt")
+        loaded = torch.load(tmp_path / "whole.pt", weights_only=False)
+    assert_floating_equal(loaded.state_dict(), ours.state_dict())
+    train_and_average(model, [loaded, ours], steps=2)  # the loaded one builds its own plan
+    assert_floating_equal(loaded.state_dict(), ours.state_dict())
+
+
+def test_a_parameter_replaced_through_the_module_dict_is_followed():
+    model = small_bn_net()
+    ours = swa_utils.AveragedModel(model)
+    theirs = torch_swa.AveragedModel(model)
+    train_and_average(model, [ours, theirs], steps=2)
+    # No registration hook fires for a direct dict write: the per-update check must see it.
+    model[4]._parameters["weight"] = nn.Parameter(torch.randn_like(model[4].weight))
+    train_and_average(model, [ours, theirs], steps=2)
+    assert max_abs_diff(ours.state_dict(), theirs.state_dict()) <= 1e-6
+
+
+def test_to_with_overwritten_parameters_is_followed():
+    model = small_bn_net()
+    ours = swa_utils.AveragedModel(model)
+    theirs = torch_swa.AveragedModel(model)
+    train_and_average(model, [ours, theirs], steps=2)
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        old = model[0].weight
+        model.to(torch.float64)  # new Parameter objects, in the module dicts directly
+        assert model[0].weight is not old
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    train_and_average(model, [ours, theirs], steps=2, dtype=torch.float64)
+    assert max_abs_diff(ours.state_dict(), theirs.state_dict()) <= 1e-6
+
+
+def test_a_dtype_change_of_a_later_parameter_is_followed():
+    model = small_bn_net()
+    ours = swa_utils.AveragedModel(model)
+    theirs = torch_swa.AveragedModel(model)
+    train_and_average(model, [ours, theirs], steps=2)
+    with torch.no_grad():  # same Parameter object, new dtype: only the per-tensor check sees it
+        model[4].bias.data = model[4].bias.data.double()
+    for averaged in (ours, theirs):
+        averaged.update_parameters(model)
+    assert max_abs_diff(ours.state_dict(), theirs.state_dict()) <= 1e-6

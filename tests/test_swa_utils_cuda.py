@@ -12,10 +12,7 @@ from torch.optim import swa_utils as torch_swa
 
 from swa_fast import swa_utils
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = pytest.mark.cuda  # skipped without a GPU and a CUDA build (conftest.py)
 
 
 def bn_net():

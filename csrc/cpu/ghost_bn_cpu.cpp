@@ -465,6 +465,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_batch_norm_cpu(
     int64_t ghost_batch_size,
     double eps) {
   const GhostGeometry geo = validate_ghost_batch_norm_args(input, weight, bias, ghost_batch_size, eps);
+  if (input.numel() == 0) {
+    return empty_ghost_batch_norm(input, geo);
+  }
   const at::Tensor x = input.contiguous(ghost_memory_format(input));
   at::Tensor output = at::empty_like(x);
   const auto stats_options = x.options().dtype(ghost_stats_dtype(x.scalar_type()));
@@ -509,6 +512,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_batch_norm_backward_cpu(
     bool compute_grad_input) {
   const GhostGeometry geo =
       validate_ghost_batch_norm_backward_args(grad_output, input, weight, mean, var, ghost_batch_size, eps);
+  if (input.numel() == 0) {
+    return empty_ghost_batch_norm_backward(input, weight, mean, geo, compute_grad_input);
+  }
   const auto format = ghost_memory_format(input);
   const at::Tensor x = input.contiguous(format);
   const at::Tensor dy = grad_output.contiguous(format);
@@ -555,16 +561,19 @@ void ghost_batch_norm_update_stats_cpu(
     bool average_ghosts) {
   const GhostGeometry geo = validate_ghost_update_stats_args(
       running_mean, running_var, num_batches_tracked, mean, var, batch_size, ghost_batch_size, sample_numel, momentum);
-  const int64_t steps_before = num_batches_tracked.item<int64_t>();  // a CPU scalar: free to read
-  const at::Tensor mean_c = mean.contiguous(), var_c = var.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "ghost_bn_update_stats_cpu", [&] {
-    using opmath_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(), "ghost_bn_running", [&] {
-      ghost_update_running_stats<scalar_t, opmath_t>(
-          running_mean.data_ptr<scalar_t>(), running_var.data_ptr<scalar_t>(), steps_before,
-          mean_c.const_data_ptr<opmath_t>(), var_c.const_data_ptr<opmath_t>(), geo, momentum, average_ghosts);
+  if (updates_running_stats(geo)) {
+    const int64_t steps_before = num_batches_tracked.item<int64_t>();  // a CPU scalar: free to read
+    const at::Tensor mean_c = mean.contiguous(), var_c = var.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "ghost_bn_update_stats_cpu", [&] {
+      using opmath_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(), "ghost_bn_running", [&] {
+        ghost_update_running_stats<scalar_t, opmath_t>(
+            running_mean.data_ptr<scalar_t>(), running_var.data_ptr<scalar_t>(), steps_before,
+            mean_c.const_data_ptr<opmath_t>(), var_c.const_data_ptr<opmath_t>(), geo, momentum, average_ghosts);
+      });
     });
-  });
+  }
+  // An empty batch still counts, as nn.BatchNorm counts it.
   num_batches_tracked.add_(average_ghosts ? 1 : geo.num_ghosts);
 }
 

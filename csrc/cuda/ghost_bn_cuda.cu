@@ -503,6 +503,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_batch_norm_cuda(
     int64_t ghost_batch_size,
     double eps) {
   const GhostGeometry geometry = validate_ghost_batch_norm_args(input, weight, bias, ghost_batch_size, eps);
+  if (input.numel() == 0) {
+    return empty_ghost_batch_norm(input, geometry);
+  }
   const c10::cuda::CUDAGuard guard(input.device());
   const c10::DeviceIndex device = input.device().index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
@@ -540,6 +543,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_batch_norm_backward_cuda(
     bool compute_grad_input) {
   const GhostGeometry geometry =
       validate_ghost_batch_norm_backward_args(grad_output, input, weight, mean, var, ghost_batch_size, eps);
+  if (input.numel() == 0) {
+    return empty_ghost_batch_norm_backward(input, weight, mean, geometry, compute_grad_input);
+  }
   const c10::cuda::CUDAGuard guard(input.device());
   const c10::DeviceIndex device = input.device().index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
@@ -590,9 +596,9 @@ void ghost_batch_norm_update_stats_cuda(
   const at::Tensor mean_c = mean.contiguous();
   const at::Tensor var_c = var.contiguous();
   const int64_t grid = std::min(ceil_div(shape.channels, kChannelThreads), kMaxGrid);
-  // No channels: nothing to update (a zero-block grid is a launch error), but
-  // the batch still counts, as on the CPU.
-  if (grid > 0) {
+  // An empty batch (or no channels, whose zero-block grid would be a launch
+  // error) updates nothing but still counts, as on the CPU.
+  if (updates_running_stats(shape)) {
     AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "ghost_batch_norm_update_stats_cuda", [&] {
       ghost_update_running_stats_kernel<scalar_t><<<static_cast<unsigned>(grid), kChannelThreads, 0, stream>>>(
           running_mean.mutable_data_ptr(), running_var.mutable_data_ptr(), element_of(running_mean.scalar_type()),

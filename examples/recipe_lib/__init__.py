@@ -14,8 +14,8 @@ on the training device: no worker processes, no torchvision.
 """
 
 from recipe_lib.datasets import (
-    DataSplits,
     DatasetError,
+    DataSplits,
     ImageDataset,
     MissingDataError,
     load_cifar,

@@ -13,8 +13,6 @@ papers' epochs and sizes, meant for a GPU). Any option given explicitly wins.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import shlex
 import sys
@@ -30,8 +28,14 @@ from recipe_lib.datasets import DATASET_NAMES, DatasetError, ImageDataset, load_
 from recipe_lib.distributed import DistContext, init_distributed, shutdown
 from recipe_lib.engine import Arm, ArmResult, RunSettings, StopRequested, run_all
 from recipe_lib.models import MODEL_NAMES, build_model
-from recipe_lib.reporting import (averaging_table, distance_fits, plot_accuracy, plot_distance, results_table,
-                                  write_metrics)
+from recipe_lib.reporting import (
+    averaging_table,
+    distance_fits,
+    plot_accuracy,
+    plot_distance,
+    results_table,
+    write_metrics,
+)
 from recipe_lib.training import AMP_DTYPES, Precision
 from recipe_lib.transforms import DEFAULT_STATS, channel_stats, compose, random_crop, random_hflip
 

