@@ -97,3 +97,22 @@ def test_kernel_arg_budget_switch(monkeypatch, value, ok):
     else:
         with pytest.raises(SystemExit, match="must be 4096 or 32768"):
             setup._kernel_arg_bytes()
+
+
+def test_rebuilds_are_incremental(monkeypatch):
+    # Objects go to a persistent build directory (pip's editable installs would use a fresh
+    # temporary one every time), and the per-build facts are a generated header, not compiler
+    # flags: a flag that changes with every source edit would make ninja recompile every file.
+    monkeypatch.delenv("SWA_FAST_KERNEL_ARG_BYTES", raising=False)
+    from setuptools import Distribution
+
+    setup = load_setup_module()
+    extension, build_ext = setup._extension()
+    assert [name for name, _ in extension.define_macros] == ["SWA_FAST_KERNEL_ARG_BYTES"]
+    (build_dir,) = [Path(d) for d in extension.include_dirs if Path(d).parent == ROOT / "build"]
+    facts = (build_dir / "swa_fast_build_facts.h").read_text()
+    assert f'#define SWA_FAST_SOURCE_HASH "{swa_fast.BUILD_INFO["source_hash"]}"' in facts
+    command = build_ext(Distribution({"name": "swa_fast", "ext_modules": [extension]}))
+    command.initialize_options()
+    command.finalize_options()
+    assert command.build_temp == str(build_dir)

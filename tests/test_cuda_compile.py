@@ -6,8 +6,8 @@ BuildExtension uses, against this torch's headers. The CPU wheel lacks one
 generated CUDA config header, ``c10/cuda/impl/cuda_cmake_macros.h``; a
 one-line stand-in is written to a temporary include directory.
 
-All sources compile at once, in parallel (one nvcc per core), and each test
-reports one file's result. The files that include the multi-tensor harness
+All sources compile at once, in parallel (one nvcc per core), to PTX (not
+machine code: see _nvcc_command), and each test reports one file's result. The files that include the multi-tensor harness
 are compiled a second time with the 32 KB kernel-argument budget
 (SWA_FAST_KERNEL_ARG_BYTES=32768), the other build-time choice.
 
@@ -98,8 +98,12 @@ def _nvcc_command(source: Path, output: Path, generated_include_dir: Path, macro
         "-DTORCH_EXTENSION_NAME=_C",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         *(f"-I{path}" for path in includes),
+        # PTX only: the front end and NVVM check everything a build checks (types,
+        # templates, kernel-argument sizes: "Formal parameter space overflowed" is
+        # theirs); ptxas, which only turns PTX into machine code, is skipped, which
+        # is most of the time of the template-heavy files.
         "-gencode",
-        "arch=compute_90,code=sm_90",
+        "arch=compute_90,code=compute_90",
     ]
 
 
