@@ -24,6 +24,13 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"  # run.py writes here, readme_tables.py reads
+# Smoke runs (run.py --quick, or fewer than MIN_REPEATS rounds) write here instead: a folder .gitignore
+# ignores, below RESULTS_DIR so it is easy to find, and never read by readme_tables.py (which reads
+# RESULTS_DIR/*.json, not subfolders), so a smoke run cannot replace a committed reference.
+SCRATCH_DIR = RESULTS_DIR / "scratch"
+# The fewest timed rounds whose median the runner treats as a measurement (a --budget stops no
+# earlier); a run with fewer is a smoke run.
+MIN_REPEATS = 5
 
 
 @dataclass
@@ -92,7 +99,7 @@ def run_rounds(
     max_inner: int = 1000,
     inner: Optional[int] = None,
     budget_s: Optional[float] = None,
-    min_repeats: int = 5,
+    min_repeats: int = MIN_REPEATS,
 ) -> None:
     """Warm up, pick each candidate's ``inner`` (updates per sample, so a sample lasts about
     ``target_ms``), then ``repeats`` interleaved rounds with a rotating order; with

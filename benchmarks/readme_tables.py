@@ -19,10 +19,12 @@ Only what lies between the markers is generated; the prose around them is
 written by hand. The results files read are every ``*.json`` with schema 2 that
 is a full run (named ``<device slug>.json``, as ``run.py`` names it); a partial
 run (``<slug>-<suites or cases>.json``) is read only where README.md already has
-markers for it. ``--write`` puts the table of a results file that has no markers
-yet (a new GPU, say) right after the last table of the same suite, and drops
-the blocks whose results file or suite is gone: a device with no results has
-no table.
+markers for it. Only the files directly in the folder are read: smoke runs
+(``run.py --quick``) write to its ``scratch/`` subfolder, and a report whose
+settings say ``quick`` is skipped wherever it lies. ``--write`` puts the table
+of a results file that has no markers yet (a new GPU, say) right after the last
+table of the same suite, and drops the blocks whose results file or suite is
+gone: a device with no results has no table.
 """
 
 from __future__ import annotations
@@ -341,12 +343,15 @@ def marker_keys(text: str) -> List[Key]:
 
 def load_reports(results_dir: Path, marked_stems: Sequence[str]) -> Dict[str, dict]:
     """Results file stem -> report, for every schema-2 file that is a full run (named by its
-    device slug) or that README.md has markers for."""
+    device slug) or that README.md has markers for. The glob is not recursive: the smoke runs
+    in ``scratch/`` are never read."""
     reports = {}
     for path in sorted(results_dir.glob("*.json")):
         report = json.loads(path.read_text())
         if report.get("schema") != SCHEMA:
             continue  # another layout: its fields may differ
+        if report.get("settings", {}).get("quick"):
+            continue  # a smoke run written here with --output: its figures are no reference
         if path.stem == report["device"]["slug"] or path.stem in marked_stems:
             reports[path.stem] = report
     return reports

@@ -5,7 +5,8 @@ Usage (from the repository root)::
     python -m benchmarks.run                                  # every suite and case for the default device
     python benchmarks/run.py --device cpu --cases resnet50 transformer
     python benchmarks/run.py --suites averaging               # one suite
-    python -m benchmarks.run --quick --no-save                # a few repeats (CI smoke)
+    python -m benchmarks.run --quick                          # a few repeats (smoke run, scratch JSON)
+    python -m swa_fast bench --help                           # the same runner from the package's CLI
 
 Suites (each module's docstring lists its candidates and how it counts bytes):
 
@@ -22,7 +23,12 @@ hits all candidates alike. On CUDA a sample is timed with CUDA events around a
 loop of ``inner`` calls (synchronised before and after); on the CPU with a
 host timer.
 
-Results go to ``benchmarks/results/<device-slug>.json`` unless ``--no-save``.
+Results go to ``benchmarks/results/<device-slug>.json`` unless ``--no-save`` or
+``--output``. A smoke run (``--quick``, or fewer than ``harness.MIN_REPEATS``
+timed rounds) writes to ``benchmarks/results/scratch/`` instead, a folder git
+ignores and ``readme_tables.py`` never reads: its figures are too rough for a
+reference, and its file name (the device slug) would replace the committed
+results of a machine of the same name. An explicit ``--output`` wins.
 
 On a shared CPU machine other processes slow every candidate, but not equally:
 each of torch's per-tensor kernels opens its own OpenMP parallel region, and
@@ -51,10 +57,14 @@ if __package__ in (None, ""):  # run as `python benchmarks/run.py`
 import torch
 
 import swa_fast
+from swa_fast._build_facts import build_summary
 
 from benchmarks import averaging, distance, ghost_bn
 from benchmarks.harness import (
+    MIN_REPEATS,
+    REPO_ROOT,
     RESULTS_DIR,
+    SCRATCH_DIR,
     device_info,
     format_candidates,
     git_commit,
@@ -71,6 +81,9 @@ SUITES: Dict[str, ModuleType] = {
     "ghost_bn": ghost_bn,
     "distance": distance,
 }
+
+
+PROG = "python -m benchmarks.run"  # the command the help names unless a front end passes its own
 
 
 def all_cases() -> Dict[str, Tuple[str, object]]:
@@ -90,7 +103,7 @@ def run_case(suite: ModuleType, case, device: torch.device, *, repeats: int, war
     candidates = suite.build_candidates(case, device)
     setup_s = time.perf_counter() - begin
     run_rounds(candidates, device, repeats=repeats, warmup=warmup, target_ms=target_ms, inner=inner,
-               budget_s=budget_s, min_repeats=min(5, repeats))
+               budget_s=budget_s, min_repeats=min(MIN_REPEATS, repeats))
     result = suite.describe(case)
     result.update(summarize_candidates(candidates, suite.SPEEDUPS))
     result["setup_s"] = setup_s
@@ -100,13 +113,56 @@ def run_case(suite: ModuleType, case, device: torch.device, *, repeats: int, war
     return result
 
 
+def is_smoke_run(args: argparse.Namespace) -> bool:
+    """A run whose figures are no reference: ``--quick`` (short samples, one warm-up round) or
+    fewer timed rounds than a measurement needs. Reduced but sufficient repeats (the GPU check's
+    ``--repeats 15``) still count as a reference run."""
+    return args.quick or args.repeats < MIN_REPEATS
+
+
 def default_output(slug: str, args: argparse.Namespace) -> Path:
     """``results/<slug>.json`` for a full run; a partial run (``--suites``/``--cases``) gets its
-    own file so it never overwrites the full run's figures."""
+    own file so it never overwrites the full run's figures; a smoke run goes to ``results/scratch/``
+    (same names) so it never replaces a committed reference."""
+    folder = SCRATCH_DIR if is_smoke_run(args) else RESULTS_DIR
     if not (args.suites or args.cases):
-        return RESULTS_DIR / f"{slug}.json"
+        return folder / f"{slug}.json"
     parts = args.suites if not args.cases else args.cases
-    return RESULTS_DIR / f"{slug}-{'-'.join(parts)}.json"
+    return folder / f"{slug}-{'-'.join(parts)}.json"
+
+
+def saved_note(args: argparse.Namespace) -> str:
+    """What the "saved" line adds for a smoke run written to the default place: why it is not
+    in benchmarks/results/ and how to put it elsewhere."""
+    if args.output is not None or not is_smoke_run(args):
+        return ""
+    return " (a smoke run: scratch results, ignored by git and by readme_tables.py; --output PATH to choose)"
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the repository root when it is inside it (shorter, and what the docs
+    say), else as given."""
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def header_line(device_label: str, commit: str) -> str:
+    """The run's first line: the swa_fast build, torch, the device and the commit measured."""
+    return (f"swa_fast {swa_fast.__version__} ({build_summary(swa_fast.BUILD_INFO)}), torch {torch.__version__}, "
+            f"{device_label}, commit {commit}")
+
+
+def command_line(argv: Optional[Sequence[str]], prog: Optional[str]) -> str:
+    """The command that started this run, for the JSON: the shell command when run from one
+    (``prog`` names the front end, e.g. ``python -m swa_fast bench``), else the Python call."""
+    if prog is not None:
+        return shlex.join([*shlex.split(prog), *(sys.argv[1:] if argv is None else argv)])
+    if argv is None and __name__ == "__main__":
+        as_module = __spec__ is not None and __spec__.name == "benchmarks.run"
+        return shlex.join(["python", *(["-m", "benchmarks.run"] if as_module else sys.argv[:1]), *sys.argv[1:]])
+    return f"benchmarks.run.main({list(sys.argv[1:] if argv is None else argv)!r})"
 
 
 # ---------------------------------------------------------------------------
@@ -114,9 +170,11 @@ def default_output(slug: str, args: argparse.Namespace) -> Path:
 # ---------------------------------------------------------------------------
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> argparse.Namespace:
+    """The runner's options with their device-dependent defaults filled in; ``prog`` is the
+    command the help names (``python -m swa_fast bench`` when run from there)."""
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.run",
+        prog=prog,
         description="Side-by-side benchmarks: swa_fast vs torch baselines, every suite (averaging, ...).",
     )
     parser.add_argument("--suites", nargs="+", choices=list(SUITES), default=None,
@@ -129,7 +187,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="timed rounds per case (default: 20 on CPU, 30 on CUDA; 3 with --quick)")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds of timed rounds per case after which a case stops early, after at least "
-                             "5 rounds (default: 40 on CPU, none on CUDA or with --quick; 0 = none)")
+                             f"{MIN_REPEATS} rounds (default: 40 on CPU, none on CUDA or with --quick; 0 = none)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed rounds before timing (default: 2 on CPU, 5 on CUDA; 1 with --quick)")
     parser.add_argument("--inner", type=int, default=None,
@@ -137,10 +195,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--target-ms", type=float, default=None,
                         help="aimed duration of one timed sample (default: 10 on CUDA, 5 on CPU; 2 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--quick", action="store_true", help="few repeats, for a CI smoke run")
+    parser.add_argument("--quick", action="store_true",
+                        help="few repeats, for a smoke run; its JSON goes to benchmarks/results/scratch/ "
+                             "(ignored by git) unless --output is given")
     parser.add_argument("--output", type=Path, default=None,
                         help="JSON path (default: benchmarks/results/<device-slug>.json; with --suites or --cases "
-                             "<device-slug>-<names>.json)")
+                             f"<device-slug>-<names>.json; a smoke run, --quick or fewer than {MIN_REPEATS} "
+                             "repeats, writes the same name under benchmarks/results/scratch/)")
     parser.add_argument("--no-save", action="store_true", help="print only, write no JSON")
     args = parser.parse_args(argv)
     if args.device is None:
@@ -161,8 +222,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> dict:
+    """Run the chosen cases, print their tables, write the JSON; returns the report.
+    ``prog``: the front end that called (its name goes into the help and the recorded command)."""
+    args = parse_args(argv, prog or PROG)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -178,11 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             print(f"skipping {name}: GPU only", flush=True)
 
     info = device_info(device)
-    if __name__ == "__main__":  # the command line that started this run
-        as_module = __spec__ is not None and __spec__.name == "benchmarks.run"
-        command = shlex.join(["python", *(["-m", "benchmarks.run"] if as_module else sys.argv[:1]), *sys.argv[1:]])
-    else:
-        command = f"benchmarks.run.main({list(sys.argv[1:] if argv is None else argv)!r})"
+    command = command_line(argv, prog)
     report = {
         "schema": 2,
         "device": info,
@@ -206,10 +265,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         },
         "cases": {},
     }
-    print(f"swa_fast {swa_fast.__version__} ({swa_fast.BUILD_INFO}), torch {torch.__version__}, "
-          f"{info['label']}, commit {report['git_commit']}", flush=True)
-    budget = (f" (or fewer, at least {min(5, args.repeats)}, once a case's timed rounds pass {args.budget:g} s)"
-              if args.budget else "")
+    print(header_line(info["label"], report["git_commit"]), flush=True)
+    floor = min(MIN_REPEATS, args.repeats)
+    budget = f" (or fewer, at least {floor}, once a case's timed rounds pass {args.budget:g} s)" if args.budget else ""
     print(f"rounds: {args.repeats} timed{budget} after {args.warmup} warm-up, candidates interleaved; "
           f"times are ms per call; load average {report['loadavg_start']}", flush=True)
     begin = time.perf_counter()
@@ -228,7 +286,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         output = args.output or default_output(info["slug"], args)
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"saved {output}", flush=True)
+        print(f"saved {display_path(output)}{saved_note(args)}", flush=True)
     return report
 
 

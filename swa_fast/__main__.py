@@ -11,6 +11,14 @@ from typing import List, Optional
 
 from swa_fast import checkpoint_average
 
+# The parser's description is plain text: argparse prints it as is, so the module docstring's
+# reST markup (double backticks) would show in --help.
+DESCRIPTION = (
+    "swa_fast's command line: info (versions, compiled kernels, the GPU seen), bench (the side-by-side "
+    "benchmark runner of a source checkout) and average (average the weights of saved checkpoints)."
+)
+BENCH_PROG = "python -m swa_fast bench"
+
 
 def info_lines() -> List[str]:
     """What `python -m swa_fast info` prints: versions, compiled kernels, GPU seen."""
@@ -41,20 +49,27 @@ def info_lines() -> List[str]:
 
 
 def _bench(argv: List[str]) -> int:
+    """Run benchmarks/run.py with ``argv`` (``--help`` included: the runner's own options)."""
     runner = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
     if not runner.is_file():
         print("swa_fast bench runs benchmarks/run.py from a source checkout; none was found next to this install.")
         return 2
-    sys.argv = [str(runner), *argv]
-    runpy.run_path(str(runner), run_name="__main__")
+    # Loaded under a name that is not __main__ (its own main() does not run on load), then called
+    # with this command's name, so its help and the recorded command say `python -m swa_fast bench`.
+    runner_globals = runpy.run_path(str(runner), run_name="swa_fast_bench_runner")
+    runner_globals["main"](argv, prog=BENCH_PROG)
     return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m swa_fast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m swa_fast", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, compiled kernels and the GPU seen")
-    sub.add_parser("bench", help="the side-by-side benchmark runner (benchmarks/run.py); options pass through")
+    sub.add_parser("info", help="versions, compiled kernels and the GPU seen",
+                   description="Print the versions, the kernels compiled and the GPU seen.")
+    # No -h of its own: --help passes through to the runner, which lists its options.
+    sub.add_parser("bench", add_help=False,
+                   help="the side-by-side benchmark runner (benchmarks/run.py); options pass through, "
+                        "bench --help lists them")
     average = sub.add_parser(
         "average",
         help="average the weights of saved checkpoints into one state_dict",

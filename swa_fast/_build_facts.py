@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
 
@@ -48,3 +48,11 @@ def host_has_avx2_fma() -> Optional[bool]:
     except OSError:
         return None
     return " avx2" in flags and " fma" in flags
+
+
+def build_summary(info: Mapping[str, Any]) -> str:
+    """One readable line for a ``BUILD_INFO`` dict (the benchmark runner's header names the build
+    it measured): ``CPU kernels: avx2, CUDA kernels: none, 4096-byte kernel args, sources 0123abcd``."""
+    cuda = (info["cuda_archs"] or "default archs") if info["cuda"] else "none"
+    return (f"CPU kernels: {info['cpu_capability']}, CUDA kernels: {cuda}, "
+            f"{info['kernel_arg_bytes']}-byte kernel args, sources {info['source_hash']}")

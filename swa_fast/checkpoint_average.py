@@ -19,6 +19,13 @@ the number of checkpoints.
   quantizing), nested ones, and meta tensors, which hold no data. To average
   the rest of such a checkpoint, select the other entries with ``--prefix``
   (or another state_dict with ``--key``).
+* Files are loaded like ``torch.load(weights_only=True)``: tensors and plain
+  containers only, never pickled objects (loading those can run code). A file
+  that cannot be loaded gets an error saying what it is not and what is read:
+  not a ``torch.save`` file at all (a text file, say), a ``torch.save`` file
+  holding a pickled class (re-save the weights:
+  ``torch.save(model.state_dict(), path)``), or a damaged one. torch's own
+  advice to load with ``weights_only=False`` is never passed on.
 * ``--weights`` must be finite and >= 0, with a positive sum that does not
   overflow; bad weights are refused before any file is read.
 * The output is written like ``torch.save`` would, but atomically: a new file
@@ -33,8 +40,10 @@ the number of checkpoints.
 from __future__ import annotations
 
 import errno
+import io
 import math
 import os
+import pickle
 import re
 import secrets
 import socket
@@ -66,9 +75,90 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be averaged with the others; the message names the file (and key)."""
 
 
+# What the averaging reads, said whenever a file is not that.
+ACCEPTED = (
+    "`python -m swa_fast average` reads files written by torch.save holding a state_dict "
+    f"(or a dict with one under {'/'.join(COMMON_KEYS)}, or --key)"
+)
+RESAVE = "torch.save(model.state_dict(), path)"
+
+
 def _load(path: PathLike) -> Any:
     """Read one checkpoint on the CPU. A module-level function so tests can watch the loads."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    """Reads plain values only: any class or function reference is refused, so peeking into an
+    unknown file cannot run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"global {module}.{name} refused")
+
+
+def _is_torch_save_file(path: PathLike) -> bool:
+    """Whether the file starts as torch.save writes: a zip archive whose first entry is
+    ``<name>/data.pkl`` (torch >= 1.6), or a pickle stream opening with torch's magic number (the
+    legacy format). Only the head is read, so a truncated torch.save file still counts."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(30 + 256)  # a zip local file header (30 bytes) and the entry's name
+    except OSError:
+        return False
+    if head[:4] == b"PK\x03\x04":
+        name_length = int.from_bytes(head[26:28], "little")
+        return head[30 : 30 + name_length].endswith(b"/data.pkl")
+    try:  # the magic number is the stream's first object, well within the head: never read more
+        return _NoGlobalsUnpickler(io.BytesIO(head)).load() == torch.serialization.MAGIC_NUMBER
+    except Exception:  # not a pickle, or one that starts otherwise
+        return False
+
+
+def _short_reason(error: BaseException) -> str:
+    """The gist of a load error in one line: torch's weights_only failures wrap the unpickler's
+    finding in advice this tool does not follow (weights_only=False would run the file's code)."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1].split("Check the documentation", 1)[0]
+    text = re.sub(r"^\s*\[enforce fail at [^\]]*\][\s.]*", "", text)  # c10's source location: no help to a user
+    gist = " ".join(text.split()).split(". ")[0].rstrip(".")[:160]
+    if not gist or "weights_only" in gist:  # say nothing rather than pass on that advice
+        return type(error).__name__
+    return f"{type(error).__name__}: {gist}"
+
+
+def _file_start(path: PathLike) -> str:
+    """What the file begins with, for an error on a file that is not a checkpoint."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(16)
+    except OSError:
+        return "unreadable"
+    return f"starts with {head!r}" if head else "the file is empty"
+
+
+def _load_error(path: str, error: Exception) -> CheckpointError:
+    """The error for a file ``load`` could not read: what the file is not, and what is read."""
+    if isinstance(error, OSError):  # missing, a directory, no permission: the OS says it best
+        return CheckpointError(f"{path}: cannot read checkpoint ({error.strerror or error})")
+    if not _is_torch_save_file(path):
+        return CheckpointError(
+            f"{path}: not a PyTorch checkpoint (torch.save file): cannot read it "
+            f"({_short_reason(error)}; {_file_start(path)}). {ACCEPTED}"
+        )
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    if isinstance(error, pickle.UnpicklingError) and refused:
+        return CheckpointError(
+            f"{path}: a torch.save file holding a pickled {refused[1]}, not only tensors and plain containers; "
+            "for safety `python -m swa_fast average` loads only tensors and plain containers (dicts, lists, "
+            "tuples, numbers, strings), never pickled objects, whose loading can run code. "
+            f"Save the weights as a state_dict and average those: {RESAVE}"
+        )
+    return CheckpointError(
+        f"{path}: a torch.save file that cannot be loaded ({_short_reason(error)}): truncated or damaged? "
+        f"Saving it again with {RESAVE} gives a file this tool reads"
+    )
 
 
 def _is_tensor_dict(value: Any) -> bool:
@@ -263,7 +353,7 @@ def average_checkpoints(
         try:
             checkpoint = load(path)
         except Exception as error:  # any unreadable file: truncated, not a checkpoint, unsafe pickle
-            raise CheckpointError(f"{path}: cannot read checkpoint ({type(error).__name__}: {error})") from error
+            raise _load_error(path, error) from error
         state = extract_state_dict(checkpoint, key, source=path)
         _check_entries(state, prefix, path)
         state = _select(state, prefix, strip_prefix, path)
@@ -405,6 +495,8 @@ def add_arguments(parser: Any) -> None:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     parser.epilog = (
+        "Reads torch.save files, loading only tensors and plain containers (never pickled objects, whose "
+        f"loading can run code): a checkpoint holding a pickled class is refused; re-save its weights with {RESAVE}. "
         "Sparse, quantized, nested and meta entries cannot be averaged and are refused with the file and the key: "
         "save them dense (to_dense()) or dequantized (dequantize()), or select the other entries with --prefix "
         "(another state_dict with --key). The output is replaced atomically with torch.save's permissions "

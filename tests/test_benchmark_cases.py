@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import swa_fast
+from swa_fast._build_facts import build_summary
+
+from benchmarks import averaging, harness
 from benchmarks import cases as bench_cases
 from benchmarks import run as bench_run
 
@@ -115,3 +119,65 @@ def test_parse_args_defaults(device):
     assert args.repeats >= 5 and args.warmup >= 1 and not args.no_save
     quick = bench_run.parse_args(["--device", device, "--quick"])
     assert quick.repeats <= 3
+
+
+TINY = bench_cases.Case("tiny", ((64, 3, 3, 3), (64,), (10, 64), (10,)), torch.float32)
+
+
+def results_listing():
+    """Every entry of benchmarks/results/ with its mtime and size: what a run must leave alone."""
+    return {path.name: (path.stat().st_mtime_ns, path.stat().st_size) for path in harness.RESULTS_DIR.iterdir()}
+
+
+def test_quick_run_writes_to_scratch_and_leaves_results_alone(tmp_path, monkeypatch, capsys):
+    # One tiny suite, so that a run without --suites/--cases is a "full" run: its default name is the
+    # device slug, the name of the committed reference of this machine's kind.
+    monkeypatch.setattr(averaging, "CASES", {"tiny": TINY})
+    monkeypatch.setattr(bench_run, "SUITES", {"averaging": averaging})
+    scratch = tmp_path / "scratch"
+    monkeypatch.setattr(bench_run, "SCRATCH_DIR", scratch)
+    before = results_listing()
+    report = bench_run.main(["--device", "cpu", "--quick", "--repeats", "2"])
+    assert results_listing() == before
+    written = scratch / f"{report['device']['slug']}.json"
+    assert [p.name for p in scratch.iterdir()] == [written.name]
+    assert json.loads(written.read_text())["settings"]["quick"] is True
+    saved = capsys.readouterr().out.splitlines()[-1]
+    assert saved.startswith(f"saved {written}") and "smoke run" in saved and "--output" in saved
+
+
+def test_scratch_is_git_ignored_and_inside_results():
+    assert harness.SCRATCH_DIR.parent == harness.RESULTS_DIR
+    ignored = (REPO_ROOT / ".gitignore").read_text().splitlines()
+    assert "/" + harness.SCRATCH_DIR.relative_to(REPO_ROOT).as_posix() + "/" in ignored
+
+
+@pytest.mark.parametrize("flags,folder,name", [
+    ([], "results", "slug.json"),
+    (["--repeats", "15"], "results", "slug.json"),  # fewer repeats than the default, still a measurement
+    (["--cases", "resnet50"], "results", "slug-resnet50.json"),
+    (["--quick"], "scratch", "slug.json"),
+    (["--repeats", str(harness.MIN_REPEATS - 1)], "scratch", "slug.json"),
+    (["--quick", "--suites", "distance"], "scratch", "slug-distance.json"),
+])
+def test_default_output(flags, folder, name):
+    args = bench_run.parse_args(["--device", "cpu", *flags])
+    expected = {"results": harness.RESULTS_DIR, "scratch": harness.SCRATCH_DIR}[folder] / name
+    assert bench_run.default_output("slug", args) == expected
+
+
+def test_runner_first_line_names_the_build(monkeypatch, capsys):
+    monkeypatch.setitem(bench_cases.CASES, "tiny", TINY)
+    bench_run.main(["--device", "cpu", "--cases", "tiny", "--quick", "--repeats", "1", "--no-save"])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "{" not in first
+    assert first.startswith(f"swa_fast {swa_fast.__version__} ({build_summary(swa_fast.BUILD_INFO)}), torch ")
+    info = swa_fast.BUILD_INFO
+    for fact in (f"CPU kernels: {info['cpu_capability']}", f"{info['kernel_arg_bytes']}-byte kernel args",
+                 info["source_hash"], torch.__version__):
+        assert fact in first
+
+
+def test_command_recorded_names_the_front_end():
+    assert bench_run.command_line(["--quick"], "python -m swa_fast bench") == "python -m swa_fast bench --quick"
+    assert bench_run.command_line(["--quick"], None) == "benchmarks.run.main(['--quick'])"

@@ -10,7 +10,7 @@ import torch
 
 import swa_fast
 from swa_fast import _ops
-from swa_fast.__main__ import info_lines
+from swa_fast.__main__ import info_lines, main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,6 +33,39 @@ def test_info_command_prints_versions_kernels_and_gpu():
     assert "CUDA kernels:" in out
     assert ("GPU 0:" in out) == torch.cuda.is_available()
     assert out.splitlines() == info_lines()
+
+
+def cli_help(capsys, *args: str) -> str:
+    """What ``python -m swa_fast ARGS --help`` prints (argparse exits 0 after printing it)."""
+    with pytest.raises(SystemExit) as done:
+        main([*args, "--help"])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_top_level_help_is_plain_text():
+    result = subprocess.run([sys.executable, "-m", "swa_fast", "--help"], capture_output=True, text=True,
+                            check=True, cwd=ROOT)
+    assert "``" not in result.stdout
+    for command in ("info", "bench", "average"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", [[], ["info"], ["average"], ["bench"]])
+def test_help_texts_have_no_markup(capsys, command):
+    text = cli_help(capsys, *command)
+    # reST double backticks, Markdown code spans, bold: what a docstring or README would carry over.
+    for artefact in ("``", "`", "**", ":func:", ":class:"):
+        assert artefact not in text, (command, artefact)
+
+
+def test_bench_help_lists_the_runners_options():
+    result = subprocess.run([sys.executable, "-m", "swa_fast", "bench", "--help"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m swa_fast bench")
+    for option in ("--suites", "--device", "--cases", "--quick", "--output"):
+        assert option in result.stdout, option
 
 
 def run_import(prelude: str) -> subprocess.CompletedProcess:

@@ -224,18 +224,71 @@ def test_shape_and_dtype_mismatch(tmp_path):
         average_checkpoints([first, dtype])
 
 
+class Pickled:
+    """A class of this module: torch.save pickles an instance, which weights_only loading refuses."""
+
+    def __init__(self, value):
+        self.value = value
+
+
 def test_unreadable_files(tmp_path):
     good = write(tmp_path, "a.pt", {"x": torch.zeros(2)})
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"garbage\.pt: cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match=r"garbage\.pt: not a PyTorch checkpoint \(torch\.save file\): "
+                                              r"cannot read it \(.*starts with b'not a checkpoint'\)\. "):
         average_checkpoints([good, garbage])
-    with pytest.raises(CheckpointError, match=r"absent\.pt: cannot read checkpoint"):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty\.pt: not a PyTorch checkpoint .*the file is empty"):
+        average_checkpoints([empty])
+    with pytest.raises(CheckpointError, match=r"absent\.pt: cannot read checkpoint \(No such file or directory\)"):
         average_checkpoints([good, tmp_path / "absent.pt"])
-    unsafe = tmp_path / "unsafe.pt"
-    torch.save({"x": torch.zeros(2), "obj": Fraction(1, 3)}, unsafe)  # weights_only refuses the class
-    with pytest.raises(CheckpointError, match=r"unsafe\.pt: cannot read checkpoint"):
-        average_checkpoints([good, unsafe])
+    for name, obj in (("fraction.pt", Fraction(1, 3)), ("module.pt", torch.nn.Linear(2, 2))):
+        unsafe = tmp_path / name
+        torch.save({"x": torch.zeros(2), "obj": obj}, unsafe)  # weights_only refuses the class
+        qualified = re.escape(f"{type(obj).__module__}.{type(obj).__name__}")
+        with pytest.raises(CheckpointError, match=rf"{name}: a torch\.save file holding a pickled {qualified}, "):
+            average_checkpoints([good, unsafe])
+    # A torch.save file cut short (a copy that did not finish) is said to be one, and damaged.
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"truncated\.pt: a torch\.save file that cannot be loaded \(.*\): "
+                                              r"truncated or damaged\?"):
+        average_checkpoints([good, truncated])
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"x": torch.zeros(2), "obj": Fraction(1, 3)}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match=r"legacy\.pt: a torch\.save file holding a pickled fractions\.Fraction"):
+        average_checkpoints([legacy])
+
+
+def test_cli_text_file_is_not_a_checkpoint(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# swa_fast\n\nFused weight averaging.\n")
+    result = cli(readme, "-o", tmp_path / "out.pt", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "weights_only" not in result.stderr, result.stderr
+    error = result.stderr.strip()
+    assert error.startswith(f"swa_fast average: error: {readme}: not a PyTorch checkpoint (torch.save file): "
+                            "cannot read it ("), error
+    assert "starts with b'# swa_fast" in error
+    assert error.endswith(
+        "). `python -m swa_fast average` reads files written by torch.save holding a state_dict "
+        "(or a dict with one under state_dict/model_state_dict/model, or --key)"), error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
+
+
+def test_cli_pickled_class_is_refused_for_safety(tmp_path):
+    path = tmp_path / "custom.pt"
+    torch.save({"model": {"x": torch.zeros(2)}, "extra": Pickled(3)}, path)
+    result = cli(path, "-o", tmp_path / "out.pt", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "weights_only" not in result.stderr, result.stderr
+    error = " ".join(result.stderr.split())
+    assert f"{path}: a torch.save file holding a pickled {Pickled.__module__}.Pickled" in error, error
+    assert "for safety `python -m swa_fast average` loads only tensors and plain containers" in error
+    assert error.endswith("Save the weights as a state_dict and average those: "
+                          "torch.save(model.state_dict(), path)"), error
 
 
 def test_no_state_dict_found(tmp_path):

@@ -154,3 +154,15 @@ def test_a_suite_without_markers_is_an_error(tmp_path, capsys):
     readme.write_text("# no tables here\n")
     assert readme_tables.main(["--check", "--readme", str(readme)]) == 2
     assert "add a '<!-- tables:averaging:cpu-intel-xeon-processor-2threads begin -->'" in capsys.readouterr().err
+
+
+def test_smoke_runs_are_never_read(tmp_path):
+    results = tmp_path / "results"
+    (results / "scratch").mkdir(parents=True)
+    shutil.copy(CPU_RESULTS, results)
+    # run.py --quick writes its scratch file under the device slug: the full-run name.
+    (results / "scratch" / "nvidia-h200.json").write_text(json.dumps(cuda_report()))
+    # A quick run put among the references with --output is left out too.
+    quick = make_report(dict(CUDA, slug="nvidia-b200"), cuda_report()["cases"], settings={"quick": True})
+    (results / "nvidia-b200.json").write_text(json.dumps(quick))
+    assert list(readme_tables.load_reports(results, ["nvidia-h200", "nvidia-b200"])) == [CPU_RESULTS.stem]
