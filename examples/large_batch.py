@@ -18,6 +18,7 @@ paper's ``a + b log t`` fit. The paper's models are the F1 fully connected
 network (Keskar et al.) and ResNet-44.
 
     python examples/large_batch.py --seeds 0 1 2              # quick preset: F1 on Fashion-MNIST
+    python examples/large_batch.py --preset smoke             # under a minute: every arm on small subsets
     python examples/large_batch.py --preset paper --dataset cifar10 --data-dir cifar-10-batches-py --device cuda
     torchrun --nproc_per_node=2 examples/large_batch.py --device cpu
 """
@@ -36,11 +37,16 @@ from torch.optim.lr_scheduler import LRScheduler, MultiStepLR  # noqa: E402
 
 from swa_fast.regime import LinearWarmup, adapt_regime, sqrt_lr_scaling  # noqa: E402
 
-from recipe_lib.cli import RecipeSpec, apply_preset, base_parser, preset_help, run_recipe  # noqa: E402
+from recipe_lib.cli import RecipeSpec, apply_preset, base_parser, check_epochs, preset_help, run_recipe  # noqa: E402
 from recipe_lib.datasets import ImageDataset  # noqa: E402
 from recipe_lib.engine import Arm, ArmResult  # noqa: E402
+from recipe_lib.verdict import MeasuredSpread  # noqa: E402
 
 PRESETS = {
+    # Under a minute on a 2-core CPU (also on the real 60k Fashion-MNIST: only the subsets are trained on): all
+    # five arms, batch 64 vs 512 (x8, so the large batch still takes 4 steps an epoch), RA: 16 epochs.
+    "smoke": dict(model="f1", epochs=2, milestones=[1], small_batch=64, large_batch=512, lr=0.01,
+                  weight_decay=5e-4, train_subset=2048, test_subset=1000, augment=False),
     # About 1.5 minutes per seed on a 2-core CPU: F1 on 20k Fashion-MNIST images (no augmentation, as the
     # paper's F1 on MNIST), batch 64 vs 1024 (x16), lr 0.01 tuned for the small batch.
     "quick": dict(model="f1", epochs=5, milestones=[3, 4], small_batch=64, large_batch=1024, lr=0.01,
@@ -50,9 +56,15 @@ PRESETS = {
                   weight_decay=5e-4, train_subset=0, test_subset=0, augment=True),
 }
 ARM_ORDER = ("sb", "lb", "lb_lr", "lb_lr_gbn", "lb_lr_gbn_ra")
+# The seed-to-seed spread (sample std over seeds 0 1 2, accuracy points) in docs/RESULTS.md's table of the quick
+# preset: context for the verdict of a one-seed run. Copied, not computed; tests/test_recipe_cli.py checks it.
+MEASURED_SPREAD = {"quick": MeasuredSpread({"SB (B=64)": 0.08, "LB (B=1024)": 0.12, "LB +LR (lr 0.04)": 0.33,
+                                            "LB +LR +GBN (ghost 64)": 0.54,
+                                            "LB +LR +GBN +RA (80 epochs, x16)": 0.11})}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The recipe's command line (every preset-controlled option defaults to None until :func:`apply_preset`)."""
     p = base_parser(__doc__.split("\n\n")[0], PRESETS, "large_batch")
     h = partial(preset_help, PRESETS)
     t = p.add_argument_group("regime (SGD, momentum 0.9, lr x0.1 at each milestone)")
@@ -61,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--small-batch", type=int, default=None, help=h("small_batch", "B_S (per process)"))
     t.add_argument("--large-batch", type=int, default=None, help=h("large_batch", "B_L (per process)"))
     t.add_argument("--lr", type=float, default=None, help=h("lr", "learning rate at B_S"))
-    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     t.add_argument("--weight-decay", type=float, default=None, help=h("weight_decay", "weight decay"))
     t.add_argument("--ghost-batch-size", type=int, default=None, help="ghost batch size (default: B_S)")
     t.add_argument("--warmup-epochs", type=float, default=0.0,
@@ -69,7 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--clip-grad-norm", type=float, default=None,
                    help="clip the large-batch arms' gradient norm to this value")
     t.add_argument("--arms", nargs="+", choices=ARM_ORDER, default=list(ARM_ORDER), help="which rows to train")
-    return apply_preset(p.parse_args(argv), PRESETS)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return apply_preset(build_parser().parse_args(argv), PRESETS)
 
 
 def _step_schedule(epochs: float, milestones: list[float], warmup_epochs: float):
@@ -85,6 +101,7 @@ def _step_schedule(epochs: float, milestones: list[float], warmup_epochs: float)
 
 
 def make_arms(args: argparse.Namespace, train: ImageDataset) -> list[Arm]:
+    check_epochs(args.epochs, 1, "every arm trains at least one epoch")
     b_s, b_l = args.small_batch, args.large_batch
     if b_l <= b_s:
         raise SystemExit(f"--large-batch ({b_l}) must be larger than --small-batch ({b_s})")
@@ -133,8 +150,14 @@ def regime_report(args: argparse.Namespace, results: list[ArmResult]) -> str:
     return "Regimes (first seed):\n\n" + "\n".join(lines)
 
 
+def headline(args: argparse.Namespace) -> list[str]:
+    """The row the verdict compares with SB: the last large-batch row trained (with every fix, by default)."""
+    return row_order(args)[-1:]
+
+
 SPEC = RecipeSpec("large_batch", "Train longer, generalize better: SB vs LB +LR +GBN +RA", make_arms, row_order,
-                  baseline=lambda args: f"SB (B={args.small_batch})", extra_report=regime_report,
+                  baseline=lambda args: f"SB (B={args.small_batch})", headline=headline,
+                  measured_spread=MEASURED_SPREAD, extra_report=regime_report,
                   plot_x="steps")  # arms of different batch sizes compared at equal weight updates
 
 

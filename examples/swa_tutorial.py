@@ -15,6 +15,7 @@ epochs. ``--sweep`` runs a grid of swa_lr x swa_start and prints the
 tutorial's table shape (rows: baseline, SWA_<start>_<lr>).
 
     python examples/swa_tutorial.py                      # quick preset, Fashion-MNIST
+    python examples/swa_tutorial.py --preset smoke       # under a minute: the whole path on small subsets
     python examples/swa_tutorial.py --seeds 0 1 2 --sweep
     python examples/swa_tutorial.py --preset paper --dataset folder --data-dir intel/ --device cuda
     torchrun --nproc_per_node=2 examples/swa_tutorial.py --device cpu
@@ -35,11 +36,25 @@ from torch.optim.lr_scheduler import CosineAnnealingLR  # noqa: E402
 from swa_fast.regime import LinearWarmup  # noqa: E402
 from swa_fast.swa_utils import SWALR  # noqa: E402
 
-from recipe_lib.cli import RecipeSpec, apply_preset, base_parser, preset_help, run_recipe  # noqa: E402
+from recipe_lib.cli import (  # noqa: E402
+    RecipeSpec,
+    apply_preset,
+    base_parser,
+    check_epochs,
+    check_swa_start,
+    preset_help,
+    run_recipe,
+)
 from recipe_lib.datasets import ImageDataset  # noqa: E402
 from recipe_lib.engine import Arm, SWASettings  # noqa: E402
+from recipe_lib.verdict import MeasuredSpread  # noqa: E402
 
 PRESETS = {
+    # Under a minute on a 2-core CPU (the real 60k Fashion-MNIST too: only the subsets are trained on): both
+    # arms, the SWA arm's branch, SWALR, two averaging updates, update_bn and the report.
+    "smoke": dict(model="resnet18_small", epochs=3, batch_size=128, lr=2e-3, warmup_epochs=1, swa_start=1,
+                  swa_lr=5e-4, swa_anneal_epochs=1, train_subset=2048, test_subset=1000, image_size=None,
+                  augment=True),
     # Minutes on a 2-core CPU: a narrow ResNet-18 on a Fashion-MNIST subset, trained from scratch (so a larger
     # Adam lr than the tutorial's fine-tuning lr), SWA over the last third.
     "quick": dict(model="resnet18_small", epochs=12, batch_size=128, lr=2e-3, warmup_epochs=1, swa_start=8,
@@ -51,16 +66,20 @@ PRESETS = {
                   augment=True),
 }
 SWEEP_LR_FACTORS = (500, 5, 1, 0.5, 0.1)
+# The seed-to-seed spread (sample std over seeds 0 1 2, accuracy points) in docs/RESULTS.md's table of the quick
+# preset: context for the verdict of a one-seed run. Copied, not computed; tests/test_recipe_cli.py checks it.
+MEASURED_SPREAD = {"quick": MeasuredSpread({"baseline": 1.07, "SWA_8_0.0005": 0.92})}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The recipe's command line (every preset-controlled option defaults to None until :func:`apply_preset`)."""
     p = base_parser(__doc__.split("\n\n")[0], PRESETS, "swa_tutorial")
     h = partial(preset_help, PRESETS)
     t = p.add_argument_group("training (Adam, cosine with linear warm-up)")
     t.add_argument("--epochs", type=int, default=None, help=h("epochs", "epochs of every arm"))
     t.add_argument("--batch-size", type=int, default=None, help=h("batch_size", "per-process batch size"))
     t.add_argument("--lr", type=float, default=None, help=h("lr", "Adam learning rate"))
-    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay (L2 added to the gradient)")
     t.add_argument("--warmup-epochs", type=int, default=None, help=h("warmup_epochs", "linear warm-up epochs"))
     s = p.add_argument_group("SWA")
     s.add_argument("--swa-start", type=int, default=None,
@@ -77,7 +96,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="swa_start values of the sweep (default: --swa-start, 1/8 and 1/4 of the epochs earlier: "
                         "the tutorial's 90, 75, 60 of 120)")
     s.add_argument("--baseline-only", action="store_true", help="train the baseline arm only")
-    return apply_preset(p.parse_args(argv), PRESETS)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return apply_preset(build_parser().parse_args(argv), PRESETS)
+
+
+def validate(args: argparse.Namespace) -> None:
+    """The epochs first (every other check depends on them), then each SWA arm's start."""
+    if args.baseline_only and not args.sweep:
+        check_epochs(args.epochs, 1, "train at least one epoch")
+        return
+    check_epochs(args.epochs, 2, "SWA needs at least one epoch before --swa-start and one to average after it")
+    for start, _ in sweep_grid(args):
+        check_swa_start(start, args.epochs)
 
 
 def swa_label(start: int, lr: float) -> str:
@@ -97,6 +130,7 @@ def sweep_grid(args: argparse.Namespace) -> list[tuple[int, float]]:
 
 
 def make_arms(args: argparse.Namespace, train: ImageDataset) -> list[Arm]:
+    validate(args)
     epochs, warmup = args.epochs, args.warmup_epochs
 
     def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -109,9 +143,6 @@ def make_arms(args: argparse.Namespace, train: ImageDataset) -> list[Arm]:
 
     arms = [Arm("baseline", "baseline", epochs, args.batch_size, optimizer, scheduler)]
     for start, lr in sweep_grid(args):
-        if not 0 < start < epochs:
-            raise SystemExit(f"--swa-start {start} must be between 1 and --epochs - 1 ({epochs - 1})")
-
         def swalr(opt: torch.optim.Optimizer, lr: float = lr) -> SWALR:
             return SWALR(opt, swa_lr=lr, anneal_epochs=args.swa_anneal_epochs, anneal_strategy="cos")
 
@@ -125,11 +156,25 @@ def make_arms(args: argparse.Namespace, train: ImageDataset) -> list[Arm]:
 
 
 def row_order(args: argparse.Namespace) -> list[str]:
-    return ["baseline"] + [swa_label(start, lr) for start, lr in sweep_grid(args)]
+    return ["baseline"] + swa_rows(args)
+
+
+def swa_rows(args: argparse.Namespace) -> list[str]:
+    """The SWA rows, which the verdict compares with the baseline (the best of them in a sweep)."""
+    return [swa_label(start, lr) for start, lr in sweep_grid(args)]
+
+
+def describe(label: str) -> str:
+    """A row in words for the verdict: ``SWA_8_0.0005`` -> ``SWA (start 8, swa_lr 0.0005)``."""
+    if label == "baseline":
+        return "the baseline"
+    _, start, lr = label.split("_", 2)
+    return f"SWA (start {start}, swa_lr {lr})"
 
 
 SPEC = RecipeSpec("swa_tutorial", "SWA tutorial: baseline (Adam, cosine) vs SWA (SWALR, update_bn)",
-                  make_arms, row_order, baseline=lambda args: "baseline")
+                  make_arms, row_order, baseline=lambda args: "baseline", headline=swa_rows, describe=describe,
+                  measured_spread=MEASURED_SPREAD)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,12 +1,15 @@
 """What several test files need: reproducible tensors, the devices to test on, a free port,
-and small on-disk data sets in the recipes' formats. Test files import from here (pyproject's
-``pythonpath`` puts tests/ on the path), never from conftest or from each other."""
+small on-disk data sets in the recipes' formats and the recipe scripts as modules. Test files
+import from here (pyproject's ``pythonpath`` puts tests/ on the path), never from conftest or
+from each other."""
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
 import socket
 from pathlib import Path
+from types import ModuleType
 from typing import List, Sequence, Union
 
 import numpy as np
@@ -17,6 +20,7 @@ from torch import Tensor
 import swa_fast
 
 Shape = Union[int, Sequence[int]]
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def make(shape: Shape, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0, *,
@@ -99,3 +103,14 @@ def make_folder(root: Path, train_split: str = "train", test_split: str = "test"
             for i in range(2 if split == "train" else 1):
                 out[split].append(save_image(root / dirname / cls / f"img{i}.png", (label * 100, 50 + i, 7)))
     return out
+
+
+# ----------------------------------------------------------------- recipe scripts
+
+
+def load_recipe(name: str) -> ModuleType:
+    """``examples/<name>.py`` as a module (the scripts are not a package), e.g. ``load_recipe("swa_tutorial")``."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -7,9 +7,9 @@ CIFAR pickles and an image folder), for one to six epochs: seconds each.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,20 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import free_port, make_cifar10, make_folder
+from helpers import EXAMPLES, free_port, load_recipe, make_cifar10, make_folder
 from recipe_lib.checkpoint import load_checkpoint, save_atomic
 from recipe_lib.datasets import write_synthetic_fashion_mnist
 from recipe_lib.engine import checkpoint_path, log_spaced_steps
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples"
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 tutorial, paper, large_batch = (load_recipe(n) for n in ("swa_tutorial", "swa_paper", "large_batch"))
@@ -45,6 +37,15 @@ def fashion(tmp_path_factory) -> Path:
 def common(data: Path, out: Path, *extra: str) -> list[str]:
     return ["--data-dir", str(data), "--out", str(out), "--no-progress", "--train-subset", "0",
             "--test-subset", "0", *extra]
+
+
+def ending(printed: str) -> tuple[list[str], list[str]]:
+    """The verdict's bullets (the last lines printed) and the outputs list just before them."""
+    lines = printed.rstrip().splitlines()
+    start = len(lines) - 1 - lines[::-1].index("Verdict:")
+    listed = next(i for i in range(start, -1, -1) if lines[i].startswith("Outputs written to "))
+    assert all(line.startswith("- ") for line in lines[start + 1:])  # nothing printed after the verdict
+    return lines[start + 1:], lines[listed:start]
 
 
 def table_rows(out: Path) -> dict[str, str]:
@@ -80,6 +81,18 @@ def test_swa_tutorial_end_to_end(fashion, tmp_path, capsys):
     assert "| baseline |" in printed and "torch / swa_fast" in printed
     for name in ("results.md", "results.json", "metrics.csv", "accuracy.png"):
         assert (out / name).stat().st_size > 0, name
+    # The run ends with the outputs and the verdict; Markdown image links only in results.md.
+    assert "![" not in printed and "![accuracy](accuracy.png)" in (out / "results.md").read_text()
+    verdict, outputs = ending(printed)
+    assert verdict[0].startswith("- SWA (start 1, swa_lr 0.0005) reached ")
+    assert "for the baseline" in verdict[0] and "mean ± std over 2 seeds" in verdict[0]
+    assert any("this run's seed-to-seed spread" in line for line in verdict)
+    assert any("measured on the real Fashion-MNIST" in line for line in verdict)  # quick preset: RESULTS.md's
+    assert verdict[-1].startswith("- Reproducibility: the same command on the same machine")
+    assert "\n".join(verdict) in (out / "results.md").read_text()
+    for name in ("results.md", "results.json", "metrics.csv", "accuracy.png"):
+        assert any(f"{out / name} (" in line for line in outputs), name
+    assert any(re.search(r"checkpoints/ \(\d[\d.]* [kMG]B in \d+ files\)", line) for line in outputs)
     rows = table_rows(out)
     assert list(rows) == ["baseline", "SWA_1_0.0005"]
     assert " ± " in rows["baseline"]  # two seeds: mean ± std
@@ -101,6 +114,28 @@ def test_swa_tutorial_sweep_has_the_tutorials_rows(fashion, tmp_path):
     tutorial.main(common(fashion, out, "--epochs", "3", "--batch-size", "64", "--sweep", "--sweep-lrs", "0.05",
                          "1e-5", "--sweep-starts", "2", "1", "--no-compare-torch"))
     assert list(table_rows(out)) == ["baseline", "SWA_2_0.05", "SWA_2_1e-05", "SWA_1_0.05", "SWA_1_1e-05"]
+    report = (out / "results.md").read_text()
+    assert "| SWA_2_0.05 | 1 |" in report and "| n/a (not compared) | n/a | n/a |" in report
+    assert "0.00e+00" not in report  # nothing was compared: no difference to report
+    assert "(the best of 4 settings)" in report  # the verdict compares the best SWA row of the sweep
+
+
+def test_smoke_preset_runs_the_whole_path(tmp_path, capsys):
+    """--preset smoke on data of the real subset sizes: both arms, averaging, update_bn, table and verdict."""
+    data = write_synthetic_fashion_mnist(tmp_path / "data", n_train=2048, n_test=1000)
+    out = tmp_path / "smoke"
+    tutorial.main(["--preset", "smoke", "--data-dir", str(data), "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert "2048 train / 1000 test samples" in printed
+    assert list(table_rows(out)) == ["baseline", "SWA_1_0.0005"]
+    run = next(r for r in json.loads((out / "results.json").read_text())["runs"] if r["arm"] == "SWA_1_0.0005")
+    assert run["averaging"]["updates"] == 2 and run["finals"]["SWA_1_0.0005"]["epoch"] == 3
+    verdict, outputs = ending(printed)
+    assert verdict[0].startswith("- SWA (start 1, swa_lr 0.0005) reached ") and "on one seed" in verdict[0]
+    assert any("--seeds 0 1 2" in line for line in verdict)
+    assert any("This was the smoke preset" in line for line in verdict)
+    assert not any("measured on" in line for line in verdict)  # RESULTS.md measured the quick preset only
+    assert any("checkpoints/" in line for line in outputs)
 
 
 def test_branched_arm_equals_the_arm_trained_from_scratch(fashion, tmp_path):
@@ -259,7 +294,7 @@ def test_help_lists_presets(name):
     done = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "--help"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "--preset" in done.stdout and "quick:" in done.stdout and "--resume" in done.stdout
+    assert "--preset" in done.stdout and "quick preset:" in done.stdout and "--resume" in done.stdout
 
 
 def test_missing_fashion_mnist_says_how_to_install(tmp_path):

@@ -3,8 +3,9 @@
 Data (``datasets``, ``transforms``, ``loader``), networks (``models``), one
 epoch of training and evaluation (``training``), the epoch loop with
 averaging, checkpoints and resume (``engine``), torchrun support
-(``distributed``), atomic checkpoint files (``checkpoint``), metrics, tables
-and plots (``reporting``) and the shared command line (``cli``).
+(``distributed``), atomic checkpoint files (``checkpoint``), metrics, tables,
+plots and the list of outputs (``reporting``), the plain-language verdict that
+ends a run (``verdict``) and the shared command line and presets (``cli``).
 
 The recipes (``examples/*.py``) put ``examples/`` on ``sys.path`` by being run
 from there, so they ``import recipe_lib``. The data side keeps whole data sets

@@ -6,8 +6,14 @@ does the rest: process group, data, model builder, training of every arm for
 every seed, and (on rank 0) the metrics files, the table and the plots.
 
 Presets: an option left unset on the command line takes the value of the
-chosen ``--preset`` (``quick``: minutes on a 2-core CPU; ``paper``: the
-papers' epochs and sizes, meant for a GPU). Any option given explicitly wins.
+chosen ``--preset`` (``smoke``: under a minute on a 2-core CPU, the whole path
+on small subsets; ``quick``, the default: minutes, the runs docs/RESULTS.md
+measured; ``paper``: the papers' epochs and sizes, meant for a GPU). Any
+option given explicitly wins.
+
+A run ends with its tables, the list of files it wrote (sizes, checkpoints
+included) and a plain-language verdict (:mod:`recipe_lib.verdict`) as the
+last lines printed.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -31,6 +37,8 @@ from recipe_lib.models import MODEL_NAMES, build_model
 from recipe_lib.reporting import (
     averaging_table,
     distance_fits,
+    final_rows,
+    outputs_lines,
     plot_accuracy,
     plot_distance,
     results_table,
@@ -38,32 +46,79 @@ from recipe_lib.reporting import (
 )
 from recipe_lib.training import AMP_DTYPES, Precision
 from recipe_lib.transforms import DEFAULT_STATS, channel_stats, compose, random_crop, random_hflip
+from recipe_lib.verdict import MeasuredSpread, verdict_lines
 
 Presets = dict[str, dict[str, Any]]
 
 
-def preset_help(presets: Presets, key: str, text: str) -> str:
-    """``text`` followed by the preset values of ``key``."""
-    values = ", ".join(f"{name}: {values[key]}" for name, values in presets.items() if key in values)
-    return f"{text} (presets: {values})" if values else text
+DEFAULT_PRESET = "quick"
+PRESET_HELP = ("the values of every option not given: smoke = under a minute on a 2-core CPU, checks the whole "
+               "path on small subsets (its accuracies are not results); quick (the default) = minutes, the runs "
+               "measured in docs/RESULTS.md; paper = the papers' regimes, meant for a GPU")
+
+
+def _preset_value(value: Any, zero: str | None) -> str:
+    """A preset value as the help shows it: lists space-separated, booleans on/off, ``0 = all``-style notes."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"{text} = {zero}" if zero is not None and value == 0 else text
+
+
+def preset_help(presets: Presets, key: str, text: str, zero: str | None = None) -> str:
+    """``text`` followed by the presets' values of ``key``, the default preset first.
+
+    E.g. ``"... (quick preset: 20000; smoke: 2048; paper: 0 = all)"``, or ``"(every preset: 128)"``;
+    ``zero`` names what 0 means. Presets that leave ``key`` unset (``None``) are not listed.
+    """
+    names = sorted(presets, key=lambda name: name != DEFAULT_PRESET)
+    shown = [(name, presets[name][key]) for name in names if presets[name].get(key) is not None]
+    if not shown:
+        return text
+    if len(shown) == len(presets) > 1 and all(value == shown[0][1] for _, value in shown):
+        return f"{text} (every preset: {_preset_value(shown[0][1], zero)})"
+    parts = [f"{name}{' preset' if i == 0 else ''}: {_preset_value(value, zero)}"
+             for i, (name, value) in enumerate(shown)]
+    return f"{text} ({'; '.join(parts)})"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` only where there is a default to show.
+
+    Preset-controlled options default to ``None`` (their help lists the
+    presets' values instead), flags to ``False``, and some help texts say
+    their default in words: argparse would add ``(default: None)`` to all.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        # Identity, not ==: a default of 0 or 0.0 (== False) is a value to show.
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def base_parser(description: str, presets: Presets, default_out: str) -> argparse.ArgumentParser:
     """The options every recipe has. Preset-controlled options default to ``None`` (filled by :func:`apply_preset`)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     h = partial(preset_help, presets)
-    p.add_argument("--preset", choices=sorted(presets), default="quick", help="defaults for every unset option")
+    p.add_argument("--preset", choices=list(presets), default=DEFAULT_PRESET, help=PRESET_HELP)
     data = p.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASET_NAMES, default="fashion_mnist",
                       help="fashion_mnist reads the IDX files of the Debian package dataset-fashion-mnist "
                            "(or --data-dir); cifar10/100 read the python pickle batches; folder reads "
                            "DIR/train and DIR/test class folders")
     data.add_argument("--data-dir", type=Path, default=None, help="where the data set's files are")
-    data.add_argument("--image-size", type=int, default=None, help=h("image_size", "resize folder images to this"))
+    data.add_argument("--image-size", type=int, default=None,
+                      help=h("image_size", "resize folder images to this (other data sets keep their size)"))
     data.add_argument("--train-subset", type=int, default=None,
-                      help=h("train_subset", "train on this many samples drawn from the training split (0: all)"))
+                      help=h("train_subset", "train on this many samples drawn from the training split",
+                             zero="all"))
     data.add_argument("--test-subset", type=int, default=None,
-                      help=h("test_subset", "evaluate on this many test samples (0: all)"))
+                      help=h("test_subset", "evaluate on this many test samples", zero="all"))
     data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                       help=h("augment", "random crop with padding and horizontal flip of training batches"))
     run = p.add_argument_group("run")
@@ -73,7 +128,8 @@ def base_parser(description: str, presets: Presets, default_out: str) -> argpars
     run.add_argument("--amp", choices=sorted(AMP_DTYPES), default="none", help="autocast dtype (bf16/fp16 on GPU)")
     run.add_argument("--channels-last", action="store_true", help="channels_last memory format for model and input")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    run.add_argument("--eval-batch-size", type=int, default=1000)
+    run.add_argument("--eval-batch-size", type=int, default=1000,
+                     help="batch size of the test-set evaluations (the model is in eval mode: no effect on results)")
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("runs") / default_out, help="output directory")
     out.add_argument("--resume", action="store_true",
@@ -84,6 +140,19 @@ def base_parser(description: str, presets: Presets, default_out: str) -> argpars
     out.add_argument("--no-compare-torch", action="store_true",
                      help="do not also average with torch.optim.swa_utils (skips the timing comparison)")
     return p
+
+
+def check_epochs(epochs: int, minimum: int, why: str, option: str = "--epochs") -> None:
+    """Refuse too few epochs with a message about the epochs themselves (before any option that depends on them)."""
+    if epochs < minimum:
+        raise SystemExit(f"{option} {epochs} is too few: {why} (at least {minimum})")
+
+
+def check_swa_start(start: int, epochs: int, option: str = "--epochs") -> None:
+    """``--swa-start`` must leave at least one epoch before it and one to average after it."""
+    if not 0 < start < epochs:
+        raise SystemExit(f"--swa-start {start} must be between 1 and {option} - 1 = {epochs - 1} "
+                         f"({option} is {epochs}: averaging takes the weights after every epoch past --swa-start)")
 
 
 def apply_preset(args: argparse.Namespace, presets: Presets) -> argparse.Namespace:
@@ -119,13 +188,25 @@ def machine_description(device: torch.device) -> str:
 
 @dataclass
 class RecipeSpec:
-    """What a recipe tells the driver."""
+    """What a recipe tells the driver.
+
+    Attributes:
+        baseline: the row every other row is compared with.
+        headline: the rows the verdict compares with the baseline (the best
+            of them when there are several, e.g. a sweep).
+        describe: a row label in words for the verdict (``SWA_8_0.0005`` ->
+            ``SWA (start 8, swa_lr 0.0005)``).
+        measured_spread: preset -> its seed-to-seed spread from docs/RESULTS.md.
+    """
 
     name: str
     title: str
     make_arms: Callable[[argparse.Namespace, ImageDataset], list[Arm]]
     row_order: Callable[[argparse.Namespace], list[str]]
     baseline: Callable[[argparse.Namespace], str]
+    headline: Callable[[argparse.Namespace], list[str]]
+    describe: Callable[[str], str] = str
+    measured_spread: dict[str, MeasuredSpread] = field(default_factory=dict)
     extra_report: Callable[[argparse.Namespace, Sequence[ArmResult]], str] | None = None
     plot_x: str = "epoch"
 
@@ -194,6 +275,7 @@ def _run(spec: RecipeSpec, args: argparse.Namespace, ctx: DistContext) -> list[A
 
 def _report(spec: RecipeSpec, args: argparse.Namespace, results: list[ArmResult], arms: list[Arm],
             ctx: DistContext, wall: float) -> None:
+    """Write results.md/json, metrics.csv and the plots; print the tables, the outputs and, last, the verdict."""
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     table = results_table(results, spec.row_order(args), spec.baseline(args))
@@ -203,6 +285,7 @@ def _report(spec: RecipeSpec, args: argparse.Namespace, results: list[ArmResult]
     plots = [plot_accuracy(results, arm_labels, out / "accuracy.png", spec.title, spec.plot_x)]
     if fits:
         plots.append(plot_distance(results, arm_labels, out / "distance.png", fits))
+    plots = [p for p in plots if p is not None]
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     if ctx.enabled:
         command = f"torchrun --nproc_per_node={ctx.world_size} " + command[len("python "):]
@@ -219,12 +302,14 @@ def _report(spec: RecipeSpec, args: argparse.Namespace, results: list[ArmResult]
                   for arm, f in fits.items()]
     if spec.extra_report is not None:
         lines += ["", spec.extra_report(args, results)]
-    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots if p is not None]
-    report = "\n".join(lines) + "\n"
-    (out / "results.md").write_text(report)
+    verdict = verdict_lines(final_rows(results, spec.row_order(args)), spec.baseline(args), spec.headline(args),
+                            args.preset, args.dataset, spec.measured_spread, spec.describe)
+    # results.md is Markdown: it keeps the plot links; the terminal gets the same text without them.
+    images = [f"![{p.stem}]({p.name})" for p in plots]
+    (out / "results.md").write_text("\n".join(lines + [""] + verdict + [""] + images) + "\n")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     summary = {"wall_seconds": wall, "machine": machine, "command": command, "processes": ctx.world_size,
-               "table": table, "distance_fits": fits}
+               "table": table, "distance_fits": fits, "verdict": verdict[1:]}
     write_metrics(results, out, config, summary)
-    print("\n" + report + f"(written to {out}/: results.md, results.json, metrics.csv, "
-          + ", ".join(p.name for p in plots if p is not None) + ")", flush=True)
+    written = ["results.md", "results.json", "metrics.csv"] + [p.name for p in plots] + ["checkpoints"]
+    print("\n" + "\n".join(lines + [""] + outputs_lines(out, written) + [""] + verdict), flush=True)

@@ -213,13 +213,23 @@ def write_synthetic_fashion_mnist(directory: Path | str, n_train: int = 2048, n_
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = rng.integers(0, 90, (n, 28, 28)).astype(np.uint8)
-        for i, k in enumerate(labels):
-            images[i, 2 * k:2 * k + 5, 4:24] += 150
+        images, labels = synthetic_bands(n, rng)
         write_idx(directory / f"{prefix}-images-idx3-ubyte", idx_bytes(images))
         write_idx(directory / f"{prefix}-labels-idx1-ubyte", idx_bytes(labels))
     return directory
+
+
+def synthetic_bands(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` learnable 28x28 uint8 images and their labels: class k is a bright band at rows 2k..2k+4 over noise.
+
+    The generator behind :func:`write_synthetic_fashion_mnist`, for data kept in memory
+    (``examples/swap_the_import.py``). Draws the labels, then the noise, from ``rng``.
+    """
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = rng.integers(0, 90, (n, 28, 28)).astype(np.uint8)
+    for i, k in enumerate(labels):
+        images[i, 2 * k:2 * k + 5, 4:24] += 150
+    return images, labels
 
 
 # --------------------------------------------------------------------------- CIFAR

@@ -235,7 +235,9 @@ class _ArmState:
         self.epoch = 0
         self.rows: list[dict[str, Any]] = []
         self.finals: dict[str, dict[str, float]] = {}
-        self.averaging = {"fast_seconds": 0.0, "torch_seconds": 0.0, "updates": 0, "max_abs_diff": 0.0}
+        # "compared": torch.optim.swa_utils averaged alongside (else its time and difference mean nothing).
+        self.averaging = {"fast_seconds": 0.0, "torch_seconds": 0.0, "updates": 0, "max_abs_diff": 0.0,
+                          "compared": self.torch_swa_model is not None}
         self.distances: list[tuple[int, float]] = []
         self.restored_distances: list[tuple[int, float]] = []
         self.seconds = 0.0
@@ -291,6 +293,8 @@ class _ArmState:
             self.fge_probs = state["fge_probs"][self.run.ctx.rank].to(self.run.ctx.device)
         self.fge_count = state["fge_count"]
         self.finals, self.averaging, self.finished = state["finals"], state["averaging"], state["finished"]
+        # A resume with --no-compare-torch stops the comparison: what was measured before is incomplete.
+        self.averaging["compared"] = self.averaging.get("compared", True) and self.torch_swa_model is not None
 
     def attach_swa_scheduler(self) -> None:
         """Build the averaging phase's scheduler (after any load: a loaded optimizer state replaces

@@ -3,9 +3,12 @@
 Written by rank 0 into the run's output directory:
 ``metrics.csv`` (one row per seed, arm and epoch), ``results.json``
 (configuration, per-epoch rows, final rows, averaging timings), ``results.md``
-(the table printed at the end), ``accuracy.png`` (test accuracy and error
-per epoch, mean over seeds, one curve per arm and one per average) and, for
-runs that track it, ``distance.png`` (``||w_t - w_0||`` against log t).
+(the tables and the verdict, printed at the end without the plot links),
+``accuracy.png`` (test accuracy and error per epoch, mean over seeds, one
+curve per arm and one per average) and, for
+runs that track it, ``distance.png`` (``||w_t - w_0||`` against log t). After
+writing, :func:`outputs_lines` lists every output with its size (checkpoints
+included) for the end of the run.
 """
 
 from __future__ import annotations
@@ -73,16 +76,68 @@ def averaging_table(results: Sequence[ArmResult]) -> str:
     for arm, timings in per_arm.items():
         updates = sum(t["updates"] for t in timings)
         fast = sum(t["fast_seconds"] for t in timings)
+        fast_ms = f"{1e3 * fast / updates:.3f}"
+        if not all(_compared(t) for t in timings):  # --no-compare-torch: no torch time, ratio or difference
+            lines.append(f"| {arm} | {updates} | {fast_ms} | n/a (not compared) | n/a | n/a |")
+            continue
         ref = sum(t["torch_seconds"] for t in timings)
         ratio = f"{ref / fast:.2f}x" if fast > 0 and ref > 0 else "n/a"
-        torch_ms = f"{1e3 * ref / updates:.3f}" if ref > 0 else "not compared"
         diff = max(t["max_abs_diff"] for t in timings)
-        lines.append(f"| {arm} | {updates} | {1e3 * fast / updates:.3f} | {torch_ms} | {ratio} | {diff:.2e} |")
+        lines.append(f"| {arm} | {updates} | {fast_ms} | {1e3 * ref / updates:.3f} | {ratio} | {diff:.2e} |")
     checks = [t["ranks_identical"] for timings in per_arm.values() for t in timings if "ranks_identical" in t]
     if checks:
         lines += ["", "Averages (parameters and BN statistics after update_bn) identical on every rank: "
                   + ("yes" if all(checks) else "NO")]
     return "\n".join(lines) if per_arm else ""
+
+
+def _compared(timing: dict[str, float]) -> bool:
+    """Whether torch.optim.swa_utils averaged alongside (checkpoints from before the flag: it took time)."""
+    return bool(timing.get("compared", timing["torch_seconds"] > 0))
+
+
+def human_size(size: int) -> str:
+    """``"31 MB"``, ``"2.1 kB"``: decimal units, as ``du --si`` and ``ls -lh --si`` print them."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size} {unit}" if unit == "B" else f"{size:.3g} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def tree_size(path: Path) -> tuple[int, int]:
+    """Bytes and number of files under ``path`` (a file: its own size)."""
+    if path.is_file():
+        return path.stat().st_size, 1
+    files = [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+# What each output of a run is, for the list printed at the end.
+OUTPUT_NOTES = {
+    "results.md": "the tables and the verdict (Markdown, with the plots linked)",
+    "results.json": "configuration, every metric, averaging timings",
+    "metrics.csv": "one row per seed, arm and epoch",
+    "accuracy.png": "test accuracy and error per epoch",
+    "distance.png": "||w_t - w_0|| against log t",
+    "checkpoints": "--resume continues or reloads from them; delete the folder to free the space",
+}
+
+
+def outputs_lines(out_dir: Path, names: Sequence[str]) -> list[str]:
+    """One line per output of the run with its size, checkpoints included (they are the bulk of it)."""
+    lines = [f"Outputs written to {out_dir}/:"]
+    for name in names:
+        path = out_dir / name
+        if not path.exists():
+            continue
+        size, count = tree_size(path)
+        if path.is_dir():
+            shown = f"{path}/ ({human_size(size)} in {count} files)"
+        else:
+            shown = f"{path} ({human_size(size)})"
+        lines.append(f"  {shown}: {OUTPUT_NOTES.get(name, name)}")
+    return lines
 
 
 def write_metrics(results: Sequence[ArmResult], out_dir: Path, config: dict[str, Any],

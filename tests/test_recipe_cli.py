@@ -1,0 +1,219 @@
+"""The recipes' command line, presets, option checks, verdict and averaging table, without training
+(fast), and examples/swap_the_import.py on a few steps."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from helpers import load_recipe
+from recipe_lib.cli import preset_help
+from recipe_lib.engine import ArmResult
+from recipe_lib.reporting import averaging_table, human_size, outputs_lines
+from recipe_lib.verdict import MeasuredSpread, verdict_lines
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = {name: load_recipe(name) for name in ("swa_tutorial", "swa_paper", "large_batch")}
+tutorial, paper, large_batch = RECIPES.values()
+
+
+# ------------------------------------------------------------------------------------ --help
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_help_every_option_has_help_and_no_none_default(name):
+    parser = RECIPES[name].build_parser()
+    for action in parser._actions:
+        assert action.help and action.help != argparse.SUPPRESS, action.option_strings
+    text = parser.format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "--epochs" in text and "quick preset:" in text and "smoke:" in text and "paper:" in text
+    assert "(presets:" not in text
+    threads = text[text.index("\n  --threads"):text.index("\n  --eval-batch-size")]
+    assert threads.count("default") == 1  # one default, in words
+    # A real default is still shown, 0.0 included (argparse's formatter compares it with False).
+    shown = "Adam weight decay (L2 added to the gradient) (default: 0.0)" if name == "swa_tutorial" else \
+        "SGD momentum (default: 0.9)"
+    assert shown in " ".join(text.split())
+
+
+def test_help_reads_quick_preset_first_and_names_zero():
+    presets = {"smoke": {"train_subset": 2048}, "quick": {"train_subset": 20000}, "paper": {"train_subset": 0}}
+    assert preset_help(presets, "train_subset", "train on this many", zero="all") == (
+        "train on this many (quick preset: 20000; smoke: 2048; paper: 0 = all)")
+    assert preset_help({"quick": {"x": None}, "paper": {"x": 150}}, "x", "size") == "size (paper preset: 150)"
+    assert preset_help({"quick": {"a": True}}, "a", "augment") == "augment (quick preset: on)"
+    assert preset_help({"quick": {"b": 128}, "paper": {"b": 128}}, "b", "batch") == "batch (every preset: 128)"
+    assert preset_help({"quick": {"m": [3, 4]}, "paper": {"m": [50, 75]}}, "m", "at") == (
+        "at (quick preset: 3 4; paper: 50 75)")
+
+
+def test_budget_is_an_alias_of_epochs():
+    assert paper.parse_args(["--budget", "7"]).epochs == 7
+    assert paper.parse_args(["--epochs", "7"]).epochs == 7
+    assert paper.parse_args([]).epochs == 10  # the quick preset's budget
+    assert "--epochs EPOCHS, --budget EPOCHS" in paper.build_parser().format_help()
+
+
+# ------------------------------------------------------------------------------------ presets
+
+def test_smoke_presets_resolve_to_the_documented_values():
+    t = tutorial.parse_args(["--preset", "smoke"])
+    assert (t.model, t.epochs, t.swa_start, t.train_subset, t.test_subset) == ("resnet18_small", 3, 1, 2048, 1000)
+    assert [arm.name for arm in tutorial.make_arms(t, None)] == ["baseline", "SWA_1_0.0005"]
+    p = paper.parse_args(["--preset", "smoke"])
+    assert (p.model, p.epochs, p.swa_start, p.train_subset, p.test_subset) == ("vgg_small", 4, 2, 2048, 1000)
+    swa = paper.make_arms(p, None)[1]
+    assert swa.epochs == 6 and swa.swa.report_at == {"SWA 1 budget": 4, "SWA 1.25 budgets": 5}
+    b = large_batch.parse_args(["--preset", "smoke"])
+    assert (b.model, b.epochs, b.milestones, b.small_batch, b.large_batch, b.train_subset, b.test_subset) == (
+        "f1", 2, [1], 64, 512, 2048, 1000)
+    assert [(arm.name, arm.epochs) for arm in large_batch.make_arms(b, None)][-1] == ("lb_lr_gbn_ra", 16)
+    assert tutorial.parse_args(["--preset", "smoke", "--epochs", "5"]).epochs == 5  # an explicit option wins
+
+
+# ------------------------------------------------------------------------------------ option checks
+
+@pytest.mark.parametrize("recipe, argv, message", [
+    ("swa_tutorial", ["--epochs", "0"], "--epochs 0 is too few: SWA needs at least one epoch before --swa-start "
+                                        "and one to average after it (at least 2)"),
+    ("swa_tutorial", ["--epochs", "1"], "--epochs 1 is too few"),
+    ("swa_tutorial", ["--epochs", "0", "--baseline-only"], "--epochs 0 is too few: train at least one epoch"),
+    ("swa_tutorial", ["--epochs", "3", "--swa-start", "5"], "--swa-start 5 must be between 1 and --epochs - 1 = 2 "
+                                                            "(--epochs is 3"),
+    ("swa_tutorial", ["--epochs", "3"], "--swa-start 8 must be between 1 and --epochs - 1 = 2"),
+    ("swa_paper", ["--epochs", "0"], "--epochs (the budget B) 0 is too few"),
+    ("swa_paper", ["--budget", "1"], "--epochs (the budget B) 1 is too few"),
+    ("swa_paper", ["--budget", "4"], "--swa-start 8 must be between 1 and --epochs (the budget B) - 1 = 3"),
+    ("large_batch", ["--epochs", "0"], "--epochs 0 is too few: every arm trains at least one epoch (at least 1)"),
+])
+def test_epochs_are_checked_before_swa_start(recipe, argv, message):
+    module = RECIPES[recipe]
+    with pytest.raises(SystemExit) as raised:
+        module.make_arms(module.parse_args(argv), None)
+    assert message in str(raised.value)
+
+
+def test_baseline_only_needs_no_swa_start():
+    args = tutorial.parse_args(["--epochs", "1", "--baseline-only"])
+    assert [arm.name for arm in tutorial.make_arms(args, None)] == ["baseline"]
+
+
+# ------------------------------------------------------------------------------------ measured spread
+
+def results_md_std(label: str) -> list[float]:
+    """The ``± std`` of ``label``'s rows in docs/RESULTS.md's three-seed tables."""
+    found = []
+    for line in (ROOT / "docs" / "RESULTS.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == label and " ± " in cells[1]:
+            found.append(float(cells[1].split(" ± ")[1]))
+    return found
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_measured_spread_is_results_md(name):
+    spread = RECIPES[name].MEASURED_SPREAD
+    assert list(spread) == ["quick"]  # RESULTS.md measured the quick presets only
+    for label, std in spread["quick"].std_points.items():
+        assert results_md_std(label) == [std], label
+
+
+# ------------------------------------------------------------------------------------ verdict
+
+def rows(**accuracies: list[float]) -> dict[str, list[dict[str, float]]]:
+    return {label.replace("_", " "): [{"seed": seed, "test_acc": a / 100, "epoch": 3} for seed, a in enumerate(accs)]
+            for label, accs in accuracies.items()}
+
+
+SPREAD = {"quick": MeasuredSpread({"base": 1.07, "swa": 0.92})}
+
+
+def test_verdict_one_seed_gives_the_measured_spread_and_the_noise_recipe():
+    lines = verdict_lines(rows(base=[87.6], swa=[87.9]), "base", ["swa"], "quick", "fashion_mnist", SPREAD,
+                          describe=lambda label: {"base": "the baseline", "swa": "SWA (start 8)"}[label])
+    assert lines[0] == "Verdict:"
+    assert lines[1] == ("- SWA (start 8) reached 87.90% test accuracy vs 87.60% for the baseline "
+                        "(+0.30 points, on one seed).")
+    assert "spread of this recipe's quick preset, measured on the real Fashion-MNIST" in lines[2]
+    assert "std 1.07 points (base), 0.92 points (swa). A one-seed difference smaller than that" in lines[2]
+    assert "--seeds 0 1 2" in lines[3]
+    assert lines[-1].startswith("- Reproducibility:") and "GPU runs differ again" in lines[-1]
+
+
+def test_verdict_several_seeds_says_whether_the_difference_exceeds_the_spread():
+    within = verdict_lines(rows(base=[87.6, 85.7, 87.4], swa=[87.3, 85.8, 87.5]), "base", ["swa"], "quick",
+                           "fashion_mnist", SPREAD)
+    assert within[1] == ("- swa reached 86.87 ± 0.93% test accuracy vs 86.90 ± 1.04% for base "
+                         "(-0.03 points, mean ± std over 3 seeds).")
+    assert within[2] == ("- The difference (0.03 points) is within this run's seed-to-seed spread (std up to 1.04 "
+                         "points): this run cannot tell the two apart; ahead of base on 2 of 3 seeds.")
+    assert "measured on" in within[3] and "one-seed" not in within[3]
+    assert not any("--seeds 0 1 2" in line for line in within)
+    beyond = verdict_lines(rows(base=[86.0, 86.2, 86.1], swa=[87.0, 87.3, 87.1]), "base", ["swa"], "quick",
+                           "fashion_mnist", SPREAD)
+    assert any("larger than this run's seed-to-seed spread" in line and "on 3 of 3 seeds" in line
+               for line in beyond)
+
+
+def test_verdict_gives_spread_only_where_results_md_has_it():
+    for preset, dataset in (("paper", "fashion_mnist"), ("quick", "cifar10")):
+        lines = verdict_lines(rows(base=[50.0], swa=[51.0]), "base", ["swa"], preset, dataset, SPREAD)
+        assert not any("measured on" in line for line in lines)
+        assert any("no measured seed-to-seed spread" in line for line in lines)
+    smoke = verdict_lines(rows(base=[50.0], swa=[51.0]), "base", ["swa"], "smoke", "fashion_mnist", SPREAD)
+    assert any("This was the smoke preset" in line for line in smoke)
+    assert not any("spread for the smoke" in line for line in smoke)
+
+
+def test_verdict_best_of_a_sweep_other_rows_and_nothing_to_compare():
+    lines = verdict_lines(rows(base=[80.0], a=[79.0], b=[81.5]), "base", ["a", "b"], "quick", "fashion_mnist", {})
+    assert lines[1].startswith("- b (the best of 2 settings) reached 81.50%")
+    assert lines[2] == "- The other rows vs base: a -1.00 points (table above)."
+    alone = verdict_lines(rows(base=[80.0]), "base", ["base"], "quick", "fashion_mnist", {})
+    assert alone[1] == "- Only base was trained: 80.00% test accuracy; nothing was compared."
+
+
+# ------------------------------------------------------------------------------------ tables, outputs
+
+def averaged(compared: bool) -> ArmResult:
+    timing = {"fast_seconds": 0.002, "torch_seconds": 0.004 if compared else 0.0, "updates": 2,
+              "max_abs_diff": 1e-7 if compared else 0.0, "compared": compared}
+    return ArmResult("swa", 0, [], {}, timing, [], 1.0)
+
+
+def test_no_compare_torch_reports_no_difference():
+    table = averaging_table([averaged(False)])
+    assert "| swa | 2 | 1.000 | n/a (not compared) | n/a | n/a |" in table and "e+00" not in table
+    assert "| swa | 2 | 1.000 | 2.000 | 2.00x | 1.00e-07 |" in averaging_table([averaged(True)])
+
+
+def test_outputs_list_sizes_and_checkpoints(tmp_path):
+    (tmp_path / "results.md").write_text("x" * 1500)
+    (tmp_path / "checkpoints" / "seed0").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "seed0" / "a.pt").write_bytes(b"x" * 2_000_000)
+    (tmp_path / "checkpoints" / "seed0" / "b.pt").write_bytes(b"x" * 1_000_000)
+    lines = outputs_lines(tmp_path, ["results.md", "missing.csv", "checkpoints"])
+    assert lines[0] == f"Outputs written to {tmp_path}/:"
+    assert lines[1].startswith(f"  {tmp_path / 'results.md'} (1.5 kB): ")
+    assert lines[2].startswith(f"  {tmp_path / 'checkpoints'}/ (3 MB in 2 files): --resume")
+    assert len(lines) == 3
+    assert [human_size(n) for n in (999, 1000, 31_300_000, 2_500_000_000)] == ["999 B", "1 kB", "31.3 MB", "2.5 GB"]
+
+
+# ------------------------------------------------------------------------------------ swap_the_import.py
+
+def test_swap_the_import_learns_and_the_averages_agree(capsys):
+    swap = load_recipe("swap_the_import")
+    got = swap.main(["--steps", "40", "--swa-every", "5", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert got["losses"][0] > 2.0 and got["losses"][-1] < 0.5 * got["losses"][0]  # it learns: from ln 10 down
+    assert got["updates"] == {"SWA": 4, "EMA": 40}
+    for name in ("SWA", "EMA"):
+        assert got["max_abs_diff"][name] <= 1e-6
+        assert got["accuracy"][f"{name} torch"] == got["accuracy"][f"{name} swa_fast"]
+    assert got["accuracy"]["model"] > 0.5  # ten classes: chance is 0.1
+    assert re.search(r"step +40: loss", printed) and "max |torch - swa_fast|" in printed
+    assert "ms (torch) vs" in printed
