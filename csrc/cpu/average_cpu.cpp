@@ -28,7 +28,6 @@ namespace swa_fast {
 namespace {
 
 using cpu::Chunk;
-using cpu::kChunksPerTask;
 using cpu::split_into_chunks;
 
 constexpr int64_t kBlock = 512;  // elements per stack conversion buffer
@@ -135,7 +134,8 @@ void average_cpu_impl(
   }
   const double w = weight.item<double>();
   const std::vector<Chunk> chunks = split_into_chunks(averaged);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), kChunksPerTask, [&](int64_t first, int64_t last) {
+  const int64_t grain = cpu::parallel_grain(chunks);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       const Chunk& chunk = chunks[c];
       const at::Tensor& sq = kMoments ? sq_mean[chunk.tensor] : averaged[chunk.tensor];
@@ -189,7 +189,8 @@ at::Tensor nonfinite_flag_cpu(at::TensorList tensors) {
   const std::vector<at::Tensor> floating = nonfinite_inputs(tensors);
   const std::vector<Chunk> chunks = split_into_chunks(floating);
   std::vector<char> found(chunks.size(), 0);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), kChunksPerTask, [&](int64_t first, int64_t last) {
+  const int64_t grain = cpu::parallel_grain(chunks);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       const at::Tensor& t = floating[chunks[c].tensor];
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "swa_fast_nonfinite", [&] {

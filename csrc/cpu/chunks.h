@@ -14,9 +14,13 @@ namespace swa_fast {
 namespace cpu {
 
 constexpr int64_t kChunk = 1 << 15;  // elements per parallel work item (and per partial sum)
-// Calls under this many chunks stay on the calling thread: waking a thread
-// costs more than reading ~100k values.
+// A thread's share of the chunks: waking a thread costs more than reading
+// ~100k values, so fewer chunks than this stay with the calling thread.
 constexpr int64_t kChunksPerTask = 4;
+// Calls with fewer elements than this in all stay on the calling thread, however
+// many (small) tensors, hence chunks, they have: a parallel region costs more
+// than the work, and far more when another process holds a core.
+constexpr int64_t kSerialElements = kChunksPerTask * kChunk;
 
 struct Chunk {
   int64_t tensor;  // index in the list
@@ -41,6 +45,16 @@ inline std::vector<Chunk> split_into_chunks(at::TensorList tensors, std::vector<
     }
   }
   return chunks;
+}
+
+// The grain to hand at::parallel_for over `chunks`: kChunksPerTask, or all of
+// them (one task on the calling thread) when the call is small in elements.
+inline int64_t parallel_grain(const std::vector<Chunk>& chunks) {
+  int64_t elements = 0;
+  for (const Chunk& c : chunks) {
+    elements += c.end - c.begin;
+  }
+  return elements < kSerialElements ? std::max<int64_t>(1, static_cast<int64_t>(chunks.size())) : kChunksPerTask;
 }
 
 }  // namespace cpu

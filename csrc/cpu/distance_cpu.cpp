@@ -36,7 +36,6 @@ namespace swa_fast {
 namespace {
 
 using cpu::Chunk;
-using cpu::kChunksPerTask;
 using cpu::split_into_chunks;
 
 // Independent vector accumulators: enough dependent-add chains in flight that
@@ -155,7 +154,8 @@ void distance_impl(const DistanceInputs& in, at::Tensor& per_tensor, at::Tensor&
   std::vector<int64_t> first_chunk;
   const std::vector<Chunk> chunks = split_into_chunks(in.a, &first_chunk);
   std::vector<acc_t> partials(chunks.size());
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), kChunksPerTask, [&](int64_t first, int64_t last) {
+  const int64_t grain = cpu::parallel_grain(chunks);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       partials[c] = run_chunk<acc_t>(in, chunks[c]);
     }
