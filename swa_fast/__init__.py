@@ -4,6 +4,8 @@
 whose averaging runs as fused multi-tensor kernels (C++ on CPU, CUDA on GPU).
 The kernels themselves are ``torch.ops.swa_fast.*``, wrapped here as
 :func:`average_`, :func:`average_moments_` and :func:`nonfinite_flag`.
+:class:`WeightAverage` is the averaging core for every model (plain, DDP,
+FSDP2-sharded, offloaded to host memory), with ``swapped_into`` for evaluation.
 ``swa_fast.nn`` has ghost batch normalization (``GhostBatchNorm1d/2d/3d``,
 ``convert_ghost_batchnorm``). ``swa_fast.checkpoint_average.average_checkpoints``
 (``python -m swa_fast average``) averages saved checkpoints.
@@ -14,9 +16,11 @@ __version__ = "0.1.0"
 from swa_fast import checkpoint_average, distance, nn, regime, swa_utils  # noqa: E402
 from swa_fast._average_op import average_, average_moments_, nonfinite_flag  # noqa: E402
 from swa_fast._ops import BUILD_INFO  # noqa: E402  (loads _C and registers every op)
+from swa_fast.weight_average import WeightAverage  # noqa: E402
 
 __all__ = [
     "BUILD_INFO",
+    "WeightAverage",
     "average_",
     "average_moments_",
     "checkpoint_average",

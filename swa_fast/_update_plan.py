@@ -1,4 +1,5 @@
-"""The cached tensor lists behind ``AveragedModel.update_parameters``'s fused path.
+"""The cached tensor lists behind the fused update (``WeightAverage.update``,
+``AveragedModel.update_parameters``).
 
 Building the lists costs a walk over both models and a dtype check per pair;
 an update with a cached plan costs a few fused op calls. A plan must never give
@@ -9,8 +10,14 @@ one in its module's ``_parameters``/``_buffers`` slot (a parameter replaced by
 under ``torch.__future__.set_overwrite_module_params_on_conversion(True)`` is
 noticed), with the same dtype and device (``param.data = ...``, ``model.half()``
 and ``model.to(device)`` keep the object but change these), and no slot was
-added or removed in the modules it walked. New submodules registered through
+added or removed in the dicts it walked. New submodules registered through
 ``nn.Module.__setattr__`` bump ``_registry.generation()``, which is checked too.
+For an FSDP2 parameter (a DTensor) the plan holds its local shard, and checks
+that the DTensor still holds that shard.
+
+Which tensors pair with which is the store's business (``_average_stores.py``):
+by position for ``AveragedModel`` (as torch pairs them), by name for
+``WeightAverage``. A plan is built from the entries a store lists.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from torch.nn import Module
 
 from swa_fast import _registry
 from swa_fast._average_op import average_, dtypes_and_devices, is_fusable_pair
+from swa_fast._sharding import is_dtensor, local_tensor
 
 # A tensor's slot: the module dict that holds it, and its key there.
 Slot = Tuple[Dict[str, Optional[Tensor]], str]
@@ -74,25 +82,37 @@ class DeviceGroup:
     average: Pairs = field(default_factory=Pairs)  # lerped with the averaging weight
     copy: Pairs = field(default_factory=Pairs)  # buffers copied each update (use_buffers=False)
     transfer: bool = False  # current tensors live on another device
-    all_current: List[Tensor] = field(default_factory=list)  # every tensor read, for the non-finite check
 
     def add(self, pairs: Pairs, averaged: Tensor, current: Tensor) -> None:
         self.transfer |= current.device != averaged.device
-        self.all_current.append(current)
         pairs.add(averaged, current)
 
-    def checked_current(self, currents) -> List[Tensor]:
-        """The tensors the non-finite check reads: the cached list, or the
-        transferred copies when the current tensors live on another device."""
-        if not self.transfer:
-            return self.all_current
-        return [t for pair_lists in currents for tensors in pair_lists for t in tensors]
+    def current_tensors(self) -> List[Tensor]:
+        """Every current tensor this group reads, in a fixed order (see :meth:`split`)."""
+        return [*self.average.current, *self.average.current_other, *self.copy.current, *self.copy.current_other]
 
-    def currents_here(self, pairs: Pairs) -> Tuple[List[Tensor], List[Tensor]]:
-        """The current tensors of ``pairs``, on this device."""
-        if not self.transfer:
-            return pairs.current, pairs.current_other
-        return [t.to(self.device) for t in pairs.current], [t.to(self.device) for t in pairs.current_other]
+    def split(self, flat: Sequence[Tensor]) -> "GroupCurrents":
+        """``flat`` (one tensor per :meth:`current_tensors` entry, e.g. host copies of them) as
+        the (averaged, copied) x (fused, other) lists :meth:`apply_all` takes."""
+        bounds = list(itertools.accumulate(
+            map(len, (self.average.current, self.average.current_other, self.copy.current, self.copy.current_other)),
+            initial=0))
+        lists = [list(flat[a:b]) for a, b in zip(bounds, bounds[1:])]
+        return (lists[0], lists[1]), (lists[2], lists[3])
+
+    def currents_here(self) -> "GroupCurrents":
+        """The current tensors, on this group's device (copied there when they live elsewhere)."""
+        flat = self.current_tensors()
+        if self.transfer:
+            flat = [t.to(self.device) for t in flat]
+        return self.split(flat)
+
+    def apply_all(self, currents: "GroupCurrents", weight: Tensor, skip: Optional[Tensor]) -> None:
+        """One update of this group: the averaged pairs at ``weight``, the copied ones at 1."""
+        average_currents, copy_currents = currents
+        self.apply(self.average, average_currents, weight, skip)
+        # Buffers are copied (weight 1), as torch does without use_buffers.
+        self.apply(self.copy, copy_currents, ones(self.device), skip, copy=True)
 
     def apply(self, pairs: Pairs, currents, weight: Tensor, skip: Optional[Tensor], copy: bool = False) -> None:
         """Average ``pairs`` at ``weight`` (``copy``: the pairs are copied, weight is 1)."""
@@ -102,26 +122,48 @@ class DeviceGroup:
             lerp_fallback(p_avg, p_cur, None if copy else weight, skip)
 
 
+GroupCurrents = Tuple[Tuple[List[Tensor], List[Tensor]], Tuple[List[Tensor], List[Tensor]]]
+Entry = Tuple[Slot, Tensor]
+
+
+@dataclass
+class PlanEntries:
+    """What a store pairs for one update: averaged with current entries (the averaging
+    weight), copied-average with copied-current entries (weight 1: buffers kept in sync), and
+    every dict whose size proves nothing was added or removed."""
+
+    averaged: List[Entry]
+    current: List[Entry]
+    copied_averaged: List[Entry]
+    copied_current: List[Entry]
+    walked: Tuple[dict, ...]
+
+
 @dataclass
 class UpdatePlan:
-    """The cached tensor lists of one (AveragedModel, source model) pair, and what proves
+    """The cached tensor lists of one (average, source model) pair, and what proves
     they are still current."""
 
     model: "weakref.ref[Module]"
     generation: int
     groups: List[DeviceGroup]
-    # Every tensor of the plan, averaged and source model alike: the dict and key of its slot,
-    # the tensor, and all their dtypes and devices (dtypes_and_devices).
+    # Every tensor of the plan, averages and source model alike: the dict and key of its slot,
+    # the tensor, the tensor the kernels read (a DTensor's local shard), and all their dtypes and
+    # devices (dtypes_and_devices of the kernels' tensors).
     dicts: Tuple[dict, ...]
     keys: Tuple[str, ...]
     tensors: Tuple[Tensor, ...]
+    kernel_tensors: Tuple[Tensor, ...]
     metadata: bytes
-    # Every _parameters/_buffers/_modules dict of both models, and how many entries each had.
+    # Every dict the store walked, and how many entries each had.
     walked: Tuple[dict, ...]
     sizes: List[int]
+    # The DTensors among the tensors, and the local shard of each that the groups hold.
+    sharded: Tuple[Tensor, ...] = ()
+    shards: Tuple[Tensor, ...] = ()
 
     def is_current(self, model: Module) -> bool:
-        """Whether the plan still describes ``model`` and the averaged model: C loops over the
+        """Whether the plan still describes ``model`` and the averages: C loops over the
         cached tuples and one C++ call, no module walk (about 35 us for the 322 tensors of a
         ResNet-50 and its average on one CPU core)."""
         return (
@@ -129,24 +171,14 @@ class UpdatePlan:
             and self.generation == _registry.generation()
             and list(map(len, self.walked)) == self.sizes
             and all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.tensors))
-            and dtypes_and_devices(self.tensors) == self.metadata
+            and all(map(operator.is_, map(local_tensor, self.sharded), self.shards))
+            and dtypes_and_devices(self.kernel_tensors) == self.metadata
         )
 
 
-def build_plan(averaged_model: Module, model: Module, use_buffers: bool) -> UpdatePlan:
-    """The plan for averaging ``model`` into ``averaged_model`` (the ``AveragedModel``'s
-    ``module``): parameters (and buffers, with ``use_buffers``) are averaged, paired in order as
-    torch pairs them (``zip`` without strict); without ``use_buffers`` buffers are copied."""
-    kinds = ("_parameters", "_buffers") if use_buffers else ("_parameters",)
-    averaged = [entry for kind in kinds for entry in tensor_slots(averaged_model, kind)]
-    current = [entry for kind in kinds for entry in tensor_slots(model, kind)]
-    copied_avg = [] if use_buffers else list(tensor_slots(averaged_model, "_buffers"))
-    copied_cur = [] if use_buffers else list(tensor_slots(model, "_buffers"))
-    if len(copied_avg) != len(copied_cur):
-        raise ValueError(
-            f"AveragedModel: the model has {len(copied_cur)} buffers but the averaged model {len(copied_avg)}; "
-            "they must have the same structure"
-        )
+def build_plan(model: Module, entries: PlanEntries) -> UpdatePlan:
+    """The plan for one update of the averages from ``model``, as ``entries`` pairs them
+    (``zip``: pairs beyond the shorter list are ignored, as torch ignores them)."""
     groups: Dict[torch.device, DeviceGroup] = {}
 
     def group_for(tensor: Tensor) -> DeviceGroup:
@@ -154,30 +186,31 @@ def build_plan(averaged_model: Module, model: Module, use_buffers: bool) -> Upda
             groups[tensor.device] = DeviceGroup(tensor.device)
         return groups[tensor.device]
 
-    for (_, p_avg), (_, p_cur) in zip(averaged, current):
-        group = group_for(p_avg)
-        group.add(group.average, p_avg, p_cur)
-    for (_, b_avg), (_, b_cur) in zip(copied_avg, copied_cur):
-        group = group_for(b_avg)
-        group.add(group.copy, b_avg, b_cur)
+    for pairs_of, averaged, current in (
+        (operator.attrgetter("average"), entries.averaged, entries.current),
+        (operator.attrgetter("copy"), entries.copied_averaged, entries.copied_current),
+    ):
+        for (_, t_avg), (_, t_cur) in zip(averaged, current):
+            group = group_for(t_avg)
+            group.add(pairs_of(group), t_avg, local_tensor(t_cur))
 
-    entries = averaged + current + copied_avg + copied_cur
-    tensors = tuple(tensor for _, tensor in entries)
-    walked = tuple(
-        getattr(module, kind)
-        for module in itertools.chain(averaged_model.modules(), model.modules())
-        for kind in ("_parameters", "_buffers", "_modules")
-    )
+    listed = entries.averaged + entries.current + entries.copied_averaged + entries.copied_current
+    tensors = tuple(tensor for _, tensor in listed)
+    kernel_tensors = tuple(map(local_tensor, tensors))
+    sharded = tuple(t for t in tensors if is_dtensor(t))
     return UpdatePlan(
         model=weakref.ref(model),
         generation=_registry.generation(),
         groups=list(groups.values()),
-        dicts=tuple(d for (d, _), _ in entries),
-        keys=tuple(k for (_, k), _ in entries),
+        dicts=tuple(d for (d, _), _ in listed),
+        keys=tuple(k for (_, k), _ in listed),
         tensors=tensors,
-        metadata=dtypes_and_devices(tensors),
-        walked=walked,
-        sizes=list(map(len, walked)),
+        kernel_tensors=kernel_tensors,
+        metadata=dtypes_and_devices(kernel_tensors),
+        walked=entries.walked,
+        sizes=list(map(len, entries.walked)),
+        sharded=sharded,
+        shards=tuple(map(local_tensor, sharded)),
     )
 
 

@@ -6,8 +6,11 @@ from each other."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import pickle
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import List, Sequence, Union
@@ -53,6 +56,44 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_ranks(script: Path, args: Sequence[str], world: int, timeout: float = 120) -> None:
+    """Runs ``python script *args`` as ``world`` gloo ranks (RANK, WORLD_SIZE, MASTER_ADDR/PORT
+    set, one thread each) and fails with every failed rank's stderr; a rank still running after
+    ``timeout`` seconds (a collective another rank skipped) is killed."""
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(world),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    procs = [
+        subprocess.Popen([sys.executable, str(script), *args], env={**env, "RANK": str(rank)},
+                         stderr=subprocess.PIPE, text=True)
+        for rank in range(world)
+    ]
+    errors = []
+    try:
+        for rank, proc in enumerate(procs):
+            try:
+                _, stderr = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                errors.append(f"rank {rank} still running after {timeout} s")
+                continue
+            if proc.returncode != 0:
+                errors.append(f"rank {rank} exited with {proc.returncode}:\n{stderr}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert not errors, "\n".join(errors)
 
 
 # ----------------------------------------------------------------- recipe data sets on disk

@@ -1,8 +1,5 @@
 """Distributed update_bn and AveragedModel over DDP: two gloo ranks on CPU (tests/distributed_worker.py)."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,42 +9,16 @@ import torch.distributed as dist
 from swa_fast import swa_utils
 
 import distributed_worker as worker
-from helpers import free_port
+from helpers import run_ranks
 
-ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
-
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Runs the two ranks once (a few seconds) and returns what each wrote."""
     out = tmp_path_factory.mktemp("ranks")
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "WORLD_SIZE": str(WORLD),
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-        "OMP_NUM_THREADS": "1",
-    }
-    script = str(Path(__file__).with_name("distributed_worker.py"))
-    procs = [
-        subprocess.Popen([sys.executable, script, str(out)], env={**env, "RANK": str(rank)}, stderr=subprocess.PIPE, text=True)
-        for rank in range(WORLD)
-    ]
-    errors = []
-    try:
-        for rank, proc in enumerate(procs):
-            _, stderr = proc.communicate(timeout=90)
-            if proc.returncode != 0:
-                errors.append(f"rank {rank} exited with {proc.returncode}:\n{stderr}")
-    finally:
-        for proc in procs:  # a hung rank (e.g. a collective the other skipped) must not outlive the test
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert not errors, "\n".join(errors)
+    run_ranks(Path(__file__).with_name("distributed_worker.py"), [str(out)], WORLD, timeout=90)
     return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
 
 

@@ -1,0 +1,105 @@
+"""FSDP2 parameters as the averaging sees them: DTensors whose local shards it averages.
+
+``fully_shard`` replaces every parameter by a DTensor that holds one shard per
+rank. An average of it needs only that shard: the fused update reads the
+parameter's local tensor (no communication), the average is a plain tensor of
+the local shard's shape, and :func:`dtensor_like` wraps it back into a DTensor
+with the parameter's mesh and placements for ``state_dict`` (which is what
+``torch.distributed.checkpoint`` saves, loads and reshards).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+
+try:  # torch builds without distributed support have no DTensor; nothing is sharded there
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+except ImportError:  # pragma: no cover - every build these tests run on has torch.distributed
+    DTensor = FSDPModule = None  # type: ignore[assignment, misc]
+
+
+def is_dtensor(tensor: Any) -> bool:
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def reshard(model: Module) -> None:
+    """Put every FSDP2 module of ``model`` back into its sharded state.
+
+    After a forward without a backward (evaluation), FSDP2 leaves the root module's parameters
+    all-gathered (its ``reshard_after_forward`` is off) and registered in place of the DTensors.
+    The averages pair with the shards, and a write into a shard while a gathered copy exists
+    would not be seen by the next forward, which reuses the copy: so every read or write of the
+    shards starts here (a no-op for modules already sharded and for models without FSDP2).
+    """
+    if FSDPModule is None:
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """The tensor the kernels read and write: a DTensor's local shard (the very tensor object
+    FSDP2 keeps, so in-place writes reach the parameter), any other tensor itself."""
+    if is_dtensor(tensor):
+        # to_local() returns this object too, but through an autograd Function when grad mode is
+        # on; the attribute is what it returns under no_grad, without the per-call overhead.
+        return tensor._local_tensor
+    return tensor
+
+
+class ShardLayout(NamedTuple):
+    """How a sharded parameter is laid out: what a DTensor of its average needs."""
+
+    device_mesh: Any
+    placements: Tuple[Any, ...]
+    shape: Tuple[int, ...]
+    stride: Tuple[int, ...]
+
+
+def layout_of(tensor: Tensor) -> Optional[ShardLayout]:
+    """A DTensor's layout; None for any other tensor."""
+    if not is_dtensor(tensor):
+        return None
+    return ShardLayout(tensor.device_mesh, tuple(tensor.placements), tuple(tensor.shape), tuple(tensor.stride()))
+
+
+def dtensor_like(local: Tensor, like: ShardLayout) -> "DTensor":
+    """``local`` (the average of a parameter's local shard, possibly in another dtype or on the
+    host) as a DTensor with the parameter's mesh, placements, global shape and stride, sharing
+    ``local``'s storage, so that loading into it (``torch.distributed.checkpoint.load``)
+    writes the average itself."""
+    if local.device.type == like.device_mesh.device_type:
+        return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
+                                  shape=torch.Size(like.shape), stride=like.stride)
+    # An average offloaded to the host under a CUDA mesh: from_local would copy it to the mesh's
+    # device. FSDP2 builds its CPU-offloaded parameters the same way, from the spec.
+    spec = DTensorSpec(like.device_mesh, like.placements,
+                       tensor_meta=TensorMeta(torch.Size(like.shape), like.stride, local.dtype))
+    return DTensor(local, spec, requires_grad=False)
+
+
+def local_part(value: Tensor, like: Optional[ShardLayout]) -> Tensor:
+    """The part of a state-dict value that belongs to this rank's average of ``like``.
+
+    ``like`` None (an unsharded parameter): a DTensor value is gathered whole (a collective:
+    every rank loads), a plain tensor is taken as it is. A sharded parameter: a DTensor with the
+    same mesh and placements gives its local tensor; any other DTensor is gathered first; a plain
+    full tensor is sliced to this rank's shard locally (no communication).
+    """
+    if like is None:
+        return value.full_tensor() if is_dtensor(value) else value
+    if is_dtensor(value):
+        if value.device_mesh == like.device_mesh and tuple(value.placements) == like.placements:
+            return value._local_tensor
+        value = value.full_tensor()
+    if tuple(value.shape) != tuple(like.shape):
+        return value  # the caller reports the shape mismatch with the key's name
+    # src_data_rank=None: every rank cuts its own shard from its copy, no scatter.
+    return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None)._local_tensor

@@ -1,0 +1,162 @@
+"""One rank of tests/test_sharded_average.py (gloo on CPU): WeightAverage over FSDP2 and DDP models.
+
+``python sharded_worker.py MODE OUT_DIR [DTYPE]`` with RANK, WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT set. Modes:
+
+* ``fsdp``: an FSDP2 (``fully_shard``) model trained a few steps with SWA and EMA averages
+  (fp32 averages); records the full parameters after every step (the test replays them in one
+  process as the reference), the averages (full and local), swap-in checks, ``update_bn`` inside
+  ``swapped_into``, and a ``torch.distributed.checkpoint`` save of both averages.
+* ``load``: the same model sharded on this world size loads that checkpoint.
+* ``ddp``: a DDP model trained with a WeightAverage; averages and swap-in on every rank.
+
+Writes ``OUT_DIR/<mode>-rank<RANK>.pt``.
+"""
+
+import datetime
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from swa_fast import WeightAverage, swa_utils
+
+STEPS = 5
+EMA_DECAY = 0.8
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def make_model(dtype=torch.float32) -> nn.Module:
+    """17 and 5 rows: uneven shards on 2 and 4 ranks (9/8, 5/4/4/4, 3/2, 2/1/1/1)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 17), nn.BatchNorm1d(17), nn.ReLU(), nn.Linear(17, 5)).to(dtype)
+
+
+def shard(model: nn.Module, world: int) -> nn.Module:
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model[3], mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def batches(seed: int, count: int, rank: int, dtype):
+    generator = torch.Generator().manual_seed(seed * 100 + rank)
+    return [(torch.randn(8, 6, generator=generator) * 2 + 1).to(dtype) for _ in range(count)]
+
+
+def averages(dtype):
+    """The two averages every mode makes: SWA and EMA, fp32 whatever the parameters' dtype."""
+    return {
+        "swa": {"avg_dtype": torch.float32},
+        "ema": {"multi_avg_fn": swa_utils.get_ema_multi_avg_fn(EMA_DECAY), "avg_dtype": torch.float32},
+    }
+
+
+def locals_of(model: nn.Module):
+    return {name: p.to_local().detach().clone() for name, p in model.named_parameters()}
+
+
+def fsdp(out: Path, rank: int, world: int, dtype) -> dict:
+    model = shard(make_model(dtype), world)
+    made = {kind: WeightAverage(model, **kwargs) for kind, kwargs in averages(dtype).items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    trajectory = []
+    for x in batches(1, STEPS, rank, dtype):
+        loss = model(x).float().square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        for average in made.values():
+            average.update(model)
+        trajectory.append({name: p.full_tensor() for name, p in model.named_parameters()})
+    result = {"trajectory": trajectory}
+    for kind, average in made.items():
+        state = average.state_dict()
+        result[kind] = {name: t.full_tensor() for name, t in state["averages"].items()}
+        result[kind + "/n_averaged"] = average.n_averaged.item()
+        result[kind + "/local_numel"] = {name: t.to_local().numel() for name, t in state["averages"].items()}
+    result["param_local_numel"] = {name: p.to_local().numel() for name, p in model.named_parameters()}
+
+    # Swap-in: the forward runs on the averages; the shards come back bitwise, also after a raise.
+    before = locals_of(model)
+    buffers = result["buffers"] = {k: v.clone() for k, v in model.named_buffers()}
+    probe = torch.linspace(-1, 1, 12).reshape(2, 6).to(dtype)
+    ema = made["ema"]
+    try:
+        with ema.swapped_into(model):
+            model.eval()
+            result["swapped_output"] = model(probe).detach()
+            raise KeyError("body raised")
+    except KeyError:
+        pass
+    result["restored"] = all(torch.equal(before[k], v) for k, v in locals_of(model).items())
+    # update_bn inside: the BN statistics of the average, over every rank's data, then restored.
+    with ema.swapped_into(model):
+        swa_utils.update_bn(batches(2, 3, rank, dtype), model)
+        result["bn_inside"] = {k: v.clone() for k, v in model.named_buffers()}
+        model.eval()
+        result["bn_output"] = model(probe).detach()
+    model.train()
+    result["buffers_restored"] = all(torch.equal(buffers[k], v) for k, v in model.named_buffers())
+    result["restored_after_bn"] = all(torch.equal(before[k], v) for k, v in locals_of(model).items())
+    try:
+        swa_utils.AveragedModel(model)
+        result["averaged_model_error"] = None
+    except TypeError as error:
+        result["averaged_model_error"] = str(error)
+    dcp.save({kind: average.state_dict() for kind, average in made.items()}, checkpoint_id=str(out / "dcp"))
+    return result
+
+
+def load(out: Path, rank: int, world: int, dtype) -> dict:
+    model = shard(make_model(dtype), world)
+    made = {kind: WeightAverage(model, **kwargs) for kind, kwargs in averages(dtype).items()}
+    state = {kind: average.state_dict() for kind, average in made.items()}
+    dcp.load(state, checkpoint_id=str(out / "dcp"))
+    result = {}
+    for kind, average in made.items():
+        average.load_state_dict(state[kind])
+        result[kind] = {name: t.full_tensor() for name, t in average.state_dict()["averages"].items()}
+        result[kind + "/n_averaged"] = average.n_averaged.item()
+    return result
+
+
+def ddp(out: Path, rank: int, world: int, dtype) -> dict:
+    model = DistributedDataParallel(make_model(dtype))
+    average = WeightAverage(model, swa_utils.get_ema_multi_avg_fn(EMA_DECAY))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for x in batches(1, STEPS, rank, dtype):
+        loss = model(x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        average.update(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with average.swapped_into(model):
+        swa_utils.update_bn(batches(2, 3, rank, dtype), model)
+        bn_inside = {k: v.clone() for k, v in model.module.named_buffers()}
+    restored = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    return {"averages": average.state_dict()["averages"], "bn_inside": bn_inside, "restored": restored,
+            "n_averaged": average.n_averaged.item()}
+
+
+def main(mode: str, out: Path, dtype) -> None:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        result = {"fsdp": fsdp, "load": load, "ddp": ddp}[mode](out, rank, world, dtype)
+        torch.save(result, out / f"{mode}-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]), DTYPES[sys.argv[3] if len(sys.argv) > 3 else "float32"])

@@ -1,0 +1,147 @@
+"""WeightAverage over FSDP2 (fully_shard) on 2 and 4 gloo ranks and over DDP on 2, against a
+one-process reference over the same trajectory (tests/sharded_worker.py runs the ranks)."""
+
+from pathlib import Path
+
+import pytest
+import sharded_worker as worker
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from swa_fast import WeightAverage, swa_utils
+
+from helpers import run_ranks
+
+WORKER = Path(__file__).with_name("sharded_worker.py")
+BN_TOLERANCE = {"float32": 1e-6, "bfloat16": 1e-2}
+
+
+def launch(mode, out, world, dtype="float32"):
+    run_ranks(WORKER, [mode, str(out), dtype], world)
+    return [torch.load(out / f"{mode}-rank{rank}.pt", weights_only=True) for rank in range(world)]
+
+
+@pytest.fixture(scope="module", params=[(2, "float32"), (2, "bfloat16"), (4, "float32"), (4, "bfloat16")],
+                ids=lambda p: f"{p[0]}ranks-{p[1]}")
+def fsdp_run(request, tmp_path_factory):
+    world, dtype = request.param
+    out = tmp_path_factory.mktemp(f"fsdp{world}{dtype}")
+    return world, dtype, out, launch("fsdp", out, world, dtype)
+
+
+def one_process(trajectory, dtype_name, kind):
+    """The reference: the same averages of an unsharded model through the recorded trajectory."""
+    dtype = worker.DTYPES[dtype_name]
+    model = worker.make_model(dtype)
+    average = WeightAverage(model, **worker.averages(dtype)[kind])
+    for full in trajectory:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                parameter.copy_(full[name])
+        average.update(model)
+    return model, average
+
+
+@pytest.mark.parametrize("kind", ["swa", "ema"])
+def test_sharded_averages_equal_one_process(fsdp_run, kind):
+    _, dtype, _, ranks = fsdp_run
+    _, reference = one_process(ranks[0]["trajectory"], dtype, kind)
+    expected = reference.state_dict()["averages"]
+    for result in ranks:
+        assert result[kind + "/n_averaged"] == worker.STEPS
+        for name, full in result[kind].items():
+            assert full.dtype == torch.float32, name
+            if kind == "ema":
+                assert torch.equal(full, expected[name]), name
+            else:
+                torch.testing.assert_close(full, expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_each_rank_stores_only_its_shard(fsdp_run):
+    ranks = fsdp_run[3]
+    full_numel = {name: t.numel() for name, t in ranks[0]["swa"].items()}
+    for kind in ("swa", "ema"):
+        assert all(r[kind + "/local_numel"] == r["param_local_numel"] for r in ranks)
+        for name, numel in full_numel.items():
+            assert sum(r[kind + "/local_numel"][name] for r in ranks) == numel
+            assert max(r[kind + "/local_numel"][name] for r in ranks) < numel  # sharded, not replicated
+
+
+def test_swapped_into_runs_the_sharded_forward_on_the_averages(fsdp_run):
+    _, dtype, _, ranks = fsdp_run
+    probe = torch.linspace(-1, 1, 12).reshape(2, 6).to(worker.DTYPES[dtype])
+    for result in ranks:
+        model, reference = one_process(result["trajectory"], dtype, "ema")
+        reference.copy_to(model)
+        model.load_state_dict(result["buffers"], strict=False)  # this rank's BN statistics (not synced)
+        model.eval()
+        assert torch.equal(result["swapped_output"], model(probe))
+        assert result["restored"] and result["restored_after_bn"] and result["buffers_restored"]
+
+
+def test_update_bn_inside_swapped_into_uses_every_ranks_data(fsdp_run):
+    world, dtype, _, ranks = fsdp_run
+    model, reference = one_process(ranks[0]["trajectory"], dtype, "ema")
+    reference.copy_to(model)
+    data = [x for rank in range(world) for x in worker.batches(2, 3, rank, worker.DTYPES[dtype])]
+    swa_utils.update_bn(data, model)
+    for result in ranks:
+        for name, expected in model.named_buffers():
+            actual = result["bn_inside"][name]
+            if expected.is_floating_point():
+                tolerance = BN_TOLERANCE[dtype]
+                torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance, msg=name)
+            else:
+                assert torch.equal(actual, expected), name
+
+
+def test_averaged_model_of_an_fsdp_model_names_weight_average(fsdp_run):
+    for result in fsdp_run[3]:
+        assert "WeightAverage" in result["averaged_model_error"]
+        assert "fully_shard" in result["averaged_model_error"]
+
+
+@pytest.fixture(scope="module")
+def saved_on_two(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dcp2")
+    return out, launch("fsdp", out, 2)
+
+
+def test_checkpoint_from_two_ranks_loads_on_four(saved_on_two):
+    out, saved = saved_on_two
+    for result in launch("load", out, 4):
+        for kind in ("swa", "ema"):
+            assert result[kind + "/n_averaged"] == worker.STEPS
+            for name, full in saved[0][kind].items():
+                assert torch.equal(result[kind][name], full), (kind, name)
+
+
+def test_checkpoint_from_two_ranks_loads_in_one_unsharded_process(saved_on_two):
+    out, saved = saved_on_two
+    assert not dist.is_initialized()
+    made = {kind: WeightAverage(worker.make_model(), **kwargs)
+            for kind, kwargs in worker.averages(torch.float32).items()}
+    state = {kind: average.state_dict() for kind, average in made.items()}
+    dcp.load(state, checkpoint_id=str(out / "dcp"))
+    for kind, average in made.items():
+        average.load_state_dict(state[kind])
+        assert average.n_averaged.item() == worker.STEPS
+        for name, loaded in average.state_dict()["averages"].items():
+            assert torch.equal(loaded, saved[0][kind][name]), (kind, name)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    return launch("ddp", tmp_path_factory.mktemp("ddp"), 2)
+
+
+def test_ddp_averages_identical_on_every_rank_and_restored(ddp_run):
+    first, second = ddp_run
+    assert first["n_averaged"] == second["n_averaged"] == worker.STEPS
+    assert list(first["averages"]) == [f"module.{name}" for name, _ in worker.make_model().named_parameters()]
+    for name, average in first["averages"].items():
+        assert torch.equal(average, second["averages"][name]), name
+    for name, buffer in first["bn_inside"].items():
+        assert torch.equal(buffer, second["bn_inside"][name]), name  # update_bn all-reduced
+    assert first["restored"] and second["restored"]
