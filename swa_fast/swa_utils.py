@@ -10,6 +10,10 @@ multi-tensor kernel launches), computes its weight on the device and never
 synchronises with the host, so a training step that calls it can be captured
 in a CUDA graph.
 
+For an FSDP2 (``fully_shard``) model, which ``AveragedModel``'s deep copy cannot
+take, or to evaluate the average inside the live model, use
+:class:`swa_fast.WeightAverage`, the core ``AveragedModel`` runs on.
+
 Where swa_fast deliberately differs from torch:
 
 * Integer and bool tensors averaged with ``use_buffers=True`` (BatchNorm's

@@ -145,3 +145,11 @@ def test_ddp_averages_identical_on_every_rank_and_restored(ddp_run):
     for name, buffer in first["bn_inside"].items():
         assert torch.equal(buffer, second["bn_inside"][name]), name  # update_bn all-reduced
     assert first["restored"] and second["restored"]
+
+
+def test_the_readme_example_runs_on_two_ranks(tmp_path, capfd):
+    run_ranks(Path(__file__).parents[1] / "examples" / "sharded_average.py",
+              ["--steps", "20", "--checkpoint", str(tmp_path / "ema")], 2)
+    printed = capfd.readouterr().out
+    assert "EMA of 20 updates" in printed and "saved with torch.distributed.checkpoint" in printed
+    assert (tmp_path / "ema" / ".metadata").exists()
