@@ -89,8 +89,10 @@ class OffloadPipeline:
 
     # -- submitting -------------------------------------------------------------
 
-    def submit(self, plan: UpdatePlan, apply: Callable[[List[GroupCurrents]], None]) -> None:
-        """Stage ``plan``'s current tensors to the host and apply the update there, asynchronously."""
+    def submit(self, plan: UpdatePlan, apply: Callable[[List[GroupCurrents], Optional[Tensor]], None],
+               flag: Optional[Tensor] = None) -> None:
+        """Stage ``plan``'s current tensors (and ``flag``, a 0-dim skip decision made on the device)
+        to the host and call ``apply(staged currents per group, staged flag)`` there, asynchronously."""
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 "WeightAverage: an offloaded update (device='cpu' for a CUDA model) cannot be captured in a "
@@ -106,13 +108,17 @@ class OffloadPipeline:
             self._allocate(plan)
         staging = self._staging[index]
         sources = [t for group in plan.groups for t in group.current_tensors()]
+        staged_flag = None
+        if flag is not None:
+            staged_flag = torch.empty((), dtype=flag.dtype, pin_memory=flag.is_cuda)
+            sources, staging = [*sources, flag], [*staging, staged_flag]
         events = self._copy(sources, staging)
         currents, start = [], 0
         for group in plan.groups:
             count = len(group.current_tensors())
             currents.append(group.split(staging[start:start + count]))
             start += count
-        self._in_flight[index] = self._worker.submit(_run_when_copied, events, apply, currents)
+        self._in_flight[index] = self._worker.submit(_run_when_copied, events, apply, currents, staged_flag)
 
     def _allocate(self, plan: UpdatePlan) -> None:
         self.wait()  # the old buffers may still be read
@@ -163,7 +169,7 @@ class OffloadPipeline:
             worker.shutdown(wait=False)
 
 
-def _run_when_copied(events, apply: Callable[[List[GroupCurrents]], None], currents: List[GroupCurrents]) -> None:
+def _run_when_copied(events, apply, currents: List[GroupCurrents], flag: Optional[Tensor]) -> None:
     for event in events:
         event.synchronize()  # blocks this worker thread only (the GIL is released while it waits)
-    apply(currents)
+    apply(currents, flag)

@@ -44,6 +44,28 @@ def reshard(model: Module) -> None:
             module.reshard()
 
 
+def meshes_of(tensors) -> Tuple[Any, ...]:
+    """The distinct device meshes of the DTensors among ``tensors``."""
+    found: dict = {}
+    for tensor in tensors:
+        if is_dtensor(tensor):
+            found.setdefault(id(tensor.device_mesh), tensor.device_mesh)
+    return tuple(found.values())
+
+
+def any_across(flag: Tensor, meshes: Tuple[Any, ...]) -> Tensor:
+    """``flag`` OR-ed over every rank of ``meshes``: a rank whose shard holds a NaN must make every
+    rank skip the update, or the shards of one average would mix two histories. One all-reduce of
+    one value per mesh dimension, asynchronous on the device (no host sync); nothing without meshes."""
+    if not meshes:
+        return flag
+    value = flag.to(torch.int32)  # MAX over 0/1 is OR; every backend reduces int32
+    for mesh in meshes:
+        for group in mesh.get_all_groups():
+            torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=group)
+    return value.bool()
+
+
 def local_tensor(tensor: Tensor) -> Tensor:
     """The tensor the kernels read and write: a DTensor's local shard (the very tensor object
     FSDP2 keeps, so in-place writes reach the parameter), any other tensor itself."""

@@ -34,7 +34,7 @@ from torch.nn import Module
 
 from swa_fast import _registry
 from swa_fast._average_op import average_, dtypes_and_devices, is_fusable_pair
-from swa_fast._sharding import is_dtensor, local_tensor
+from swa_fast._sharding import is_dtensor, local_tensor, meshes_of
 
 # A tensor's slot: the module dict that holds it, and its key there.
 Slot = Tuple[Dict[str, Optional[Tensor]], str]
@@ -161,6 +161,8 @@ class UpdatePlan:
     # The DTensors among the tensors, and the local shard of each that the groups hold.
     sharded: Tuple[Tensor, ...] = ()
     shards: Tuple[Tensor, ...] = ()
+    # The device meshes of the sharded tensors: the ranks that must agree on skipping an update.
+    meshes: Tuple[object, ...] = ()
 
     def is_current(self, model: Module) -> bool:
         """Whether the plan still describes ``model`` and the averages: C loops over the
@@ -211,6 +213,7 @@ def build_plan(model: Module, entries: PlanEntries) -> UpdatePlan:
         sizes=list(map(len, entries.walked)),
         sharded=sharded,
         shards=tuple(map(local_tensor, sharded)),
+        meshes=meshes_of(sharded),
     )
 
 

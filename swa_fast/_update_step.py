@@ -13,6 +13,7 @@ from torch import Tensor
 
 from swa_fast._average_op import nonfinite_flag
 from swa_fast._multi_avg_fns import DEFAULT_SWA, FusedMultiAvgFn
+from swa_fast._sharding import any_across
 from swa_fast._update_plan import GroupCurrents, UpdatePlan, by_device, lerp_fallback
 
 MultiAvgFn = Callable[[List[Tensor], List[Tensor], Tensor], None]
@@ -35,6 +36,15 @@ def any_nonfinite(tensors: Sequence[Tensor], device: torch.device) -> Optional[T
     return torch.stack(flags).any() if len(flags) > 1 else flags[0]
 
 
+def skip_flag(plan: UpdatePlan, tensors: Sequence[Tensor], device: torch.device) -> Optional[Tensor]:
+    """Whether this update is skipped: any non-finite value in ``tensors`` on any rank holding
+    shards of the plan (sharded models), on ``device`` (no host sync)."""
+    flag = any_nonfinite(tensors, device)
+    if flag is None or not plan.meshes:
+        return flag
+    return any_across(flag, plan.meshes)
+
+
 @torch.no_grad()
 def fused_update(
     plan: UpdatePlan,
@@ -43,17 +53,19 @@ def fused_update(
     n_skipped: Tensor,
     skip_nonfinite: bool,
     currents: Optional[List[GroupCurrents]] = None,
+    skip: Optional[Tensor] = None,
 ) -> None:
     """Average the plan's current tensors into its averages: per device two ``average_`` calls
     (averaged pairs at ``fn``'s weight, computed on the device from ``n_averaged``; copied pairs at
     1), the first update a copy, as torch's. ``currents``: the current tensors per group when the
-    caller has staged them (host copies); by default the plan's, moved to each group's device."""
+    caller has staged them (host copies); by default the plan's, moved to each group's device.
+    ``skip``: the caller's skip decision (a staged flag); by default decided here with
+    ``skip_nonfinite``."""
     if currents is None:
         currents = [group.currents_here() for group in plan.groups]
-    skip = None
-    if skip_nonfinite:
+    if skip is None and skip_nonfinite:
         read = [t for group_currents in currents for lists in group_currents for tensors in lists for t in tensors]
-        skip = any_nonfinite(read, n_averaged.device)
+        skip = skip_flag(plan, read, n_averaged.device)
     for group, group_currents in zip(plan.groups, currents):
         count_here = n_averaged.to(group.device)
         skip_here = None if skip is None else skip.to(group.device)
@@ -86,7 +98,7 @@ def unfused_update(
               for avg, cur in zip(group.copy.averaged + group.copy.averaged_other,
                                   group.copy.current + group.copy.current_other)]
     if skip_nonfinite:
-        flag = any_nonfinite([cur for _, cur in pairs + copied], n_averaged.device)
+        flag = skip_flag(plan, [cur for _, cur in pairs + copied], n_averaged.device)
         if flag is not None and bool(flag):
             n_skipped.add_(1)
             return

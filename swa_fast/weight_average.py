@@ -20,7 +20,7 @@ from swa_fast._average_stores import ModuleStore, NamedStore, averaged_kinds, na
 from swa_fast._offload import OffloadPipeline
 from swa_fast._sharding import ShardLayout, dtensor_like, layout_of, local_part, local_tensor, reshard
 from swa_fast._update_plan import UpdatePlan, build_plan
-from swa_fast._update_step import MultiAvgFn, fused_fn, fused_update, unfused_update
+from swa_fast._update_step import MultiAvgFn, fused_fn, fused_update, skip_flag, unfused_update
 
 Device = Union[int, str, torch.device]
 
@@ -151,8 +151,12 @@ class WeightAverage:
         elif self._plan_offloads:
             if self._offload is None:
                 self._offload = OffloadPipeline()
-            self._offload.submit(plan, lambda currents: fused_update(
-                plan, fn, n_averaged, n_skipped, self.skip_nonfinite, currents))
+            flag = None
+            if self.skip_nonfinite:  # decided on the GPU (and across shards) here, staged with the copies
+                sources = [t for group in plan.groups for t in group.current_tensors()]
+                flag = skip_flag(plan, sources, next((t.device for t in sources if t.is_cuda), sources[0].device))
+            self._offload.submit(plan, lambda currents, skip: fused_update(
+                plan, fn, n_averaged, n_skipped, self.skip_nonfinite, currents, skip), flag)
         else:
             fused_update(plan, fn, n_averaged, n_skipped, self.skip_nonfinite)
 

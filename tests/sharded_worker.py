@@ -30,6 +30,7 @@ from swa_fast import WeightAverage, swa_utils
 
 STEPS = 5
 EMA_DECAY = 0.8
+POISONED_STEP = 2  # the skip_nonfinite average sees a NaN in rank 1's shard only, at this step
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -66,9 +67,10 @@ def locals_of(model: nn.Module):
 def fsdp(out: Path, rank: int, world: int, dtype) -> dict:
     model = shard(make_model(dtype), world)
     made = {kind: WeightAverage(model, **kwargs) for kind, kwargs in averages(dtype).items()}
+    skipping = WeightAverage(model, skip_nonfinite=True, **averages(dtype)["ema"])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     trajectory = []
-    for x in batches(1, STEPS, rank, dtype):
+    for step, x in enumerate(batches(1, STEPS, rank, dtype)):
         loss = model(x).float().square().mean()
         optimizer.zero_grad()
         loss.backward()
@@ -76,11 +78,22 @@ def fsdp(out: Path, rank: int, world: int, dtype) -> dict:
         for average in made.values():
             average.update(model)
         trajectory.append({name: p.full_tensor() for name, p in model.named_parameters()})
+        poisoned = model[0].weight.to_local()
+        if step == POISONED_STEP and rank == 1:
+            kept = poisoned[0, 0].item()
+            with torch.no_grad():
+                poisoned[0, 0] = float("nan")
+        skipping.update(model)  # every rank must skip the poisoned step, not only rank 1
+        if step == POISONED_STEP and rank == 1:
+            with torch.no_grad():
+                poisoned[0, 0] = kept
     result = {"trajectory": trajectory}
+    made["ema_skip"] = skipping
     for kind, average in made.items():
         state = average.state_dict()
         result[kind] = {name: t.full_tensor() for name, t in state["averages"].items()}
         result[kind + "/n_averaged"] = average.n_averaged.item()
+        result[kind + "/n_skipped"] = average.n_skipped.item()
         result[kind + "/local_numel"] = {name: t.to_local().numel() for name, t in state["averages"].items()}
     result["param_local_numel"] = {name: p.to_local().numel() for name, p in model.named_parameters()}
 
@@ -111,7 +124,7 @@ def fsdp(out: Path, rank: int, world: int, dtype) -> dict:
         result["averaged_model_error"] = None
     except TypeError as error:
         result["averaged_model_error"] = str(error)
-    dcp.save({kind: average.state_dict() for kind, average in made.items()}, checkpoint_id=str(out / "dcp"))
+    dcp.save({kind: made[kind].state_dict() for kind in ("swa", "ema")}, checkpoint_id=str(out / "dcp"))
     return result
 
 

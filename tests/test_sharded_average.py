@@ -58,6 +58,16 @@ def test_sharded_averages_equal_one_process(fsdp_run, kind):
                 torch.testing.assert_close(full, expected[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_a_nan_in_one_ranks_shard_makes_every_rank_skip(fsdp_run):
+    _, dtype, _, ranks = fsdp_run
+    kept = [full for step, full in enumerate(ranks[0]["trajectory"]) if step != worker.POISONED_STEP]
+    _, reference = one_process(kept, dtype, "ema")
+    for result in ranks:
+        assert result["ema_skip/n_averaged"] == worker.STEPS - 1 and result["ema_skip/n_skipped"] == 1
+        for name, expected in reference.state_dict()["averages"].items():
+            assert torch.equal(result["ema_skip"][name], expected), name
+
+
 def test_each_rank_stores_only_its_shard(fsdp_run):
     ranks = fsdp_run[3]
     full_numel = {name: t.numel() for name, t in ranks[0]["swa"].items()}
