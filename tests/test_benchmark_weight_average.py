@@ -77,6 +77,23 @@ def test_sharded_parse_args_and_default_output():
         sharded.parse_args(["--world", "0"])
 
 
+def test_committed_sharded_results_are_a_full_transformer_run():
+    found = sorted(harness.RESULTS_DIR.glob("*-sharded-*.json"))
+    assert found, "no committed sharded results"
+    for path in found:
+        report = json.loads(path.read_text())
+        assert report["schema"] == sharded.SCHEMA and not report["settings"]["quick"]
+        assert report["set"]["num_params"] == bench_cases.TRANSFORMER_PARAMS
+        assert report["machine"]["description"]
+    # README.md's table is written by hand from the committed run: it names the file and quotes its medians.
+    readme = (REPO_ROOT / "README.md").read_text()
+    report = json.loads(found[-1].read_text())
+    assert f"benchmarks/results/{found[-1].name}" in readme
+    for candidate in report["candidates"].values():
+        for rank in candidate["per_rank"]:
+            assert f"{rank['median_ms']:.1f} ({rank['q1_ms']:.1f}-{rank['q3_ms']:.1f})" in readme
+
+
 # ----------------------------------------------------------------- offloaded update (GPU)
 
 
