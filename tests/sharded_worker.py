@@ -173,3 +173,9 @@ def main(mode: str, out: Path, dtype) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]), DTYPES[sys.argv[3] if len(sys.argv) > 3 else "float32"])
+    # Results are written and the process group destroyed: leave without interpreter finalization,
+    # where gloo's worker threads occasionally abort the process ("terminate called without an
+    # active exception", seen about once in 30 runs on a loaded machine), failing a passed rank.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
