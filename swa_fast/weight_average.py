@@ -90,6 +90,7 @@ class WeightAverage:
         self.device = parse_device(device, "WeightAverage")
         averages: Dict[str, Tensor] = {}
         self._layouts: Dict[str, ShardLayout] = {}
+        reshard(model)  # after an evaluation forward FSDP2's root holds gathered tensors, not its shards
         with torch.no_grad():
             for kind in averaged_kinds(use_buffers):
                 for name, _, tensor in named_tensor_slots(model, kind):

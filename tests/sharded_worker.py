@@ -119,6 +119,14 @@ def fsdp(out: Path, rank: int, world: int, dtype) -> dict:
     model.train()
     result["buffers_restored"] = all(torch.equal(buffers[k], v) for k, v in model.named_buffers())
     result["restored_after_bn"] = all(torch.equal(before[k], v) for k, v in locals_of(model).items())
+    # Made after an evaluation forward, which leaves the root's parameters gathered: still shards.
+    model.eval()
+    with torch.no_grad():
+        model(probe)
+    model.train()
+    late = WeightAverage(model, **averages(dtype)["ema"])
+    result["late/local_numel"] = {name: t.to_local().numel() for name, t in late.state_dict()["averages"].items()}
+    late.update(model)
     try:
         swa_utils.AveragedModel(model)
         result["averaged_model_error"] = None

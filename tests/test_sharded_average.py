@@ -71,7 +71,7 @@ def test_a_nan_in_one_ranks_shard_makes_every_rank_skip(fsdp_run):
 def test_each_rank_stores_only_its_shard(fsdp_run):
     ranks = fsdp_run[3]
     full_numel = {name: t.numel() for name, t in ranks[0]["swa"].items()}
-    for kind in ("swa", "ema"):
+    for kind in ("swa", "ema", "late"):  # late: made after an evaluation forward
         assert all(r[kind + "/local_numel"] == r["param_local_numel"] for r in ranks)
         for name, numel in full_numel.items():
             assert sum(r[kind + "/local_numel"][name] for r in ranks) == numel
