@@ -111,8 +111,8 @@ class ShardedAverage:
         """``WeightAverage.state_dict()`` with every average gathered whole (a collective), plus the BN
         statistics of the last evaluation: the averaged model, unsharded."""
         state = self.average.state_dict()
-        return {"averages": full_tensors(state["averages"]), "n_averaged": state["n_averaged"].cpu(),
-                "n_skipped": state["n_skipped"].cpu(), "buffers": self.buffers}
+        return {"averages": full_tensors(state["averages"]), "n_averaged": state["n_averaged"].cpu().clone(),
+                "n_skipped": state["n_skipped"].cpu().clone(), "buffers": self.buffers}
 
     def state_dict(self) -> dict[str, Any]:
         return self.full_state()
