@@ -21,6 +21,7 @@ network (Keskar et al.) and ResNet-44.
     python examples/large_batch.py --preset smoke             # under a minute: every arm on small subsets
     python examples/large_batch.py --preset paper --dataset cifar10 --data-dir cifar-10-batches-py --device cuda
     torchrun --nproc_per_node=2 examples/large_batch.py --device cpu
+    torchrun --nproc_per_node=2 examples/large_batch.py --device cpu --fsdp   # the model sharded with FSDP2
 """
 
 from __future__ import annotations

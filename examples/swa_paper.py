@@ -23,6 +23,7 @@ where SWA needs one).
     python examples/swa_paper.py --preset paper --dataset cifar100 --data-dir cifar-100-python \\
         --model preresnet164 --lr 0.1 --swa-lr 0.05 --device cuda --fge
     torchrun --nproc_per_node=2 examples/swa_paper.py --device cpu
+    torchrun --nproc_per_node=2 examples/swa_paper.py --device cpu --fsdp   # the model sharded with FSDP2
 """
 
 from __future__ import annotations

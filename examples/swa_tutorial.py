@@ -19,6 +19,7 @@ tutorial's table shape (rows: baseline, SWA_<start>_<lr>).
     python examples/swa_tutorial.py --seeds 0 1 2 --sweep
     python examples/swa_tutorial.py --preset paper --dataset folder --data-dir intel/ --device cuda
     torchrun --nproc_per_node=2 examples/swa_tutorial.py --device cpu
+    torchrun --nproc_per_node=2 examples/swa_tutorial.py --device cpu --fsdp   # the model sharded with FSDP2
 """
 
 from __future__ import annotations

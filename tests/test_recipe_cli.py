@@ -190,6 +190,16 @@ def test_no_compare_torch_reports_no_difference():
     assert "| swa | 2 | 1.000 | 2.000 | 2.00x | 1.00e-07 |" in averaging_table([averaged(True)])
 
 
+def test_sharded_averages_report_a_digest_not_replicas():
+    """--fsdp: no ranks_identical line (there are no replicas), the BN check and where the digest is."""
+    timing = dict(averaged(False).averaging, sharded=True, average_sha256="0" * 64, bn_ranks_identical=True)
+    table = averaging_table([ArmResult("swa", 0, [], {}, timing, [], 1.0)])
+    assert "| n/a (not compared) | n/a | n/a |" in table
+    assert "no replicas to compare" in table and "`average_sha256` in results.json" in table
+    assert "BN statistics after update_bn identical on every rank: yes" in table
+    assert "Averages (parameters and BN statistics after update_bn) identical" not in table
+
+
 def test_outputs_list_sizes_and_checkpoints(tmp_path):
     (tmp_path / "results.md").write_text("x" * 1500)
     (tmp_path / "checkpoints" / "seed0").mkdir(parents=True)

@@ -1,8 +1,9 @@
-"""The three training recipes end to end on tiny synthetic data: tables, files, resume, branching, torchrun.
+"""The three training recipes end to end on tiny synthetic data: tables, files, resume, branching, torchrun, FSDP2.
 
 Each recipe runs in this process through its ``main(argv)`` on a few hundred
 synthetic 28x28 images written as Fashion-MNIST IDX files (one run each on
-CIFAR pickles and an image folder), for one to six epochs: seconds each.
+CIFAR pickles and an image folder), for one to six epochs: seconds each. The
+torchrun tests launch 2 gloo ranks (DDP, and FSDP2 with ``--fsdp``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,14 @@ import pytest
 import torch
 
 from helpers import EXAMPLES, free_port, load_recipe, make_cifar10, make_folder
-from recipe_lib.checkpoint import load_checkpoint, save_atomic
+from recipe_lib.checkpoint import load_checkpoint, save_atomic, tensors_digest
+from recipe_lib.cli import _load_data
 from recipe_lib.datasets import write_synthetic_fashion_mnist
+from recipe_lib.distributed import DistContext
 from recipe_lib.engine import checkpoint_path, log_spaced_steps
+from recipe_lib.models import build_model
+from recipe_lib.training import EvalSet, Precision, evaluate
+from recipe_lib.transforms import DEFAULT_STATS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -295,6 +301,7 @@ def test_help_lists_presets(name):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "--preset" in done.stdout and "quick preset:" in done.stdout and "--resume" in done.stdout
+    assert "--fsdp" in done.stdout and "FSDP2" in done.stdout
 
 
 def test_missing_fashion_mnist_says_how_to_install(tmp_path):
@@ -307,22 +314,29 @@ def test_bad_options_are_refused(fashion, tmp_path):
         tutorial.main(common(fashion, tmp_path, "--epochs", "3", "--swa-start", "5"))
     with pytest.raises(SystemExit, match="must be larger"):
         large_batch.main(common(fashion, tmp_path, "--small-batch", "64", "--large-batch", "64"))
+    with pytest.raises(SystemExit, match="FSDP2 shards contiguous parameters only"):
+        tutorial.main(common(fashion, tmp_path, "--fsdp", "--channels-last"))
 
 
 # ------------------------------------------------------------------------------------ torchrun
 
 
+def torchrun(recipe: str, argv: list[str], processes: int = 2) -> str:
+    """``torchrun --nproc_per_node=processes examples/<recipe>.py *argv`` (gloo on CPU); what it printed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+               f"--master_port={free_port()}", str(EXAMPLES / f"{recipe}.py"), *argv]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
 def test_torchrun_two_processes(fashion, tmp_path):
     """2 gloo ranks under torchrun: one set of files, averages identical on both ranks after update_bn."""
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               str(EXAMPLES / "swa_paper.py"), *common(fashion, out, "--budget", "3", "--swa-start", "1",
-                                                       "--batch-size", "32", "--fge", "--fge-cycle", "1",
-                                                       "--device", "cpu")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count("| SWA 1.5 budgets |") == 1  # only rank 0 prints the table
+    printed = torchrun("swa_paper", common(fashion, out, "--budget", "3", "--swa-start", "1", "--batch-size", "32",
+                                           "--fge", "--fge-cycle", "1", "--device", "cpu"))
+    assert printed.count("| SWA 1.5 budgets |") == 1  # only rank 0 prints the table
     result = json.loads((out / "results.json").read_text())
     assert result["summary"]["processes"] == 2
     swa = next(r for r in result["runs"] if r["arm"] == "swa")
@@ -331,3 +345,107 @@ def test_torchrun_two_processes(fashion, tmp_path):
     # The test set is split between ranks without padding: every sample counted once.
     fge = next(r for r in result["runs"] if r["arm"] == "fge")
     assert fge["finals"]["FGE 1.5 budgets"]["snapshots"] == 4  # epochs 2..5 (budget 1.5 x 3 = 5)
+
+
+# ------------------------------------------------------------------------------------ --fsdp (FSDP2)
+
+# Timings differ between runs; everything else in results.json must not.
+TIMING_KEYS = {"epoch_seconds", "seconds", "fast_seconds", "torch_seconds"}
+
+
+def run_metrics(out: Path) -> dict:
+    """results.json's runs and epoch rows without the timings: what a resumed run must reproduce bit for bit."""
+    result = json.loads((out / "results.json").read_text())
+
+    def strip(d: dict) -> dict:
+        return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items() if k not in TIMING_KEYS}
+
+    return {"runs": [strip(run) for run in result["runs"]], "epochs": [strip(row) for row in result["epochs"]]}
+
+
+def fsdp_paper_argv(data: Path, out: Path) -> list[str]:
+    """swa_paper --fsdp on the smoke preset, cut to seconds: f1_small (BN, one FSDP2 unit per layer), SWA
+    and FGE. 95 test samples in batches of 47 give the ranks 2 and 1 batches: the FSDP2 forwards still
+    pair up (EvalSet.fillers), or the run would hang."""
+    return common(data, out, "--preset", "smoke", "--fsdp", "--device", "cpu", "--model", "f1_small",
+                  "--budget", "3", "--swa-start", "1", "--fge", "--fge-cycle", "1", "--batch-size", "32",
+                  "--test-subset", "95", "--eval-batch-size", "47")
+
+
+def test_fsdp_torchrun_resume_is_bitwise_and_the_average_evaluates_alike(fashion, tmp_path):
+    """2 gloo ranks with --fsdp: SWA through WeightAverage, no torch comparison, a resume that reproduces the
+    uninterrupted run, and a checkpointed average that scores what the run reported when evaluated unsharded."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    printed = torchrun("swa_paper", fsdp_paper_argv(fashion, whole))
+    assert printed.count("| SWA 1.5 budgets |") == 1 and "| FGE 1.5 budgets |" in printed
+    assert printed.count("--fsdp: no comparison with torch.optim.swa_utils") == 1
+    assert "| swa | 4 | " in printed and "| n/a (not compared) | n/a | n/a |" in printed
+    assert "BN statistics after update_bn identical on every rank: yes" in printed
+    assert "- processes: 2 (model sharded with FSDP2)" in printed
+
+    torchrun("swa_paper", fsdp_paper_argv(fashion, split) + ["--stop-after", "5"])  # sgd 3 epochs, swa 2 of 5
+    assert not (split / "results.json").exists()
+    torchrun("swa_paper", fsdp_paper_argv(fashion, split) + ["--resume"])
+    assert run_metrics(split) == run_metrics(whole)
+    for arm in ("sgd", "swa", "fge"):
+        a, b = (load_checkpoint(checkpoint_path(out, 0, arm)) for out in (whole, split))
+        assert_same_weights(a["model"], b["model"])  # full tensors, gathered on rank 0
+        assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+        for name in a["optimizer"]["state"]:  # keyed by parameter name under FSDP2
+            assert_same_weights(a["optimizer"]["state"][name], b["optimizer"]["state"][name])
+
+    swa = next(run for run in json.loads((whole / "results.json").read_text())["runs"] if run["arm"] == "swa")
+    timing = swa["averaging"]
+    assert timing["sharded"] is True and timing["bn_ranks_identical"] is True and "ranks_identical" not in timing
+    assert timing["compared"] is False and timing["updates"] == 4
+    average = load_checkpoint(checkpoint_path(whole, 0, "swa"))["swa_model"]
+    assert int(average["n_averaged"]) == 4
+    digest = tensors_digest(dict(average["averages"], **{f"buffer:{k}": v for k, v in average["buffers"].items()}))
+    assert timing["average_sha256"] == digest
+
+    # The average evaluated another way: full tensors in the plain model, the whole test set in one process.
+    args = paper.parse_args(fsdp_paper_argv(fashion, whole))
+    train, test = _load_data(args)
+    model = build_model("f1_small", train.num_classes, 1, 28)
+    model.load_state_dict(dict(average["averages"], **average["buffers"]))
+    ctx = DistContext(0, 1, torch.device("cpu"))
+    tested = evaluate(model, EvalSet(test, 1000, ctx, *DEFAULT_STATS[train.name]), Precision(), ctx)
+    reported = swa["finals"]["SWA 1.5 budgets"]
+    assert tested.accuracy == reported["test_acc"]
+    assert tested.loss == pytest.approx(reported["test_loss"], rel=1e-5)
+
+
+def test_fsdp_without_torchrun_runs_on_one_rank_with_no_torch_comparison(fashion, tmp_path, capsys):
+    """--fsdp in one process: a one-rank group of its own, n/a for torch, and no resume without --fsdp."""
+    argv = common(fashion, tmp_path, "--epochs", "2", "--swa-start", "1", "--batch-size", "64",
+                  "--model", "f1_small")
+    tutorial.main(argv + ["--fsdp"])
+    assert not torch.distributed.is_initialized()  # the run's own group is gone with it
+    printed = capsys.readouterr().out
+    assert printed.count("--fsdp: no comparison with torch.optim.swa_utils") == 1
+    assert "| SWA_1_0.0005 | 1 | " in printed and "| n/a (not compared) | n/a | n/a |" in printed
+    assert "- processes: 1 (model sharded with FSDP2)" in printed
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["config"]["fsdp"] is True and result["config"]["no_compare_torch"] is True
+    timing = next(run for run in result["runs"] if run["arm"] == "SWA_1_0.0005")["averaging"]
+    assert timing["sharded"] is True and timing["compared"] is False and timing["torch_seconds"] == 0
+    with pytest.raises(SystemExit, match="written with --fsdp"):
+        tutorial.main(argv + ["--resume"])
+
+
+def test_fsdp_large_batch_distance_sums_the_shards(fashion, tmp_path):
+    """large_batch --fsdp on 2 ranks (ghost BN, clipping): ||w_t - w_0|| from the ranks' shards is the whole
+    model's distance, as computed here from the checkpoint and the seed's initial weights."""
+    from swa_fast.nn import convert_ghost_batchnorm
+
+    torchrun("large_batch", common(fashion, tmp_path, "--preset", "smoke", "--fsdp", "--device", "cpu",
+                                   "--model", "f1_small", "--arms", "lb_lr_gbn", "--epochs", "1", "--milestones",
+                                   "--small-batch", "16", "--large-batch", "64", "--clip-grad-norm", "5"))
+    run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    steps, recorded = run["distances"][-1]
+    assert steps == 2  # 320 samples / 2 ranks / 64 per batch (drop_last)
+    torch.manual_seed(0)
+    initial = dict(convert_ghost_batchnorm(build_model("f1_small", 10, 1, 28), 16).named_parameters())
+    final = load_checkpoint(checkpoint_path(tmp_path, 0, "lb_lr_gbn"))["model"]
+    expected = sum(((final[name].double() - p.double()) ** 2).sum() for name, p in initial.items()) ** 0.5
+    assert recorded == pytest.approx(expected.item(), rel=1e-5)

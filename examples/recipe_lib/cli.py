@@ -125,6 +125,12 @@ def base_parser(description: str, presets: Presets, default_out: str) -> argpars
     run.add_argument("--model", choices=MODEL_NAMES, default=None, help=h("model", "network"))
     run.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; the table gives mean ± std")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)")
+    run.add_argument("--fsdp", action="store_true",
+                     help="shard the model with FSDP2 (fully_shard) instead of replicating it with DDP; meant "
+                          "for torchrun (gloo on CPU, nccl on GPU), without it a one-rank group. SWA then "
+                          "averages the shards with swa_fast.WeightAverage (evaluated through swapped_into), "
+                          "there is no torch.optim.swa_utils comparison (as --no-compare-torch), and "
+                          "checkpoints hold full tensors gathered on rank 0; --resume needs --fsdp again")
     run.add_argument("--amp", choices=sorted(AMP_DTYPES), default="none", help="autocast dtype (bf16/fp16 on GPU)")
     run.add_argument("--channels-last", action="store_true", help="channels_last memory format for model and input")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -229,9 +235,12 @@ def _load_data(args: argparse.Namespace) -> tuple[ImageDataset, ImageDataset]:
 
 def run_recipe(spec: RecipeSpec, args: argparse.Namespace) -> list[ArmResult] | None:
     """Train every arm for every seed and write the report; returns the results (None when stopped early)."""
+    if args.fsdp and args.channels_last:
+        raise SystemExit("--channels-last does not go with --fsdp: FSDP2 shards contiguous parameters only "
+                         "(it refuses channels_last convolution weights)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    ctx = init_distributed(args.device)
+    ctx = init_distributed(args.device, fsdp=args.fsdp)
     try:
         return _run(spec, args, ctx)
     finally:
@@ -245,10 +254,17 @@ def _log(ctx: DistContext) -> Callable[[str], None]:
 def _run(spec: RecipeSpec, args: argparse.Namespace, ctx: DistContext) -> list[ArmResult] | None:
     log = _log(ctx)
     started = time.perf_counter()
+    # torch's AveragedModel deep-copies the model, which FSDP2 refuses: set before make_arms, whose
+    # SWASettings take it from args.
+    skip_torch = ctx.fsdp and not args.no_compare_torch
+    args.no_compare_torch = args.no_compare_torch or ctx.fsdp
     train, test = _load_data(args)
     mean, std = DEFAULT_STATS.get(train.name) or channel_stats(train.images)
     in_channels, image_size = train.images.shape[1], train.images.shape[-1]
     arms = spec.make_arms(args, train)
+    if skip_torch and any(arm.swa is not None for arm in arms):
+        log("--fsdp: no comparison with torch.optim.swa_utils (its AveragedModel deep-copies the model, which "
+            "FSDP2 refuses); the run goes on as with --no-compare-torch")
 
     def model_for(arm: Arm) -> torch.nn.Module:
         return build_model(args.model, train.num_classes, in_channels, image_size)
@@ -261,7 +277,8 @@ def _run(spec: RecipeSpec, args: argparse.Namespace, ctx: DistContext) -> list[A
                       eval_batch_size=args.eval_batch_size, log=log)
     log(f"{spec.name}: {len(train)} train / {len(test)} test samples of {train.name} "
         f"({in_channels}x{image_size}x{image_size}, {train.num_classes} classes), model {args.model}, "
-        f"{len(arms)} arm(s) x {len(args.seeds)} seed(s), {ctx.world_size} process(es) on {ctx.device}")
+        f"{len(arms)} arm(s) x {len(args.seeds)} seed(s), {ctx.world_size} process(es) on {ctx.device}"
+        + (", model sharded with FSDP2" if ctx.fsdp else ""))
     try:
         results = run_all(arms, list(args.seeds), run)
     except StopRequested as stop:
@@ -291,10 +308,13 @@ def _report(spec: RecipeSpec, args: argparse.Namespace, results: list[ArmResult]
         command = f"torchrun --nproc_per_node={ctx.world_size} " + command[len("python "):]
     machine = machine_description(ctx.device)
     lines = [f"# {spec.title}", "", f"- command: `{command}`", f"- machine: {machine}",
-             f"- processes: {ctx.world_size}", f"- wall time: {wall:.0f} s", f"- seeds: {list(args.seeds)}", "",
+             f"- processes: {ctx.world_size}" + (" (model sharded with FSDP2)" if ctx.fsdp else ""),
+             f"- wall time: {wall:.0f} s", f"- seeds: {list(args.seeds)}", "",
              table]
     if timing:
-        lines += ["", "Weight averaging (`update_parameters`), the same calls on the same model:", "", timing]
+        what = ("Weight averaging (`WeightAverage.update` of each rank's shards):" if ctx.fsdp else
+                "Weight averaging (`update_parameters`), the same calls on the same model:")
+        lines += ["", what, "", timing]
     if fits:
         lines += ["", "Distance from initialization, fit ||w_t - w_0|| ~ a + b log t (first seed):", "",
                   "| arm | a | b | R² | final distance |", "| --- | --- | --- | --- | --- |"]

@@ -8,6 +8,13 @@ Per epoch an arm trains, then (by its settings) averages the weights with
 statistics with ``update_bn`` and evaluates the average, collects FGE
 snapshots, records ``||w_t - w_0||``, and writes an atomic checkpoint.
 
+Under ``--fsdp`` the model is sharded with FSDP2, the average is a sharded
+``swa_fast.WeightAverage`` evaluated through ``swapped_into``
+(:mod:`recipe_lib.averages`), there is no torch shadow average (torch's
+deep-copies the model, which FSDP2 refuses), ``||w_t - w_0||`` is summed
+over the ranks' shards, and checkpoints hold full tensors gathered on rank 0
+(:mod:`recipe_lib.checkpoint`).
+
 Reproducibility: every random draw of epoch ``e`` comes from generators seeded
 by ``(seed, e, rank)`` at the start of the epoch (the shuffle from ``seed + e``),
 so a run resumed from the checkpoint of epoch ``e`` continues exactly as the
@@ -29,12 +36,19 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-import swa_fast.swa_utils as fast_swa_utils
 from swa_fast.distance import WeightDistanceTracker
 
-from recipe_lib.checkpoint import load_checkpoint, save_atomic
+from recipe_lib.averages import make_average
+from recipe_lib.checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    load_optimizer_state,
+    model_state,
+    optimizer_state,
+    save_atomic,
+)
 from recipe_lib.datasets import ImageDataset
-from recipe_lib.distributed import DistContext, barrier, unwrap, wrap_ddp
+from recipe_lib.distributed import DistContext, barrier, share_rank0_buffers, sum_across_ranks, unwrap, wrap_model
 from recipe_lib.loader import BatchLoader
 from recipe_lib.training import EvalSet, Precision, evaluate, predict, score, train_epoch
 
@@ -62,7 +76,8 @@ class SWASettings:
             of the budget-1.5 run, whose schedule they share).
         label: the row label of the average after the last epoch.
         compare_torch: also average into a ``torch.optim.swa_utils.AveragedModel``
-            and report the time ratio and the largest difference.
+            and report the time ratio and the largest difference (not with an
+            FSDP2 model: torch's class deep-copies it, which FSDP2 refuses).
     """
 
     start: int
@@ -210,7 +225,7 @@ class _ArmState:
         model = model.to(ctx.device)
         if run.precision.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.model = wrap_ddp(model, ctx)
+        self.model = wrap_model(model, ctx)
         self.loader = BatchLoader(run.train_set, arm.batch_size, shuffle=True, drop_last=True, device=ctx.device,
                                   augment=run.augment, seed=seed, rank=ctx.rank, world_size=ctx.world_size,
                                   mean=run.mean, std=run.std)
@@ -223,10 +238,13 @@ class _ArmState:
         self.scaler = run.precision.make_scaler(ctx.device)
         self.swa_model = self.torch_swa_model = None
         if arm.swa is not None:
-            self.swa_model = fast_swa_utils.AveragedModel(self.model)
+            self.swa_model = make_average(self.model, ctx)
             if arm.swa.compare_torch:
+                if ctx.fsdp:
+                    raise ValueError(f"arm {arm.name}: compare_torch needs an unsharded model (torch's "
+                                     "AveragedModel deep-copies it, which FSDP2 refuses)")
                 self.torch_swa_model = torch_swa_utils.AveragedModel(self.model)
-        self.tracker = WeightDistanceTracker(unwrap(self.model)) if arm.distance else None
+        self.tracker = _distance_tracker(self.model, ctx) if arm.distance else None
         self.record_steps = log_spaced_steps(arm.epochs * self.steps_per_epoch) if arm.distance else set()
         self.swa_scheduler: LRScheduler | None = None
         self.swa_scheduler_state: dict[str, Any] | None = None
@@ -256,10 +274,11 @@ class _ArmState:
             fge = gathered
         elif fge is not None:
             fge = [fge.cpu()]
+        ctx = self.run.ctx
         return {
             "version": CHECKPOINT_VERSION, "arm": self.arm.name, "seed": self.seed, "epoch": self.epoch,
-            "world_size": self.run.ctx.world_size, "finished": self.finished,
-            "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+            "world_size": ctx.world_size, "fsdp": ctx.fsdp, "finished": self.finished,
+            "model": model_state(self.model, ctx), "optimizer": optimizer_state(self.model, self.optimizer, ctx),
             "scheduler": self.scheduler.state_dict(), "swa_scheduler": opt(self.swa_scheduler),
             "swa_model": opt(self.swa_model), "torch_swa_model": opt(self.torch_swa_model), "scaler": opt(self.scaler),
             "fge_probs": fge, "fge_count": self.fge_count, "rows": self.rows, "finals": self.finals,
@@ -270,11 +289,15 @@ class _ArmState:
         """Restore a checkpoint; ``branch``: only the training state of another arm (no averages, no results)."""
         if state.get("version") != CHECKPOINT_VERSION:
             raise SystemExit(f"checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}; start afresh")
-        if state["world_size"] != self.run.ctx.world_size:
+        ctx = self.run.ctx
+        if state["world_size"] != ctx.world_size:
             raise SystemExit(f"the checkpoint was written by {state['world_size']} process(es), this run has "
-                             f"{self.run.ctx.world_size}: resume with the same number")
-        unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+                             f"{ctx.world_size}: resume with the same number")
+        if state.get("fsdp", False) != ctx.fsdp:  # the optimizer's and the average's states differ in form
+            written = "with" if state.get("fsdp", False) else "without"
+            raise SystemExit(f"the checkpoint was written {written} --fsdp: resume {written} it")
+        load_model_state(self.model, state["model"], ctx)
+        load_optimizer_state(self.model, self.optimizer, state["optimizer"], ctx)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
@@ -376,6 +399,7 @@ def _train(state: _ArmState, keep_epochs: set[int], epochs_run: _EpochsRun) -> N
         bar = _progress(run, f"seed {seed} {arm.name} {epoch}/{arm.epochs}", state.steps_per_epoch)
         stats = train_epoch(state.model, state.loader, state.optimizer, ctx, run.precision, scaler=state.scaler,
                             clip_grad_norm=arm.clip_grad_norm, after_step=after_step, progress=bar)
+        share_rank0_buffers(state.model, ctx)  # FSDP2: the same BN statistics on every rank, as DDP has them
         if averaging_now:
             _average(state)
         if averaging_now and state.swa_scheduler is not None:
@@ -394,7 +418,7 @@ def _train(state: _ArmState, keep_epochs: set[int], epochs_run: _EpochsRun) -> N
             if step_count[0] not in state.record_steps:  # every epoch end is a point too
                 state.tracker.update(step_count[0])
             # The tracker was created in this session: its history starts after the restored records.
-            state.distances = state.restored_distances + [(int(r["step"]), r["total"]) for r in state.tracker.history]
+            state.distances = state.restored_distances + _distances(state)
             row["distance"] = state.distances[-1][1]
         row["epoch_seconds"] = stats.seconds
         state.seconds += time.perf_counter() - wall_start
@@ -408,10 +432,32 @@ def _train(state: _ArmState, keep_epochs: set[int], epochs_run: _EpochsRun) -> N
         epochs_run.count += 1
 
 
+def _distance_tracker(model: nn.Module, ctx: DistContext) -> WeightDistanceTracker:
+    """``||w_t - w_0||`` of ``model``; under FSDP2 of this rank's shards (see :func:`_distances`).
+
+    The tracker's distance op has no DTensor rule, so it gets the shards' local tensors: the
+    very objects FSDP2 keeps and the optimizer updates in place (and checkpoint loads write).
+    """
+    if not ctx.fsdp:
+        return WeightDistanceTracker(unwrap(model))
+    with torch.no_grad():  # to_local() under no_grad: the local tensor itself, not an autograd view of it
+        return WeightDistanceTracker({name: p.to_local() for name, p in model.named_parameters()})
+
+
+def _distances(state: _ArmState) -> list[tuple[int, float]]:
+    """``(step, ||w_t - w_0||)`` recorded by this session's tracker; under FSDP2 the ranks' shard
+    distances combined (the squared norm of the whole is the sum of the shards')."""
+    history = state.tracker.history
+    totals = [r["total"] for r in history]
+    if state.run.ctx.fsdp:
+        totals = [t ** 0.5 for t in sum_across_ranks([t * t for t in totals], state.run.ctx)]
+    return [(int(r["step"]), t) for r, t in zip(history, totals)]
+
+
 def _average(state: _ArmState) -> None:
     device = state.run.ctx.device
     timing = state.averaging
-    timing["fast_seconds"] += _timed(lambda: state.swa_model.update_parameters(state.model), device)
+    timing["fast_seconds"] += _timed(lambda: state.swa_model.update(state.model), device)
     if state.torch_swa_model is not None:
         timing["torch_seconds"] += _timed(lambda: state.torch_swa_model.update_parameters(state.model), device)
         diff = max((a - b).abs().max().item() for a, b in
@@ -427,10 +473,8 @@ def _evaluate_average(state: _ArmState, test: EvalSet, epoch: int) -> dict[str, 
     periodic = swa.eval_every > 0 and (epoch - swa.start) % swa.eval_every == 0
     if not (reported or periodic or epoch == arm.epochs):
         return {}
-    averaged = unwrap(state.swa_model.module)
-    # All-reduces the BN statistics across ranks under torchrun (every rank ends with the whole data's).
-    fast_swa_utils.update_bn(state.loader, averaged, device=state.run.ctx.device)
-    tested = evaluate(averaged, test, state.run.precision, state.run.ctx)
+    # update_bn all-reduces the BN statistics across ranks under torchrun (every rank ends with the whole data's).
+    tested = state.swa_model.evaluate(state.model, state.loader, test, state.run.precision, state.run.ctx)
     for label in reported:
         state.finals[label] = {"test_acc": tested.accuracy, "test_loss": tested.loss, "epoch": epoch}
     if epoch == arm.epochs:
@@ -449,25 +493,13 @@ def _add_snapshot(state: _ArmState, test: EvalSet, epoch: int) -> dict[str, floa
     return {"fge_test_loss": tested.loss, "fge_test_acc": tested.accuracy, "fge_snapshots": state.fge_count}
 
 
-def _ranks_agree(state: _ArmState) -> bool:
-    """Whether every rank holds rank 0's average bit for bit (parameters and BN buffers)."""
-    ctx = state.run.ctx
-    agree = True
-    for tensor in state.swa_model.state_dict().values():
-        reference = tensor.clone()
-        dist.broadcast(reference, src=0)
-        agree = agree and torch.equal(reference, tensor)
-    flag = torch.tensor([int(agree)], device=ctx.device if ctx.device.type == "cuda" else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def _finish(state: _ArmState, tested: Any) -> None:
     if state.arm.fge is not None and state.arm.fge.label not in state.finals:
         raise RuntimeError(f"arm {state.arm.name}: the last epoch took no FGE snapshot (cycles must end with it)")
-    if state.swa_model is not None and state.run.ctx.enabled:
-        # DDP keeps the replicas equal, so the averages must be too: check it once, at the end.
-        state.averaging["ranks_identical"] = _ranks_agree(state)
+    if state.swa_model is not None:
+        # Once, at the end: DDP's replicated averages must be identical on every rank; a sharded one
+        # records its digest and whether its BN statistics agree (see recipe_lib.averages).
+        state.averaging.update(state.swa_model.consistency(state.run.ctx))
     if state.arm.label is not None:
         state.finals[state.arm.label] = {"test_acc": tested.accuracy, "test_loss": tested.loss,
                                          "epoch": state.epoch}

@@ -84,10 +84,18 @@ def averaging_table(results: Sequence[ArmResult]) -> str:
         ratio = f"{ref / fast:.2f}x" if fast > 0 and ref > 0 else "n/a"
         diff = max(t["max_abs_diff"] for t in timings)
         lines.append(f"| {arm} | {updates} | {fast_ms} | {1e3 * ref / updates:.3f} | {ratio} | {diff:.2e} |")
-    checks = [t["ranks_identical"] for timings in per_arm.values() for t in timings if "ranks_identical" in t]
+    timings = [t for arm_timings in per_arm.values() for t in arm_timings]
+    checks = [t["ranks_identical"] for t in timings if "ranks_identical" in t]
     if checks:
         lines += ["", "Averages (parameters and BN statistics after update_bn) identical on every rank: "
                   + ("yes" if all(checks) else "NO")]
+    if any(t.get("sharded") for t in timings):
+        lines += ["", ("Averages sharded with the model (FSDP2: each rank averages its own shards, so there are no "
+                       "replicas to compare); their SHA-256 (gathered parameters and BN statistics) is "
+                       "`average_sha256` in results.json.")]
+        bn = [t["bn_ranks_identical"] for t in timings if "bn_ranks_identical" in t]
+        if bn:
+            lines[-1] += " BN statistics after update_bn identical on every rank: " + ("yes" if all(bn) else "NO")
     return "\n".join(lines) if per_arm else ""
 
 

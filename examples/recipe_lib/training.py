@@ -8,6 +8,7 @@ functions once per epoch.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -119,6 +120,12 @@ class EvalSet:
     slices are disjoint and cover the split exactly, so the summed metrics are
     the metrics of the whole split. A rank's slice is the same on every call,
     which lets prediction ensembles (FGE) be accumulated per rank.
+
+    Under FSDP2 (``ctx.fsdp``) every forward all-gathers parameters, a
+    collective, so every rank must run as many forwards as the others; slices
+    differ by one sample at most, which can make one rank's last batch
+    missing: :meth:`fillers` gives the batches that make up the difference
+    (their outputs are discarded).
     """
 
     def __init__(self, dataset: ImageDataset, batch_size: int, ctx: DistContext,
@@ -130,16 +137,30 @@ class EvalSet:
         self.device = ctx.device
         self.mean, self.std = tuple(mean), tuple(std)
         self.transform = transform
+        self.batches = math.ceil(len(self) / batch_size)
+        # The most batches any rank has (the largest slice has ceil(n / world_size) samples).
+        most = math.ceil(math.ceil(len(dataset) / ctx.world_size) / batch_size)
+        self.forwards = most if ctx.fsdp else self.batches
+        self._filler = dataset.images[:1]  # any real sample: every layer accepts it, whatever the model
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device)
+        if self.transform is not None:
+            images = self.transform(images)
+        return to_float(images, self.mean, self.std)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self), self.batch_size):
-            images = self.images[start:start + self.batch_size].to(self.device)
-            if self.transform is not None:
-                images = self.transform(images)
-            yield to_float(images, self.mean, self.std), self.labels[start:start + self.batch_size].to(self.device)
+            images = self._prepare(self.images[start:start + self.batch_size])
+            yield images, self.labels[start:start + self.batch_size].to(self.device)
+
+    def fillers(self) -> Iterator[torch.Tensor]:
+        """One-sample batches to run after :meth:`__iter__`'s so this rank makes ``forwards`` forwards."""
+        for _ in range(self.batches, self.forwards):
+            yield self._prepare(self._filler)
 
 
 @torch.no_grad()
@@ -153,6 +174,9 @@ def predict(model: nn.Module, data: EvalSet, precision: Precision) -> tuple[torc
             logits = model(precision.prepare(images))
         probs.append(torch.softmax(logits.float(), dim=1))
         labels.append(y)
+    for images in data.fillers():  # FSDP2: the forwards (collectives) other ranks run; outputs discarded
+        with precision.autocast(data.device):
+            model(precision.prepare(images))
     model.train(was_training)
     return torch.cat(probs), torch.cat(labels)
 
