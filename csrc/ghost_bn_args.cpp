@@ -253,9 +253,8 @@ GhostGeometry validate_ghost_update_stats_args(
   geometry.num_ghosts = checked_num_ghosts(op, batch_size, ghost_batch_size, sample_numel);
   geometry.ghost_size = std::min(ghost_batch_size, batch_size);
   geometry.layout = GhostLayout::ChannelsLast;
-  if (momentum.has_value()) {
-    TORCH_CHECK_VALUE(*momentum >= 0.0 && *momentum <= 1.0, op, ": momentum must be in [0, 1], got ", *momentum);
-  }
+  // Any momentum is accepted, as nn.BatchNorm and F.batch_norm accept it: convert_ghost_batchnorm replaces
+  // every BatchNorm, so refusing a value torch takes would break a converted model at its first forward.
   const auto device = mean.device();
   TORCH_CHECK_TYPE(
       mean.scalar_type() == c10::ScalarType::Float || mean.scalar_type() == c10::ScalarType::Double, op,

@@ -82,6 +82,19 @@ def test_averaged_stats_mode(momentum):
     assert int(ghost.num_batches_tracked) == 3
 
 
+@pytest.mark.parametrize("momentum", [1.5, -0.5, 0.0, 1.0])
+def test_any_momentum_batchnorm_takes(momentum):
+    """nn.BatchNorm does not check its momentum, so a converted model must not either: one ghost of the whole
+    batch is BatchNorm, running statistics included."""
+    plain = randomize(nn.BatchNorm2d(6, momentum=momentum, dtype=torch.float64))
+    ghost = convert_ghost_batchnorm(copy.deepcopy(plain), ghost_batch_size=22)
+    for step in range(2):
+        x = randn(22, 6, 4, 5, seed=step)
+        torch.testing.assert_close(ghost(x), plain(x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ghost.running_mean, plain.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ghost.running_var, plain.running_var, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("ghost_class,plain_class,shape", CLASSES)
 @pytest.mark.parametrize("batch", [1, 5, 22])
 def test_eval_mode_equals_batchnorm(ghost_class, plain_class, shape, batch):

@@ -292,7 +292,7 @@ def test_ghost_batch_norm_is_right_or_refuses_cleanly(
         return
     event("computed")
     # What succeeded must be the reference: F.batch_norm in eval, the chunk loop otherwise.
-    assert ghost >= 1 and (running != "train" or momentum is None or 0 <= momentum <= 1)
+    assert ghost >= 1  # any momentum is valid, as for nn.BatchNorm
     x64 = before[0].double()
     w64 = None if weight is None else weight.double()
     b64 = None if bias is None else bias.double()
