@@ -96,6 +96,19 @@ def test_epochs_are_checked_before_swa_start(recipe, argv, message):
     assert message in str(raised.value)
 
 
+@pytest.mark.parametrize("recipe, argv", [("swa_tutorial", ["--epochs", "0"]), ("swa_paper", ["--budget", "1"]),
+                                          ("large_batch", ["--large-batch", "8", "--small-batch", "64"])])
+def test_bad_options_fail_before_the_data_loads(recipe, argv, tmp_path, monkeypatch):
+    """A bad option is reported before the dataset is read (here it does not exist) or a process group starts."""
+    module = RECIPES[recipe]
+    loads = []
+    monkeypatch.setattr("recipe_lib.cli.load_dataset", lambda *a: loads.append(a))
+    with pytest.raises(SystemExit) as raised:
+        module.main(argv + ["--data-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+    assert "too few" in str(raised.value) or "must be larger" in str(raised.value)
+    assert loads == []
+
+
 def test_baseline_only_needs_no_swa_start():
     args = tutorial.parse_args(["--epochs", "1", "--baseline-only"])
     assert [arm.name for arm in tutorial.make_arms(args, None)] == ["baseline"]

@@ -238,6 +238,9 @@ def run_recipe(spec: RecipeSpec, args: argparse.Namespace) -> list[ArmResult] | 
     if args.fsdp and args.channels_last:
         raise SystemExit("--channels-last does not go with --fsdp: FSDP2 shards contiguous parameters only "
                          "(it refuses channels_last convolution weights)")
+    # Arms are data and need no dataset to be built: building them once here checks every option before the
+    # data loads or a process group starts, so a bad option fails at once, not after a minute of loading.
+    spec.make_arms(args, None)  # type: ignore[arg-type]
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx = init_distributed(args.device, fsdp=args.fsdp)
