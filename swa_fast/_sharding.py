@@ -10,7 +10,7 @@ with the parameter's mesh and placements for ``state_dict`` (which is what
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -115,6 +115,7 @@ def local_part(value: Tensor, like: Optional[ShardLayout]) -> Tensor:
     same mesh and placements gives its local tensor; any other DTensor is gathered first; a plain
     full tensor is sliced to this rank's shard locally (no communication).
     """
+    value = value.detach()  # distribute_tensor takes leaves only (a full_tensor() of a parameter is not one)
     if like is None:
         return value.full_tensor() if is_dtensor(value) else value
     if is_dtensor(value):
@@ -125,3 +126,50 @@ def local_part(value: Tensor, like: Optional[ShardLayout]) -> Tensor:
         return value  # the caller reports the shape mismatch with the key's name
     # src_data_rank=None: every rank cuts its own shard from its copy, no scatter.
     return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None)._local_tensor
+
+
+class ShardGroup(NamedTuple):
+    """One mesh dimension that shards some tensors of a list, and which of them (a bool mask)."""
+
+    group: Any
+    sharded: Tensor
+
+
+def shard_groups(layouts: Sequence[Optional[ShardLayout]], device: torch.device) -> Tuple[ShardGroup, ...]:
+    """The mesh dimensions along which tensors of a list (``layouts[i]`` of tensor ``i``, None for a
+    plain tensor) are ``Shard``-ed, each with the mask of those tensors on ``device``: what
+    :func:`sum_over_shards` reduces over. Built once per list: the masks are host-made tensors.
+
+    Raises:
+        ValueError: a ``Partial`` placement (unreduced values, whose norm is not defined by the
+            local parts): ``redistribute`` the tensor first.
+    """
+    found: dict = {}
+    for index, layout in enumerate(layouts):
+        if layout is None:
+            continue
+        for dim, placement in enumerate(layout.placements):
+            if placement.is_partial():
+                raise ValueError(f"tensor {index} has a Partial placement ({placement}) on mesh dimension {dim}: "
+                                 "its local values are unreduced; redistribute it to Shard or Replicate first")
+            if placement.is_shard():
+                key = (id(layout.device_mesh), dim)
+                found.setdefault(key, (layout.device_mesh.get_group(dim), [False] * len(layouts)))[1][index] = True
+    return tuple(ShardGroup(group, torch.tensor(mask, device=device)) for group, mask in found.values())
+
+
+def sum_over_shards(values: Tensor, groups: Sequence[ShardGroup]) -> Tensor:
+    """``values[i]`` (a per-tensor quantity that adds up over shards, e.g. the squared norm of a
+    local shard) summed over the ranks that hold the other shards of tensor ``i``.
+
+    A mesh dimension along which tensor ``i`` is ``Shard``-ed contributes every rank's part; one
+    along which it is ``Replicate``-d holds copies, which must be counted once (HSDP's replicas).
+    So each group (:func:`shard_groups`) gets one all-reduce of the whole vector with the entries
+    it does not shard zeroed, and its sums replace only the entries it shards. Asynchronous on the
+    device, no host sync; every rank must call it with the same groups, as with any collective.
+    """
+    for group, sharded in groups:
+        parts = torch.where(sharded, values, torch.zeros_like(values))
+        torch.distributed.all_reduce(parts, group=group)
+        values = torch.where(sharded, parts, values)
+    return values

@@ -28,7 +28,8 @@ from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from swa_fast._distance_op import Distances, distance_norms
+from swa_fast._distance_op import Distances, combine_shard_norms, distance_norms
+from swa_fast._sharding import layout_of, local_part, local_tensor, reshard, shard_groups
 
 __all__ = [
     "Distances",
@@ -52,6 +53,9 @@ def _named_tensors(weights: Weights, what: str) -> Tuple[List[str], List[Tensor]
     before would keep reading the old storage. The op runs under no_grad.
     """
     if isinstance(weights, nn.Module):
+        # An FSDP2 module left gathered by an evaluation forward lists its unsharded copies; its
+        # parameters are the shards (which the optimizer updates), so put it back first.
+        reshard(weights)
         named = list(weights.named_parameters())
         names, tensors = [n for n, _ in named], [t for _, t in named]
     elif isinstance(weights, Tensor):  # one tensor, not an iterable over its rows
@@ -221,6 +225,13 @@ class WeightDistanceTracker:
         bucket_bytes: the most snapshot bytes streamed to the model's device at
             once, when the snapshot lives on another device.
 
+    An FSDP2 model (DTensor parameters) is measured whole: the snapshot keeps
+    this rank's shards of ``w_0`` only (a ``reference`` may be DTensors or full
+    tensors, each rank takes its shard), and every update adds the shards'
+    squared norms up across ranks with one all-reduce per sharding mesh
+    dimension, so every rank must call :meth:`update` and all of them record
+    the same distances. :attr:`reference` is then the local shards.
+
     The per-parameter columns of the rows are the parameter names (a name
     ``"step"`` or ``"total"`` becomes ``"param:step"``/``"param:total"``).
     """
@@ -253,7 +264,13 @@ class WeightDistanceTracker:
             raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
         self.names: List[str] = [f"param:{n}" if n in ("step", "total") else n for n in names]
         self._params = params
-        self._snapshot = [self._snapshot_of(r, device, dtype, params[0].device) for r in ref]
+        # DTensors (FSDP2): the snapshot holds this rank's shards of w_0 only, and each update
+        # combines the shards' norms across ranks (one all-reduce per sharding mesh dimension).
+        layouts = [layout_of(p) for p in params]
+        model_device = local_tensor(params[0]).device
+        self._groups = shard_groups(layouts, model_device) if any(layouts) else None
+        ref = [local_part(r, layout) for r, layout in zip(ref, layouts)] if any(layouts) else ref
+        self._snapshot = [self._snapshot_of(r, device, dtype, model_device) for r in ref]
         self._bucket_bytes = bucket_bytes
         self._pending: List[_Record] = []
         self._rows: List[Tuple[int, float, List[float]]] = []
@@ -296,18 +313,21 @@ class WeightDistanceTracker:
         return record.total
 
     def _measure(self) -> Distances:
-        device = self._params[0].device
+        params = [local_tensor(p) for p in self._params]
+        device = params[0].device
         if all(s.device == device for s in self._snapshot):
-            return distance_norms(self._params, self._snapshot)
-        return self._measure_streamed(device)
+            measured = distance_norms(params, self._snapshot)
+        else:
+            measured = self._measure_streamed(params, device)
+        return measured if self._groups is None else combine_shard_norms(measured.per_tensor, self._groups)
 
-    def _measure_streamed(self, device: torch.device) -> Distances:
+    def _measure_streamed(self, params: List[Tensor], device: torch.device) -> Distances:
         """The snapshot lives elsewhere (w_0 kept on the CPU): stream it to the
         model's device a bucket at a time, then combine the per-tensor norms."""
         per_tensor = []
         for lo, hi in self._buckets():
             ref = [_to_device(s, device) for s in self._snapshot[lo:hi]]
-            per_tensor.append(distance_norms(self._params[lo:hi], ref).per_tensor)
+            per_tensor.append(distance_norms(params[lo:hi], ref).per_tensor)
         per_tensor = torch.cat(per_tensor) if len(per_tensor) > 1 else per_tensor[0]
         # The total from the per-tensor norms, with the op's fixed order.
         return Distances(per_tensor, distance_norms([per_tensor]).total)

@@ -201,7 +201,7 @@ def test_snapshot_on_another_device_streams_in_buckets():
     whole.update(1)
     sizes = [s.numel() * 4 for s in bucketed.reference]
     assert len(bucketed._buckets()) > 2 and sizes[0] > 200  # a tensor larger than a bucket gets its own
-    per, total = bucketed._measure_streamed(torch.device("cpu"))
+    per, total = bucketed._measure_streamed(list(model.parameters()), torch.device("cpu"))
     assert torch.allclose(per, torch.tensor([whole.history[0][n] for n in whole.names]), rtol=1e-6)
     assert total.item() == pytest.approx(whole.latest(), rel=1e-6)
 

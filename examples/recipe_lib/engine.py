@@ -48,7 +48,7 @@ from recipe_lib.checkpoint import (
     save_atomic,
 )
 from recipe_lib.datasets import ImageDataset
-from recipe_lib.distributed import DistContext, barrier, share_rank0_buffers, sum_across_ranks, unwrap, wrap_model
+from recipe_lib.distributed import DistContext, barrier, share_rank0_buffers, unwrap, wrap_model
 from recipe_lib.loader import BatchLoader
 from recipe_lib.training import EvalSet, Precision, evaluate, predict, score, train_epoch
 
@@ -244,7 +244,7 @@ class _ArmState:
                     raise ValueError(f"arm {arm.name}: compare_torch needs an unsharded model (torch's "
                                      "AveragedModel deep-copies it, which FSDP2 refuses)")
                 self.torch_swa_model = torch_swa_utils.AveragedModel(self.model)
-        self.tracker = _distance_tracker(self.model, ctx) if arm.distance else None
+        self.tracker = WeightDistanceTracker(unwrap(self.model)) if arm.distance else None
         self.record_steps = log_spaced_steps(arm.epochs * self.steps_per_epoch) if arm.distance else set()
         self.swa_scheduler: LRScheduler | None = None
         self.swa_scheduler_state: dict[str, Any] | None = None
@@ -432,26 +432,10 @@ def _train(state: _ArmState, keep_epochs: set[int], epochs_run: _EpochsRun) -> N
         epochs_run.count += 1
 
 
-def _distance_tracker(model: nn.Module, ctx: DistContext) -> WeightDistanceTracker:
-    """``||w_t - w_0||`` of ``model``; under FSDP2 of this rank's shards (see :func:`_distances`).
-
-    The tracker's distance op has no DTensor rule, so it gets the shards' local tensors: the
-    very objects FSDP2 keeps and the optimizer updates in place (and checkpoint loads write).
-    """
-    if not ctx.fsdp:
-        return WeightDistanceTracker(unwrap(model))
-    with torch.no_grad():  # to_local() under no_grad: the local tensor itself, not an autograd view of it
-        return WeightDistanceTracker({name: p.to_local() for name, p in model.named_parameters()})
-
-
 def _distances(state: _ArmState) -> list[tuple[int, float]]:
-    """``(step, ||w_t - w_0||)`` recorded by this session's tracker; under FSDP2 the ranks' shard
-    distances combined (the squared norm of the whole is the sum of the shards')."""
-    history = state.tracker.history
-    totals = [r["total"] for r in history]
-    if state.run.ctx.fsdp:
-        totals = [t ** 0.5 for t in sum_across_ranks([t * t for t in totals], state.run.ctx)]
-    return [(int(r["step"]), t) for r, t in zip(history, totals)]
+    """``(step, ||w_t - w_0||)`` recorded by this session's tracker (under FSDP2 the tracker
+    measures the whole model from the shards, the same on every rank)."""
+    return [(int(r["step"]), r["total"]) for r in state.tracker.history]
 
 
 def _average(state: _ArmState) -> None:
