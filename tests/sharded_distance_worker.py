@@ -21,22 +21,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from sharded_worker import STEPS, batches, make_model
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from sharded_worker import STEPS, batches, make_model, shard
 from torch.distributed.tensor import DTensor, Partial
 
 from swa_fast.distance import WeightDistanceTracker, weight_distance
-
-
-def shard(model, mode: str, world: int):
-    if mode == "hsdp":
-        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
-    else:
-        mesh = init_device_mesh("cpu", (world,))
-    for index in (0, 3):
-        fully_shard(model[index], mesh=mesh)
-    return fully_shard(model, mesh=mesh)
 
 
 def error_of(call) -> str:
@@ -48,7 +36,7 @@ def error_of(call) -> str:
 
 
 def run(mode: str, rank: int, world: int) -> dict:
-    model = shard(make_model(), mode, world)
+    model = shard(make_model(), world, hsdp=mode == "hsdp")
     start = {name: p.full_tensor() for name, p in model.named_parameters()}
     tracker = WeightDistanceTracker(model)
     from_full = WeightDistanceTracker(model, reference=start, dtype=None)  # each rank slices its shard
@@ -66,7 +54,7 @@ def run(mode: str, rank: int, world: int) -> dict:
         for t in (tracker, from_full, late):
             t.update(step)
         trajectory.append({name: p.full_tensor() for name, p in model.named_parameters()})
-    initial = shard(make_model(), mode, world)  # w_0 as a second sharded model
+    initial = shard(make_model(), world, hsdp=mode == "hsdp")  # w_0 as a second sharded model
     return {
         "replicas": 2 if mode == "hsdp" else 1,  # copies of each shard across the mesh
         "start": start,

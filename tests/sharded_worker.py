@@ -7,6 +7,7 @@ MASTER_PORT set. Modes:
   (fp32 averages); records the full parameters after every step (the test replays them in one
   process as the reference), the averages (full and local), swap-in checks, ``update_bn`` inside
   ``swapped_into``, and a ``torch.distributed.checkpoint`` save of both averages.
+* ``hsdp``: the same on a 2 x WORLD/2 (replicate, shard) mesh (HSDP).
 * ``load``: the same model sharded on this world size loads that checkpoint.
 * ``ddp``: a DDP model trained with a WeightAverage; averages and swap-in on every rank.
 
@@ -16,6 +17,7 @@ Writes ``OUT_DIR/<mode>-rank<RANK>.pt``.
 import datetime
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,8 +42,13 @@ def make_model(dtype=torch.float32) -> nn.Module:
     return nn.Sequential(nn.Linear(6, 17), nn.BatchNorm1d(17), nn.ReLU(), nn.Linear(17, 5)).to(dtype)
 
 
-def shard(model: nn.Module, world: int) -> nn.Module:
-    mesh = init_device_mesh("cpu", (world,))
+def shard(model: nn.Module, world: int, hsdp: bool = False) -> nn.Module:
+    """FSDP2 over every rank, or HSDP: a (replicate, shard) mesh of 2 x world/2, where each
+    parameter is (Replicate(), Shard(0)) and each shard is held by two ranks."""
+    if hsdp:
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh("cpu", (world,))
     fully_shard(model[0], mesh=mesh)
     fully_shard(model[3], mesh=mesh)
     return fully_shard(model, mesh=mesh)
@@ -64,8 +71,8 @@ def locals_of(model: nn.Module):
     return {name: p.to_local().detach().clone() for name, p in model.named_parameters()}
 
 
-def fsdp(out: Path, rank: int, world: int, dtype) -> dict:
-    model = shard(make_model(dtype), world)
+def fsdp(out: Path, rank: int, world: int, dtype, hsdp: bool = False) -> dict:
+    model = shard(make_model(dtype), world, hsdp)
     made = {kind: WeightAverage(model, **kwargs) for kind, kwargs in averages(dtype).items()}
     skipping = WeightAverage(model, skip_nonfinite=True, **averages(dtype)["ema"])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -87,7 +94,7 @@ def fsdp(out: Path, rank: int, world: int, dtype) -> dict:
         if step == POISONED_STEP and rank == 1:
             with torch.no_grad():
                 poisoned[0, 0] = kept
-    result = {"trajectory": trajectory}
+    result = {"trajectory": trajectory, "replicas": 2 if hsdp else 1}
     made["ema_skip"] = skipping
     for kind, average in made.items():
         state = average.state_dict()
@@ -173,7 +180,8 @@ def main(mode: str, out: Path, dtype) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
-        result = {"fsdp": fsdp, "load": load, "ddp": ddp}[mode](out, rank, world, dtype)
+        hsdp = partial(fsdp, hsdp=True)
+        result = {"fsdp": fsdp, "hsdp": hsdp, "load": load, "ddp": ddp}[mode](out, rank, world, dtype)
         torch.save(result, out / f"{mode}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()

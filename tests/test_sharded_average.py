@@ -1,4 +1,4 @@
-"""WeightAverage over FSDP2 (fully_shard) on 2 and 4 gloo ranks and over DDP on 2, against a
+"""WeightAverage over FSDP2 (fully_shard) on 2 and 4 gloo ranks, HSDP on a 2x2 mesh and DDP on 2, against a
 one-process reference over the same trajectory (tests/sharded_worker.py runs the ranks)."""
 
 from pathlib import Path
@@ -22,12 +22,13 @@ def launch(mode, out, world, dtype="float32"):
     return [torch.load(out / f"{mode}-rank{rank}.pt", weights_only=True) for rank in range(world)]
 
 
-@pytest.fixture(scope="module", params=[(2, "float32"), (2, "bfloat16"), (4, "float32"), (4, "bfloat16")],
-                ids=lambda p: f"{p[0]}ranks-{p[1]}")
+@pytest.fixture(scope="module", params=[("fsdp", 2, "float32"), ("fsdp", 2, "bfloat16"), ("fsdp", 4, "float32"),
+                                        ("fsdp", 4, "bfloat16"), ("hsdp", 4, "float32")],
+                ids=lambda p: f"{p[0]}-{p[1]}ranks-{p[2]}")
 def fsdp_run(request, tmp_path_factory):
-    world, dtype = request.param
-    out = tmp_path_factory.mktemp(f"fsdp{world}{dtype}")
-    return world, dtype, out, launch("fsdp", out, world, dtype)
+    mode, world, dtype = request.param
+    out = tmp_path_factory.mktemp(f"{mode}{world}{dtype}")
+    return world, dtype, out, launch(mode, out, world, dtype)
 
 
 def one_process(trajectory, dtype_name, kind):
@@ -73,8 +74,8 @@ def test_each_rank_stores_only_its_shard(fsdp_run):
     full_numel = {name: t.numel() for name, t in ranks[0]["swa"].items()}
     for kind in ("swa", "ema", "late"):  # late: made after an evaluation forward
         assert all(r[kind + "/local_numel"] == r["param_local_numel"] for r in ranks)
-        for name, numel in full_numel.items():
-            assert sum(r[kind + "/local_numel"][name] for r in ranks) == numel
+        for name, numel in full_numel.items():  # HSDP: each shard on two ranks
+            assert sum(r[kind + "/local_numel"][name] for r in ranks) == numel * ranks[0]["replicas"]
             assert max(r[kind + "/local_numel"][name] for r in ranks) < numel  # sharded, not replicated
 
 
