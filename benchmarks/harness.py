@@ -8,7 +8,9 @@ timed in the same rounds, the rate every other candidate's GB/s is compared with
 
 from __future__ import annotations
 
+import datetime
 import gc
+import json
 import math
 import os
 import platform
@@ -18,7 +20,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -302,3 +304,58 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
+
+# ---------------------------------------------------------------------------
+# Options and the saved report, the same for every benchmark script
+# ---------------------------------------------------------------------------
+
+
+def run_facts(commit: str, command: str) -> dict:
+    """What every report records about the software and the run: versions, the build, the commit,
+    the UTC date, the command and the Python version."""
+    import swa_fast  # here, not at import: the sharded benchmark's launcher runs without it
+
+    return {
+        "torch_version": torch.__version__,
+        "swa_fast_version": swa_fast.__version__,
+        "swa_fast_build_info": dict(swa_fast.BUILD_INFO),
+        "git_commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "python": platform.python_version(),
+    }
+
+
+def fill_defaults(args: Any, defaults: Mapping[str, Any]) -> None:
+    """Give every option of ``args`` that was left None its value in ``defaults`` (the script's
+    full-run or ``--quick`` preset); an option given on the command line wins."""
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def results_folder(smoke: bool) -> Path:
+    """Where a report goes by default: a smoke run to :data:`SCRATCH_DIR`, so it never replaces
+    a committed reference."""
+    return SCRATCH_DIR if smoke else RESULTS_DIR
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the repository root when it is inside it (shorter, and what the docs
+    say), else as given."""
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+SMOKE_NOTE = " (a smoke run: scratch results, ignored by git and by readme_tables.py; --output PATH to choose)"
+
+
+def save_report(report: dict, output: Path, smoke_default: bool) -> None:
+    """Write ``report`` as JSON to ``output`` and say where; ``smoke_default``: a smoke run written
+    to its default place, which the line explains (why it is not in benchmarks/results/ and how
+    to put it elsewhere)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"saved {display_path(output)}{SMOKE_NOTE if smoke_default else ''}", flush=True)

@@ -41,9 +41,6 @@ skipped by ``readme_tables.py``); a smoke run (``--quick``, or the CPU plumbing 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import statistics
 import sys
 import time
@@ -56,10 +53,21 @@ if __package__ in (None, ""):  # run as `python benchmarks/offload.py`
 import torch
 from torch import nn
 
-from benchmarks.harness import RESULTS_DIR, SCRATCH_DIR, device_info, git_commit, loadavg
+from benchmarks.harness import (
+    device_info,
+    fill_defaults,
+    git_commit,
+    loadavg,
+    results_folder,
+    run_facts,
+    save_report,
+)
 
 SCHEMA = "offload-1"
 PROG = "python -m benchmarks.offload"
+# The options a run leaves unset: a full run, and --quick (a smoke run).
+FULL = {"batch_size": 128, "steps": 50, "warmup": 10, "rounds": 3}
+QUICK = {"batch_size": 64, "steps": 20, "warmup": 5, "rounds": 2}
 EMA_DECAY = 0.999
 MODES = ("none", "device", "offload")
 TARGET_OVERHEAD = 0.05  # offloaded EMA within 5% of no EMA
@@ -329,16 +337,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default: see the module docstring)")
     parser.add_argument("--no-save", action="store_true", help="print only, write no JSON")
     args = parser.parse_args(argv)
-    if args.batch_size is None:
-        args.batch_size = 64 if args.quick else 128
-    if args.steps is None:
-        args.steps = 20 if args.quick else 50
-    if args.warmup is None:
-        args.warmup = 5 if args.quick else 10
-    if args.rounds is None:
-        args.rounds = 2 if args.quick else 3
-    if args.amp is None:
-        args.amp = "bf16" if args.device == "cuda" else "none"
+    fill_defaults(args, {**(QUICK if args.quick else FULL), "amp": "bf16" if args.device == "cuda" else "none"})
     args.modes = [mode for mode in MODES if mode in args.modes]
     if min(args.batch_size, args.steps, args.rounds) < 1 or args.warmup < 1:
         parser.error("--batch-size, --steps, --rounds and --warmup must be >= 1 (a warm-up step makes the first "
@@ -351,8 +350,8 @@ def is_smoke_run(args: argparse.Namespace) -> bool:
 
 
 def default_output(args: argparse.Namespace, slug: str) -> Path:
-    folder = SCRATCH_DIR if is_smoke_run(args) else RESULTS_DIR
-    return folder / f"{slug}-offload{'' if args.model == 'resnet50' else '-' + args.model}.json"
+    model = "" if args.model == "resnet50" else "-" + args.model
+    return results_folder(is_smoke_run(args)) / f"{slug}-offload{model}.json"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -404,13 +403,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     report = {
         "schema": SCHEMA,
         "device": info,
-        "torch_version": torch.__version__,
-        "swa_fast_version": swa_fast.__version__,
-        "swa_fast_build_info": dict(swa_fast.BUILD_INFO),
-        "git_commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([PROG, *(sys.argv[1:] if argv is None else list(argv))]),
-        "python": platform.python_version(),
+        **run_facts(commit, " ".join([PROG, *(sys.argv[1:] if argv is None else list(argv))])),
         "loadavg_end": loadavg(),
         "settings": {key: getattr(args, key) for key in ("device", "model", "modes", "batch_size", "steps", "warmup",
                                                           "rounds", "amp", "channels_last", "lr", "quick")},
@@ -427,10 +420,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print("\n".join(format_table(summary)), flush=True)
     print(f"total {report['wall_s']:.1f} s", flush=True)
     if not args.no_save:
-        output = args.output or default_output(args, info["slug"])
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"saved {output}", flush=True)
+        save_report(report, args.output or default_output(args, info["slug"]),
+                    smoke_default=args.output is None and is_smoke_run(args))
     return report
 
 

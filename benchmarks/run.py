@@ -41,9 +41,6 @@ compare CPU speedups only between runs on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import shlex
 import sys
 import time
@@ -62,15 +59,16 @@ from swa_fast._build_facts import build_summary
 from benchmarks import averaging, distance, ghost_bn
 from benchmarks.harness import (
     MIN_REPEATS,
-    REPO_ROOT,
-    RESULTS_DIR,
-    SCRATCH_DIR,
     device_info,
+    fill_defaults,
     format_candidates,
     git_commit,
     loadavg,
     release_memory,
+    results_folder,
+    run_facts,
     run_rounds,
+    save_report,
     summarize_candidates,
 )
 
@@ -124,28 +122,11 @@ def default_output(slug: str, args: argparse.Namespace) -> Path:
     """``results/<slug>.json`` for a full run; a partial run (``--suites``/``--cases``) gets its
     own file so it never overwrites the full run's figures; a smoke run goes to ``results/scratch/``
     (same names) so it never replaces a committed reference."""
-    folder = SCRATCH_DIR if is_smoke_run(args) else RESULTS_DIR
+    folder = results_folder(is_smoke_run(args))
     if not (args.suites or args.cases):
         return folder / f"{slug}.json"
     parts = args.suites if not args.cases else args.cases
     return folder / f"{slug}-{'-'.join(parts)}.json"
-
-
-def saved_note(args: argparse.Namespace) -> str:
-    """What the "saved" line adds for a smoke run written to the default place: why it is not
-    in benchmarks/results/ and how to put it elsewhere."""
-    if args.output is not None or not is_smoke_run(args):
-        return ""
-    return " (a smoke run: scratch results, ignored by git and by readme_tables.py; --output PATH to choose)"
-
-
-def display_path(path: Path) -> str:
-    """``path`` relative to the repository root when it is inside it (shorter, and what the docs
-    say), else as given."""
-    try:
-        return str(path.resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
 
 
 def header_line(device_label: str, commit: str) -> str:
@@ -209,14 +190,11 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> argpar
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    if args.repeats is None:
-        args.repeats = 3 if args.quick else (30 if cuda else 20)
-    if args.warmup is None:
-        args.warmup = 1 if args.quick else (5 if cuda else 2)
-    if args.budget is None:
-        args.budget = 40.0 if not (cuda or args.quick) else 0.0
-    if args.target_ms is None:
-        args.target_ms = 2.0 if args.quick else (10.0 if cuda else 5.0)
+    if args.quick:
+        fill_defaults(args, {"repeats": 3, "warmup": 1, "budget": 0.0, "target_ms": 2.0})
+    else:
+        fill_defaults(args, {"repeats": 30, "warmup": 5, "budget": 0.0, "target_ms": 10.0} if cuda else
+                      {"repeats": 20, "warmup": 2, "budget": 40.0, "target_ms": 5.0})
     if args.repeats < 1 or args.warmup < 0 or (args.inner is not None and args.inner < 1):
         parser.error("--repeats and --inner must be >= 1, --warmup >= 0")
     return args
@@ -245,13 +223,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> di
     report = {
         "schema": 2,
         "device": info,
-        "torch_version": torch.__version__,
-        "swa_fast_version": swa_fast.__version__,
-        "swa_fast_build_info": dict(swa_fast.BUILD_INFO),
-        "git_commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "python": platform.python_version(),
+        **run_facts(git_commit(), command),
         "loadavg_start": loadavg(),
         "settings": {
             "repeats": args.repeats,
@@ -283,10 +255,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> di
     report["loadavg_end"] = loadavg()
     print(f"total {report['wall_s']:.1f} s", flush=True)
     if not args.no_save:
-        output = args.output or default_output(info["slug"], args)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"saved {display_path(output)}{saved_note(args)}", flush=True)
+        save_report(report, args.output or default_output(info["slug"], args),
+                    smoke_default=args.output is None and is_smoke_run(args))
     return report
 
 

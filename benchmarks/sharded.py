@@ -50,9 +50,7 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -66,13 +64,16 @@ from benchmarks.cases import Shape, gpt_shapes
 from benchmarks.harness import (
     MIN_REPEATS,
     REPO_ROOT,
-    RESULTS_DIR,
-    SCRATCH_DIR,
     _cpu_model,
     _slug,
+    fill_defaults,
     git_commit,
     loadavg,
+    results_folder,
+    run_facts,
+    save_report,
 )
+from benchmarks.ranks import launch_ranks
 
 SCHEMA = "sharded-1"
 EMA_DECAY = 0.999
@@ -92,6 +93,10 @@ CANDIDATES: Dict[str, str] = {
     "local_foreach_lerp": "_foreach_lerp_ over [p.to_local()] into shard-size averages",
 }
 FAST = "weight_average"
+
+# The options a run leaves unset: a full run, and --quick (a smoke run).
+FULL = {"set": "transformer", "repeats": 15, "warmup": 2, "target_ms": 50.0, "budget": 300.0}
+QUICK = {"set": "small", "repeats": 3, "warmup": 1, "target_ms": 5.0, "budget": 0.0}
 
 
 def group_shapes(layers: int, d_model: int, **kwargs) -> List[List[Shape]]:
@@ -286,43 +291,16 @@ def worker(config: dict) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(config: dict, world: int, timeout_s: float) -> List[dict]:
     """Run ``world`` ranks of :func:`worker` and return every rank's raw results (rank order)."""
     with tempfile.TemporaryDirectory(prefix="swa_fast-sharded-") as scratch:
         raw = Path(scratch) / "raw.json"
         config = {**config, "raw_output": str(raw)}
         threads = str(config["threads"])
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-               "WORLD_SIZE": str(world), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
                "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
         command = [sys.executable, "-m", "benchmarks.sharded", "--worker", json.dumps(config)]
-        procs = [subprocess.Popen(command, env={**env, "RANK": str(rank)}, cwd=REPO_ROOT, stderr=subprocess.PIPE,
-                                  text=True) for rank in range(world)]
-        errors = []
-        deadline = time.monotonic() + timeout_s
-        try:
-            for rank, proc in enumerate(procs):
-                try:
-                    _, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    errors.append(f"rank {rank} still running after {timeout_s:g} s")
-                    continue
-                if proc.returncode != 0:
-                    errors.append(f"rank {rank} exited with {proc.returncode}:\n{stderr[-4000:]}")
-
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        errors = launch_ranks(command, world, timeout_s, env, cwd=REPO_ROOT)
         if errors:
             raise RuntimeError("sharded benchmark failed:\n" + "\n".join(errors))
         return json.loads(raw.read_text())
@@ -392,8 +370,7 @@ def is_smoke_run(args: argparse.Namespace) -> bool:
 
 
 def default_output(args: argparse.Namespace, slug: str) -> Path:
-    folder = SCRATCH_DIR if is_smoke_run(args) else RESULTS_DIR
-    return folder / f"{slug}-sharded-{args.set}-{args.world}ranks.json"
+    return results_folder(is_smoke_run(args)) / f"{slug}-sharded-{args.set}-{args.world}ranks.json"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -426,16 +403,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.worker is not None:
         return args
-    if args.set is None:
-        args.set = "small" if args.quick else "transformer"
-    if args.repeats is None:
-        args.repeats = 3 if args.quick else 15
-    if args.warmup is None:
-        args.warmup = 1 if args.quick else 2
-    if args.target_ms is None:
-        args.target_ms = 5.0 if args.quick else 50.0
-    if args.budget is None:
-        args.budget = 0.0 if args.quick else 300.0
+    fill_defaults(args, QUICK if args.quick else FULL)
     if args.world < 1 or args.threads < 1 or args.repeats < 1 or args.warmup < 0 or (
             args.inner is not None and args.inner < 1):
         parser.error("--world, --threads, --repeats and --inner must be >= 1, --warmup >= 0")
@@ -483,13 +451,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "machine": machine,
         "device": {"type": "cpu", "name": cpu, "slug": slug, "threads": args.threads,
                    "capability": torch.backends.cpu.get_cpu_capability()},
-        "torch_version": torch.__version__,
-        "swa_fast_version": swa_fast.__version__,
-        "swa_fast_build_info": dict(swa_fast.BUILD_INFO),
-        "git_commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([PROG, *(sys.argv[1:] if argv is None else list(argv))]),
-        "python": platform.python_version(),
+        **run_facts(commit, " ".join([PROG, *(sys.argv[1:] if argv is None else list(argv))])),
         "loadavg_start": loadavg(),
         "settings": {**{k: v for k, v in config.items() if k != "collective_timeout_s"}, "world": args.world,
                      "quick": args.quick, "ema_decay": EMA_DECAY,
@@ -512,11 +474,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print("\n".join(format_table(report, args.world)), flush=True)
     print(f"total {report['wall_s']:.1f} s", flush=True)
     if not args.no_save:
-        output = args.output or default_output(args, slug)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(report, indent=1) + "\n")
-        smoke = " (a smoke run: scratch results, ignored by git)" if args.output is None and is_smoke_run(args) else ""
-        print(f"saved {output}{smoke}", flush=True)
+        save_report(report, args.output or default_output(args, slug),
+                    smoke_default=args.output is None and is_smoke_run(args))
     return report
 
 

@@ -8,12 +8,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import pickle
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import pytest
@@ -21,6 +19,8 @@ import torch
 from torch import Tensor
 
 import swa_fast
+
+from benchmarks.ranks import free_port, launch_ranks  # noqa: F401 (free_port: for the tests)
 
 Shape = Union[int, Sequence[int]]
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -51,59 +51,52 @@ def devices() -> List[object]:
     return found
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for torch.distributed rendezvous)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def bn_net(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A small conv net with BatchNorm (2-D and 1-D), seeded: what the averaging tests train."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(8 * 6 * 6, 10), torch.nn.BatchNorm1d(10),
+    ).to(dtype)
+
+
+def bn_net_inputs(count: int, dtype: torch.dtype = torch.float32, seed: int = 1) -> List[Tensor]:
+    """``count`` random batches for :func:`bn_net`, the same for the same seed."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, 3, 8, 8, generator=generator).to(dtype) for _ in range(count)]
+
+
+def train_with_updates(model: torch.nn.Module, updates: Sequence, steps: int, dtype: torch.dtype = torch.float32,
+                       poison_at: Optional[int] = None) -> None:
+    """SGD on :func:`bn_net_inputs`; after every step each function in ``updates`` is called with
+    the model. At step ``poison_at`` one weight is NaN during the updates (then 0)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for step, x in enumerate(bn_net_inputs(steps, dtype)):
+        loss = model(x).float().square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step == poison_at:
+            with torch.no_grad():
+                model[0].weight[0, 0, 0, 0] = float("nan")
+        for update in updates:
+            update(model)
+        if step == poison_at:
+            with torch.no_grad():
+                model[0].weight[0, 0, 0, 0] = 0.0
+
+
 def run_ranks(script: Path, args: Sequence[str], world: int, timeout: float = 120) -> None:
-    """Runs ``python script *args`` as ``world`` gloo ranks (RANK, WORLD_SIZE, MASTER_ADDR/PORT
-    set, one thread each) and fails with every failed rank's stderr; a rank still running after
-    ``timeout`` seconds (a collective another rank skipped) is killed. A rendezvous port taken
-    between :func:`free_port` and rank 0's bind (other jobs on the machine) is retried once."""
-    for attempt in range(2):
-        errors = _run_ranks_once(script, args, world, timeout)
-        if not errors or attempt or not any("EADDRINUSE" in e or "address already in use" in e.lower()
-                                            for e in errors):
-            break
+    """Runs ``python script *args`` as ``world`` gloo ranks (one thread each, tests/ importable)
+    and fails with every failed rank's stderr; ranks still running after ``timeout`` seconds (a
+    collective another rank skipped) are killed (:func:`benchmarks.ranks.launch_ranks`, which
+    also retries a rendezvous port taken by another job)."""
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
+    errors = launch_ranks([sys.executable, str(script), *args], world, timeout, env)
     assert not errors, "\n".join(errors)
-
-
-def _run_ranks_once(script: Path, args: Sequence[str], world: int, timeout: float) -> List[str]:
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "WORLD_SIZE": str(world),
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-        "OMP_NUM_THREADS": "1",
-    }
-    procs = [
-        subprocess.Popen([sys.executable, str(script), *args], env={**env, "RANK": str(rank)},
-                         stderr=subprocess.PIPE, text=True)
-        for rank in range(world)
-    ]
-    errors = []
-    try:
-        for rank, proc in enumerate(procs):
-            try:
-                _, stderr = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                errors.append(f"rank {rank} still running after {timeout} s")
-                continue
-            if proc.returncode != 0:
-                errors.append(f"rank {rank} exited with {proc.returncode}:\n{stderr}")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return errors
 
 
 # ----------------------------------------------------------------- recipe data sets on disk

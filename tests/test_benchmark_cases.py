@@ -135,7 +135,7 @@ def test_quick_run_writes_to_scratch_and_leaves_results_alone(tmp_path, monkeypa
     monkeypatch.setattr(averaging, "CASES", {"tiny": TINY})
     monkeypatch.setattr(bench_run, "SUITES", {"averaging": averaging})
     scratch = tmp_path / "scratch"
-    monkeypatch.setattr(bench_run, "SCRATCH_DIR", scratch)
+    monkeypatch.setattr(harness, "SCRATCH_DIR", scratch)  # where results_folder sends a smoke run
     before = results_listing()
     report = bench_run.main(["--device", "cpu", "--quick", "--repeats", "2"])
     assert results_listing() == before

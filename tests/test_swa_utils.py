@@ -9,39 +9,14 @@ from torch.optim import swa_utils as torch_swa
 
 from swa_fast import swa_utils
 
+from helpers import bn_net, train_with_updates
+
 UPDATES = 50
-
-
-def small_bn_net(dtype=torch.float32):
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(8 * 6 * 6, 10),
-        nn.BatchNorm1d(10),
-    ).to(dtype)
 
 
 def train_and_average(model, averaged_models, steps=UPDATES, dtype=torch.float32, poison_at=None):
     """SGD on random data; every averaged model is updated after every step."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    generator = torch.Generator().manual_seed(1)
-    for step in range(steps):
-        x = torch.randn(16, 3, 8, 8, generator=generator).to(dtype)
-        loss = model(x).float().square().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step == poison_at:
-            with torch.no_grad():
-                model[0].weight[0, 0, 0, 0] = float("nan")
-        for averaged in averaged_models:
-            averaged.update_parameters(model)
-        if step == poison_at:
-            with torch.no_grad():
-                model[0].weight[0, 0, 0, 0] = 0.0
+    train_with_updates(model, [m.update_parameters for m in averaged_models], steps, dtype, poison_at)
 
 
 def max_abs_diff(state_a, state_b):
@@ -56,7 +31,7 @@ def assert_floating_equal(state_a, state_b):
 
 @pytest.mark.parametrize("use_buffers", [False, True])
 def test_swa_trajectory_matches_torch(use_buffers):
-    model = small_bn_net()
+    model = bn_net()
     ours = swa_utils.AveragedModel(model, use_buffers=use_buffers)
     theirs = torch_swa.AveragedModel(model, use_buffers=use_buffers)
     train_and_average(model, [ours, theirs])
@@ -69,7 +44,7 @@ def test_swa_trajectory_matches_torch(use_buffers):
 
 @pytest.mark.parametrize("use_buffers", [False, True])
 def test_ema_trajectory_is_bitwise_torch(use_buffers):
-    model = small_bn_net()
+    model = bn_net()
     ours = swa_utils.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.9), use_buffers=use_buffers)
     theirs = torch_swa.AveragedModel(model, multi_avg_fn=torch_swa.get_ema_multi_avg_fn(0.9), use_buffers=use_buffers)
     train_and_average(model, [ours, theirs])
@@ -77,14 +52,14 @@ def test_ema_trajectory_is_bitwise_torch(use_buffers):
 
 
 def test_integer_buffers_are_copied_when_averaging_buffers():
-    model = small_bn_net()
+    model = bn_net()
     ours = swa_utils.AveragedModel(model, use_buffers=True)
     train_and_average(model, [ours], steps=7)
     assert ours.module[1].num_batches_tracked.item() == model[1].num_batches_tracked.item() == 7
 
 
 def test_buffers_are_copied_without_use_buffers():
-    model = small_bn_net()
+    model = bn_net()
     ours = swa_utils.AveragedModel(model)
     train_and_average(model, [ours], steps=5)
     for ours_buffer, model_buffer in zip(ours.module.buffers(), model.buffers()):
@@ -101,7 +76,7 @@ def test_buffers_are_copied_without_use_buffers():
     ],
 )
 def test_custom_functions_run_exactly_as_in_torch(kwargs):
-    model = small_bn_net()
+    model = bn_net()
     ours = swa_utils.AveragedModel(model, **kwargs)
     theirs = torch_swa.AveragedModel(model, **kwargs)
     train_and_average(model, [ours, theirs], steps=10)
@@ -109,7 +84,7 @@ def test_custom_functions_run_exactly_as_in_torch(kwargs):
 
 
 def test_explicit_fused_swa_function_equals_default():
-    model = small_bn_net()
+    model = bn_net()
     default = swa_utils.AveragedModel(model)
     explicit = swa_utils.AveragedModel(model, multi_avg_fn=swa_utils.get_swa_multi_avg_fn())
     train_and_average(model, [default, explicit], steps=10)
@@ -136,7 +111,7 @@ def test_fused_functions_called_directly_match_torch():
 
 @pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])
 def test_state_dicts_are_interchangeable(direction):
-    model = small_bn_net()
+    model = bn_net()
     source_cls, target_cls = (
         (torch_swa.AveragedModel, swa_utils.AveragedModel)
         if direction == "torch_to_ours"
@@ -144,7 +119,7 @@ def test_state_dicts_are_interchangeable(direction):
     )
     source = source_cls(model, multi_avg_fn=None)
     train_and_average(model, [source], steps=6)
-    target = target_cls(small_bn_net())
+    target = target_cls(bn_net())
     target.load_state_dict(source.state_dict())
     assert target.n_averaged.item() == 6
     assert_floating_equal(target.state_dict(), source.state_dict())
@@ -156,7 +131,7 @@ def test_state_dicts_are_interchangeable(direction):
 
 @pytest.mark.parametrize("model_dtype", [torch.float16, torch.bfloat16])
 def test_fp32_average_of_half_precision_model_against_float64(model_dtype):
-    model = small_bn_net(model_dtype)
+    model = bn_net(model_dtype)
     ours = swa_utils.AveragedModel(model, avg_dtype=torch.float32)
     reference = [p.detach().double().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -178,7 +153,7 @@ def test_fp32_average_of_half_precision_model_against_float64(model_dtype):
 
 
 def test_ema_warmup_follows_the_timm_formula():
-    model = small_bn_net()
+    model = bn_net()
     gamma, power, decay = 5.0, 0.75, 0.99
     ours = swa_utils.AveragedModel(
         model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(decay, warmup_gamma=gamma, warmup_power=power)
@@ -201,7 +176,7 @@ def test_ema_warmup_follows_the_timm_formula():
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_skip_nonfinite_drops_a_poisoned_update(fused):
-    model = small_bn_net()
+    model = bn_net()
     kwargs = {} if fused else {"avg_fn": torch_swa.get_swa_avg_fn()}
     guarded = swa_utils.AveragedModel(model, skip_nonfinite=True, **kwargs)
     clean_copy = copy.deepcopy(model)
@@ -261,7 +236,7 @@ def test_float8_buffers_behave_as_in_torch(use_buffers):
 
 
 def test_cached_lists_follow_a_replaced_layer():
-    model = small_bn_net()
+    model = bn_net()
     ours = swa_utils.AveragedModel(model)
     theirs = torch_swa.AveragedModel(model)
     train_and_average(model, [ours, theirs], steps=3)
@@ -276,7 +251,7 @@ def test_cached_lists_follow_a_replaced_layer():
 
 
 def test_source_model_changing_dtype_still_averages():
-    model = small_bn_net()
+    model = bn_net()
     ours = swa_utils.AveragedModel(model)
     theirs = torch_swa.AveragedModel(model)
     train_and_average(model, [ours, theirs], steps=2)
@@ -295,7 +270,7 @@ def test_drop_in_types_and_reexports():
 
 
 def test_averaged_model_on_explicit_device_and_moved():
-    model = small_bn_net()
+    model = bn_net()
     ours = swa_utils.AveragedModel(model, device="cpu")
     train_and_average(model, [ours], steps=2)
     ours.to(torch.float64)
@@ -313,7 +288,7 @@ def batches(count=6, generator_seed=3):
 
 
 def test_update_bn_matches_torch():
-    model = small_bn_net()
+    model = bn_net()
     ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
     ours.eval()
     theirs.eval()
@@ -326,7 +301,7 @@ def test_update_bn_matches_torch():
 
 
 def test_update_bn_forward_fn_with_dict_batches_and_progress():
-    model = small_bn_net()
+    model = bn_net()
     reference = copy.deepcopy(model)
     swa_utils.update_bn(batches(), reference)
     dict_batches = [{"image": x, "label": y} for x, y in batches()]
@@ -338,7 +313,7 @@ def test_update_bn_forward_fn_with_dict_batches_and_progress():
 
 
 def test_update_bn_restores_state_when_forward_raises():
-    model = small_bn_net()
+    model = bn_net()
     model.eval()
 
     def broken(m, batch):
@@ -351,7 +326,7 @@ def test_update_bn_restores_state_when_forward_raises():
 
 
 def test_update_bn_runs_without_grad():
-    model = small_bn_net()
+    model = bn_net()
     seen = []
     swa_utils.update_bn(batches(2), model, forward_fn=lambda m, b: seen.append(torch.is_grad_enabled()) or m(b[0]))
     assert seen == [False, False]
@@ -363,7 +338,7 @@ def test_update_bn_runs_without_grad():
 
 
 def test_deepcopy_after_an_update_averages_the_model_it_is_given():
-    model = small_bn_net()
+    model = bn_net()
     ours = swa_utils.AveragedModel(model)
     theirs = torch_swa.AveragedModel(model)
     train_and_average(model, [ours, theirs], steps=2)
@@ -377,7 +352,7 @@ def test_deepcopy_after_an_update_averages_the_model_it_is_given():
 def test_an_updated_averaged_model_can_be_pickled_whole(save, tmp_path):
     import pickle
 
-    model = small_bn_net()
+    model = bn_net()
     ours = swa_utils.AveragedModel(model)
     train_and_average(model, [ours], steps=2)
     if save == "pickle":
@@ -391,7 +366,7 @@ def test_an_updated_averaged_model_can_be_pickled_whole(save, tmp_path):
 
 
 def test_a_parameter_replaced_through_the_module_dict_is_followed():
-    model = small_bn_net()
+    model = bn_net()
     ours = swa_utils.AveragedModel(model)
     theirs = torch_swa.AveragedModel(model)
     train_and_average(model, [ours, theirs], steps=2)
@@ -402,7 +377,7 @@ def test_a_parameter_replaced_through_the_module_dict_is_followed():
 
 
 def test_to_with_overwritten_parameters_is_followed():
-    model = small_bn_net()
+    model = bn_net()
     ours = swa_utils.AveragedModel(model)
     theirs = torch_swa.AveragedModel(model)
     train_and_average(model, [ours, theirs], steps=2)
@@ -418,7 +393,7 @@ def test_to_with_overwritten_parameters_is_followed():
 
 
 def test_a_dtype_change_of_a_later_parameter_is_followed():
-    model = small_bn_net()
+    model = bn_net()
     ours = swa_utils.AveragedModel(model)
     theirs = torch_swa.AveragedModel(model)
     train_and_average(model, [ours, theirs], steps=2)

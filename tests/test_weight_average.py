@@ -12,37 +12,13 @@ from torch.optim import swa_utils as torch_swa
 
 from swa_fast import WeightAverage, swa_utils
 
+from helpers import bn_net, bn_net_inputs, train_with_updates
+
 STEPS = 12
 
 
-def bn_net(dtype=torch.float32):
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10), nn.BatchNorm1d(10)
-    ).to(dtype)
-
-
-def inputs(count, dtype=torch.float32, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(16, 3, 8, 8, generator=generator).to(dtype) for _ in range(count)]
-
-
 def train(model, updates, steps=STEPS, dtype=torch.float32, poison_at=None):
-    """SGD on random data; after every step each function in ``updates`` is called with the model."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for step, x in enumerate(inputs(steps, dtype)):
-        loss = model(x).float().square().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step == poison_at:
-            with torch.no_grad():
-                model[0].weight[0, 0, 0, 0] = float("nan")
-        for update in updates:
-            update(model)
-        if step == poison_at:
-            with torch.no_grad():
-                model[0].weight[0, 0, 0, 0] = 0.0
+    train_with_updates(model, updates, steps, dtype, poison_at)
 
 
 def averages_of(averaged_model, use_buffers):
@@ -184,7 +160,7 @@ def test_swapped_into_restores_when_the_block_raises():
     train(model, [average.update])
     before = snapshot(model)
     with pytest.raises(KeyError, match="inside"), average.swapped_into(model):
-        model(inputs(1)[0])
+        model(bn_net_inputs(1)[0])
         raise KeyError("inside")
     assert_bitwise(snapshot(model), before)
     average.update(model)  # usable again
@@ -196,13 +172,13 @@ def test_update_bn_inside_swapped_into_matches_averaged_model():
     shell = swa_utils.AveragedModel(model)
     train(model, [average.update, shell.update_parameters])
     before = snapshot(model)
-    loader = inputs(4, seed=7)
+    loader = bn_net_inputs(4, seed=7)
     swa_utils.update_bn(loader, shell)
     with average.swapped_into(model):
         swa_utils.update_bn(loader, model)
         assert_bitwise(snapshot(model), {k: v for k, v in shell.module.state_dict().items()})
         model.eval()
-        x = inputs(1, seed=9)[0]
+        x = bn_net_inputs(1, seed=9)[0]
         assert torch.equal(model(x), shell.eval()(x))
     model.train()
     assert_bitwise(snapshot(model), before)  # BN statistics of the average stay inside the block
@@ -213,7 +189,7 @@ def test_gradients_still_flow_after_swapping():
     average = WeightAverage(model)
     average.update(model)
     with average.swapped_into(model):
-        model(inputs(1)[0]).sum().backward()
+        model(bn_net_inputs(1)[0]).sum().backward()
     assert all(p.is_leaf and p.requires_grad and p.grad is not None for p in model.parameters())
 
 
