@@ -47,8 +47,8 @@ CSRC = ROOT / "csrc"
 
 
 def _build_facts():
-    """swa_fast/_build_facts.py, loaded by path: importing swa_fast would need the extension."""
-    spec = importlib.util.spec_from_file_location("_build_facts", ROOT / "swa_fast" / "_build_facts.py")
+    """swa_fast/ops/build_facts.py, loaded by path: importing swa_fast would need the extension."""
+    spec = importlib.util.spec_from_file_location("_build_facts", ROOT / "swa_fast" / "ops" / "build_facts.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

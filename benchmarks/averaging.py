@@ -30,7 +30,7 @@ from torch.optim import swa_utils as torch_swa_utils
 
 import swa_fast
 from swa_fast import swa_utils as fast_swa_utils
-from swa_fast._average_op import weight_tensor
+from swa_fast.ops.average import weight_tensor
 
 from benchmarks.cases import CASES, Case, make_model
 from benchmarks.harness import Candidate, copy_candidate, dtype_name

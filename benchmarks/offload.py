@@ -23,7 +23,7 @@ model and optimizer, in interleaved blocks (each round runs every mode for
   the averages on the GPU (one fused pass, no host sync).
 * ``offload``: the same with ``WeightAverage(..., device="cpu")``: the update copies the
   parameters to pinned host memory on a side stream and averages them on the host in a
-  worker thread; the training stream does not wait (``swa_fast/_offload.py``).
+  worker thread; the training stream does not wait (``swa_fast/averaging/offload.py``).
 
 Per mode and round: the wall-clock time of the timed steps divided by their number
 (synchronised before and after; the pipeline of offloaded updates is in flight at both
@@ -363,7 +363,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             print(SKIP_NO_CUDA, flush=True)
             return {"skipped": SKIP_NO_CUDA}
     import swa_fast
-    from swa_fast._build_facts import build_summary
+    from swa_fast.ops.build_facts import build_summary
 
     if args.device == "cuda" and not swa_fast.BUILD_INFO["cuda"] and "device" in args.modes:
         print("swa_fast is built without CUDA kernels: the 'device' mode is left out (build with SWA_FAST_CUDA=1 "

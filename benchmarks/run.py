@@ -54,7 +54,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/run.py`
 import torch
 
 import swa_fast
-from swa_fast._build_facts import build_summary
+from swa_fast.ops.build_facts import build_summary
 
 from benchmarks import averaging, distance, ghost_bn
 from benchmarks.harness import (

@@ -423,7 +423,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     import torch
 
     import swa_fast
-    from swa_fast._build_facts import build_summary
+    from swa_fast.ops.build_facts import build_summary
 
     config = {"set": args.set, "threads": args.threads, "candidates": args.candidates, "repeats": args.repeats,
               "warmup": args.warmup, "inner": args.inner, "target_ms": args.target_ms, "budget_s": args.budget,

@@ -51,7 +51,7 @@ TORCH_LIBRARY_FRAGMENT(swa_fast, m) {
 
 // The buffer update follows torch's in-place rules (inplace.h); the forward
 // and backward are functional (ghost_batch_norm has an autograd formula in
-// swa_fast/_ghost_bn_op.py).
+// swa_fast/ops/ghost_bn.py).
 TORCH_LIBRARY_IMPL(swa_fast, Autograd, m) {
   m.impl("ghost_batch_norm_update_stats_", inplace::autograd_kernel());
 }

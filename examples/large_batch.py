@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,10 +37,11 @@ from torch.optim.lr_scheduler import LRScheduler, MultiStepLR  # noqa: E402
 
 from swa_fast.regime import LinearWarmup, adapt_regime, sqrt_lr_scaling  # noqa: E402
 
-from recipe_lib.cli import RecipeSpec, apply_preset, base_parser, check_epochs, preset_help, run_recipe  # noqa: E402
-from recipe_lib.datasets import ImageDataset  # noqa: E402
-from recipe_lib.engine import Arm, ArmResult  # noqa: E402
-from recipe_lib.verdict import MeasuredSpread  # noqa: E402
+from recipe_lib.recipe import (  # noqa: E402
+    Arm, ArmResult, ImageDataset, MeasuredSpread, RecipeSpec, check_epochs, parse_recipe_args, recipe_main,
+    recipe_parser,
+)
+
 
 PRESETS = {
     # Under a minute on a 2-core CPU (also on the real 60k Fashion-MNIST: only the subsets are trained on): all
@@ -66,8 +66,7 @@ MEASURED_SPREAD = {"quick": MeasuredSpread({"SB (B=64)": 0.08, "LB (B=1024)": 0.
 
 def build_parser() -> argparse.ArgumentParser:
     """The recipe's command line (every preset-controlled option defaults to None until :func:`apply_preset`)."""
-    p = base_parser(__doc__.split("\n\n")[0], PRESETS, "large_batch")
-    h = partial(preset_help, PRESETS)
+    p, h = recipe_parser(__doc__, PRESETS, "large_batch")
     t = p.add_argument_group("regime (SGD, momentum 0.9, lr x0.1 at each milestone)")
     t.add_argument("--epochs", type=int, default=None, help=h("epochs", "E: epochs of the small-batch regime"))
     t.add_argument("--milestones", type=int, nargs="*", default=None, help=h("milestones", "lr decay epochs"))
@@ -86,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return apply_preset(build_parser().parse_args(argv), PRESETS)
+    return parse_recipe_args(build_parser(), PRESETS, argv)
 
 
 def _step_schedule(epochs: float, milestones: list[float], warmup_epochs: float):
@@ -163,8 +162,7 @@ SPEC = RecipeSpec("large_batch", "Train longer, generalize better: SB vs LB +LR 
 
 
 def main(argv: list[str] | None = None) -> int:
-    run_recipe(SPEC, parse_args(argv))
-    return 0
+    return recipe_main(SPEC, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,18 +39,11 @@ import torch  # noqa: E402
 
 from swa_fast.regime import SWAScheduleLR  # noqa: E402
 
-from recipe_lib.cli import (  # noqa: E402
-    RecipeSpec,
-    apply_preset,
-    base_parser,
-    check_epochs,
-    check_swa_start,
-    preset_help,
-    run_recipe,
+from recipe_lib.recipe import (  # noqa: E402
+    Arm, FGESettings, ImageDataset, MeasuredSpread, RecipeSpec, SWASettings, check_epochs, check_swa_start,
+    parse_recipe_args, recipe_main, recipe_parser,
 )
-from recipe_lib.datasets import ImageDataset  # noqa: E402
-from recipe_lib.engine import Arm, FGESettings, SWASettings  # noqa: E402
-from recipe_lib.verdict import MeasuredSpread  # noqa: E402
+
 
 # ``epochs`` is the budget B: SGD trains B epochs, the SWA run 1.5 B.
 PRESETS = {
@@ -109,8 +101,7 @@ def budget_label(fraction: float) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The recipe's command line (every preset-controlled option defaults to None until :func:`apply_preset`)."""
-    p = base_parser(__doc__.split("\n\n")[0], PRESETS, "swa_paper")
-    h = partial(preset_help, PRESETS)
+    p, h = recipe_parser(__doc__, PRESETS, "swa_paper")
     t = p.add_argument_group("training (SGD, momentum 0.9)")
     # One vocabulary across the recipes: --epochs; --budget (the paper's word) stays as an alias.
     t.add_argument("--epochs", "--budget", dest="epochs", type=int, default=None,
@@ -132,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return apply_preset(build_parser().parse_args(argv), PRESETS)
+    return parse_recipe_args(build_parser(), PRESETS, argv)
 
 
 def make_arms(args: argparse.Namespace, train: ImageDataset) -> list[Arm]:
@@ -191,8 +182,7 @@ SPEC = RecipeSpec("swa_paper", "SWA paper: SGD (budget 1) vs SWA (budgets 1, 1.2
 
 
 def main(argv: list[str] | None = None) -> int:
-    run_recipe(SPEC, parse_args(argv))
-    return 0
+    return recipe_main(SPEC, parse_args(argv))
 
 
 if __name__ == "__main__":

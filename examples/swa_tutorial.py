@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,18 +36,11 @@ from torch.optim.lr_scheduler import CosineAnnealingLR  # noqa: E402
 from swa_fast.regime import LinearWarmup  # noqa: E402
 from swa_fast.swa_utils import SWALR  # noqa: E402
 
-from recipe_lib.cli import (  # noqa: E402
-    RecipeSpec,
-    apply_preset,
-    base_parser,
-    check_epochs,
-    check_swa_start,
-    preset_help,
-    run_recipe,
+from recipe_lib.recipe import (  # noqa: E402
+    Arm, ImageDataset, MeasuredSpread, RecipeSpec, SWASettings, check_epochs, check_swa_start, parse_recipe_args,
+    recipe_main, recipe_parser,
 )
-from recipe_lib.datasets import ImageDataset  # noqa: E402
-from recipe_lib.engine import Arm, SWASettings  # noqa: E402
-from recipe_lib.verdict import MeasuredSpread  # noqa: E402
+
 
 PRESETS = {
     # Under a minute on a 2-core CPU (the real 60k Fashion-MNIST too: only the subsets are trained on): both
@@ -74,8 +66,7 @@ MEASURED_SPREAD = {"quick": MeasuredSpread({"baseline": 1.07, "SWA_8_0.0005": 0.
 
 def build_parser() -> argparse.ArgumentParser:
     """The recipe's command line (every preset-controlled option defaults to None until :func:`apply_preset`)."""
-    p = base_parser(__doc__.split("\n\n")[0], PRESETS, "swa_tutorial")
-    h = partial(preset_help, PRESETS)
+    p, h = recipe_parser(__doc__, PRESETS, "swa_tutorial")
     t = p.add_argument_group("training (Adam, cosine with linear warm-up)")
     t.add_argument("--epochs", type=int, default=None, help=h("epochs", "epochs of every arm"))
     t.add_argument("--batch-size", type=int, default=None, help=h("batch_size", "per-process batch size"))
@@ -101,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return apply_preset(build_parser().parse_args(argv), PRESETS)
+    return parse_recipe_args(build_parser(), PRESETS, argv)
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -179,8 +170,7 @@ SPEC = RecipeSpec("swa_tutorial", "SWA tutorial: baseline (Adam, cosine) vs SWA 
 
 
 def main(argv: list[str] | None = None) -> int:
-    run_recipe(SPEC, parse_args(argv))
-    return 0
+    return recipe_main(SPEC, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ FSDP2-sharded, offloaded to host memory), with ``swapped_into`` for evaluation.
 __version__ = "0.1.0"
 
 from swa_fast import checkpoint_average, distance, nn, regime, swa_utils  # noqa: E402
-from swa_fast._average_op import average_, average_moments_, nonfinite_flag  # noqa: E402
-from swa_fast._ops import BUILD_INFO  # noqa: E402  (loads _C and registers every op)
-from swa_fast.weight_average import WeightAverage  # noqa: E402
+from swa_fast.ops.average import average_, average_moments_, nonfinite_flag  # noqa: E402
+from swa_fast.ops import BUILD_INFO  # noqa: E402  (loads _C and registers every op)
+from swa_fast.averaging import WeightAverage  # noqa: E402
 
 __all__ = [
     "BUILD_INFO",

@@ -55,7 +55,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from swa_fast._average_op import average_, is_fusable_pair
+from swa_fast.ops.average import average_, is_fusable_pair
 
 __all__ = ["CheckpointError", "average_checkpoints", "extract_state_dict", "save_atomic", "COMMON_KEYS"]
 

@@ -28,8 +28,8 @@ from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from swa_fast._distance_op import Distances, combine_shard_norms, distance_norms
-from swa_fast._sharding import layout_of, local_part, local_tensor, reshard, shard_groups
+from swa_fast.ops.distance import Distances, combine_shard_norms, distance_norms
+from swa_fast.averaging.sharding import layout_of, local_part, local_tensor, reshard, shard_groups
 
 __all__ = [
     "Distances",

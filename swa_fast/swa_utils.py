@@ -50,7 +50,7 @@ from torch.nn import Module
 from torch.optim import swa_utils as _torch_swa_utils
 from torch.optim.swa_utils import SWALR, get_ema_avg_fn, get_swa_avg_fn
 
-from swa_fast._multi_avg_fns import (  # noqa: F401  (the Fused/SWA/EMA classes are re-exported)
+from swa_fast.averaging.schedules import (  # noqa: F401  (the Fused/SWA/EMA classes are re-exported)
     PARAM_LIST,
     EMAMultiAvgFn,
     FusedMultiAvgFn,
@@ -58,10 +58,10 @@ from swa_fast._multi_avg_fns import (  # noqa: F401  (the Fused/SWA/EMA classes 
     get_ema_multi_avg_fn,
     get_swa_multi_avg_fn,
 )
-from swa_fast._sharding import is_dtensor
-from swa_fast._update_bn import update_bn
-from swa_fast._update_step import any_nonfinite
-from swa_fast.weight_average import WeightAverage, check_avg_dtype, parse_device
+from swa_fast.averaging.sharding import is_dtensor
+from swa_fast.averaging.update_bn import update_bn
+from swa_fast.averaging.step import any_nonfinite
+from swa_fast.averaging.weight_average import WeightAverage, check_avg_dtype, parse_device
 
 __all__ = [
     "AveragedModel",
@@ -113,7 +113,7 @@ class AveragedModel(_torch_swa_utils.AveragedModel):
     between calls, and check cheaply before every update that the cache still
     describes both models: any replaced parameter or buffer, a new dtype or device
     of any of them (``.to()``, ``.half()``, ``param.data = ...``), or a structural
-    change rebuilds it (``swa_fast/_update_plan.py``). Copies (``copy.deepcopy``)
+    change rebuilds it (``swa_fast/averaging/plan.py``). Copies (``copy.deepcopy``)
     and pickles of an ``AveragedModel`` leave the cache behind.
     """
 

@@ -253,7 +253,7 @@ FLOAT8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", FLOAT8)
 def test_float8_has_no_fused_kernel_and_is_refused_clearly(device, dtype):
-    from swa_fast._average_op import is_fusable_pair
+    from swa_fast.ops.average import is_fusable_pair
 
     averaged = torch.tensor([1.0, 2.0], device=device).to(dtype)
     current = torch.tensor([3.0, 4.0], device=device).to(dtype)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import swa_fast
-from swa_fast._build_facts import build_summary
+from swa_fast.ops.build_facts import build_summary
 
 from benchmarks import averaging, harness
 from benchmarks import cases as bench_cases

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import swa_fast
-from swa_fast import _ops
+from swa_fast import ops as _ops
 from swa_fast.__main__ import info_lines, main
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import swa_fast  # noqa: F401  (loads the op)
-from swa_fast._distance_op import distance_norms
+from swa_fast.ops.distance import distance_norms
 
 from distance_reference import distance_reference
 from helpers import devices, make

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import swa_fast
-from swa_fast import _launch_plan as planner
+from swa_fast.ops import launch_plan as planner
 
 BUDGETS = [4096, 32768]
 DEPTHS = [1, 2, 3, 4]

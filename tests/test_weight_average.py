@@ -312,7 +312,7 @@ def test_offload_pipeline_applies_every_update_in_order_on_its_worker(monkeypatc
     the waits of every reader, without the device copies."""
     import threading
 
-    from swa_fast import _update_step
+    from swa_fast.averaging import step as _update_step
 
     model = bn_net()
     fn = swa_utils.get_ema_multi_avg_fn(0.9)
@@ -327,9 +327,10 @@ def test_offload_pipeline_applies_every_update_in_order_on_its_worker(monkeypatc
 
     piped._plan_for(model)
     piped._plan_offloads = True  # as for a CUDA model with device="cpu"
-    monkeypatch.setattr("swa_fast.weight_average.fused_update", recording)
+    monkeypatch.setattr("swa_fast.averaging.weight_average.fused_update", recording)
     train(model, [direct.update, piped.update], poison_at=3)
     assert piped._offload is not None
+    piped.synchronize()  # the worker may still be applying the last update
     # direct's updates run here, piped's on the worker
     assert sorted(set(threads)) == ["MainThread", "swa_fast-offload_0"]
     assert threads.count("swa_fast-offload_0") == threads.count("MainThread") == STEPS
@@ -346,7 +347,7 @@ def test_offload_pipeline_reports_a_workers_error_to_the_next_reader(monkeypatch
     def failing(*args, **kwargs):
         raise RuntimeError("worker failed")
 
-    monkeypatch.setattr("swa_fast.weight_average.fused_update", failing)
+    monkeypatch.setattr("swa_fast.averaging.weight_average.fused_update", failing)
     piped.update(model)  # returns: the failure happens on the worker
     with pytest.raises(RuntimeError, match="worker failed"):
         piped.state_dict()

@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from swa_fast import swa_utils  # noqa: E402
-from swa_fast._distance_op import distance_norms  # noqa: E402
+from swa_fast.ops.distance import distance_norms  # noqa: E402
 from swa_fast.nn import convert_ghost_batchnorm  # noqa: E402
 
 BATCH, GHOST, WARMUP, REPLAYS, NO_SYNC_STEPS = 32, 8, 3, 5, 5

@@ -5,7 +5,7 @@
 
 Sizes are small (the sanitizer slows kernels by 10-100x) except the two that
 must be large: a tensor cut across launches and more tensors than one launch
-holds, both derived from the build's launch limits (swa_fast._launch_plan.launch_limits).
+holds, both derived from the build's launch limits (swa_fast.ops.launch_plan.launch_limits).
 Every result is also compared with the CPU kernels' (on CUDA) or with a
 pure-torch reference (on the CPU), so a wrong answer fails here too, not only
 a bad memory access. Exit status 1 if any case raised or differed.
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import swa_fast  # noqa: E402
-from swa_fast._launch_plan import launch_limits  # noqa: E402
+from swa_fast.ops.launch_plan import launch_limits  # noqa: E402
 
 OPS = torch.ops.swa_fast
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

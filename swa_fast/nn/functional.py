@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from swa_fast import _ghost_bn_op  # noqa: F401  (registers the fake kernels and autograd)
+from swa_fast.ops import ghost_bn as _ghost_bn_op  # noqa: F401  (registers the fake kernels and autograd)
 
 STATS_MODES = ("per_ghost", "averaged")
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from swa_fast._update_plan import GroupCurrents, UpdatePlan
+from swa_fast.averaging.plan import GroupCurrents, UpdatePlan
 
 STAGING_SETS = 2
 

@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from swa_fast._average_op import average_
+from swa_fast.ops.average import average_
 
 PARAM_LIST = Union[Tuple[Tensor, ...], List[Tensor]]
 

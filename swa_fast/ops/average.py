@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from swa_fast._ops import _C
+from swa_fast.ops import _C
 
 
 @torch.library.register_fake("swa_fast::average_")
@@ -78,7 +78,7 @@ def average_(
     One fused pass over the whole list (CPU: threads over chunks of all
     tensors; CUDA: multi-tensor-apply launches of up to 320 chunks of 64k
     elements and 53 to 117 tensors each with the default 4 KB kernel arguments,
-    one group of launches per dtype pair; see swa_fast._launch_plan).
+    one group of launches per dtype pair; see swa_fast.ops.launch_plan).
 
     Args:
         averaged: the running averages, updated in place. fp32/fp64/fp16/bf16;

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
 
-from swa_fast._ops import _C, BUILD_INFO
+from swa_fast.ops import _C, BUILD_INFO
 
 
 def launch_limits(arg_bytes: Optional[int] = None) -> Dict[str, object]:

@@ -19,8 +19,8 @@ from typing import Dict, Iterator, List, Tuple
 from torch import Tensor
 from torch.nn import Module
 
-from swa_fast._sharding import local_tensor
-from swa_fast._update_plan import Entry, PlanEntries, Slot, tensor_slots
+from swa_fast.averaging.sharding import local_tensor
+from swa_fast.averaging.plan import Entry, PlanEntries, Slot, tensor_slots
 
 
 def named_tensor_slots(module: Module, kind: str) -> Iterator[Tuple[str, Slot, Tensor]]:

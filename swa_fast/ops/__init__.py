@@ -1,9 +1,10 @@
-"""Loads ``swa_fast._C`` and imports every op module, in one place.
+"""The op bindings: loads ``swa_fast._C`` and imports every op module, in one place.
 
-Importing this module is what makes ``torch.ops.swa_fast.*`` exist, with their
-fake kernels, autograd formulas and Python wrappers (one module per op:
-``_average_op``, ``_ghost_bn_op``, ``_distance_op``; ``_launch_plan`` exposes
-the CUDA harness's planning). It fails with an ImportError that says how to
+The lowest Python layer: it imports nothing else of swa_fast. Importing it is what
+makes ``torch.ops.swa_fast.*`` exist, with their fake kernels, autograd formulas and
+Python wrappers (one module per op: ``average``, ``ghost_bn``, ``distance``;
+``launch_plan`` exposes the CUDA harness's planning; ``build_facts`` is what setup.py
+and the loader both need to know about a build). It fails with an ImportError that says how to
 build when the extension is missing, was built for another torch, or was built
 from other sources than this checkout. Nothing but these modules touches ``_C``.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from swa_fast._build_facts import host_has_avx2_fma, source_hash
+from swa_fast.ops.build_facts import host_has_avx2_fma, source_hash
 
 BUILD_COMMAND = "pip install --no-build-isolation -e ."
 _BUILD_HELP = (
@@ -38,7 +39,7 @@ def _load_extension():
             f"swa_fast._C was built for torch {info['torch_version']} but torch {torch.__version__} is "
             f"installed; rebuild it.\n{_BUILD_HELP}"
         )
-    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    csrc = Path(__file__).resolve().parents[2] / "csrc"
     if csrc.is_dir() and os.environ.get("SWA_FAST_SKIP_SOURCE_CHECK") != "1":
         current = source_hash(csrc, with_cuda=info["cuda"])
         if current != info["source_hash"]:
@@ -59,4 +60,4 @@ _C = _load_extension()
 BUILD_INFO: dict = dict(_C.build_info())
 
 # Every op module, once _C exists (they import it from here).
-from swa_fast import _average_op, _distance_op, _ghost_bn_op, _launch_plan  # noqa: E402,F401
+from swa_fast.ops import average, distance, ghost_bn, launch_plan  # noqa: E402,F401

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from swa_fast._ops import _C
+from swa_fast.ops import _C
 
 
 def _is_static(*values) -> bool:

@@ -11,10 +11,10 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from swa_fast._average_op import nonfinite_flag
-from swa_fast._multi_avg_fns import DEFAULT_SWA, FusedMultiAvgFn
-from swa_fast._sharding import any_across
-from swa_fast._update_plan import GroupCurrents, UpdatePlan, by_device, lerp_fallback
+from swa_fast.ops.average import nonfinite_flag
+from swa_fast.averaging.schedules import DEFAULT_SWA, FusedMultiAvgFn
+from swa_fast.averaging.sharding import any_across
+from swa_fast.averaging.plan import GroupCurrents, UpdatePlan, by_device, lerp_fallback
 
 MultiAvgFn = Callable[[List[Tensor], List[Tensor], Tensor], None]
 

@@ -15,8 +15,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from swa_fast._ops import _C
-from swa_fast._sharding import ShardGroup, is_dtensor, layout_of, local_tensor, shard_groups, sum_over_shards
+from swa_fast.ops import _C
+from swa_fast.averaging.sharding import ShardGroup, is_dtensor, layout_of, local_tensor, shard_groups, sum_over_shards
 
 _RESULT_DTYPES = {"Float": torch.float32, "Double": torch.float64}
 

@@ -15,7 +15,7 @@ added or removed in the dicts it walked. New submodules registered through
 For an FSDP2 parameter (a DTensor) the plan holds its local shard, and checks
 that the DTensor still holds that shard.
 
-Which tensors pair with which is the store's business (``_average_stores.py``):
+Which tensors pair with which is the store's business (``stores.py``):
 by position for ``AveragedModel`` (as torch pairs them), by name for
 ``WeightAverage``. A plan is built from the entries a store lists.
 """
@@ -32,9 +32,9 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from swa_fast import _registry
-from swa_fast._average_op import average_, dtypes_and_devices, is_fusable_pair
-from swa_fast._sharding import is_dtensor, local_tensor, meshes_of
+from swa_fast.averaging import registry as _registry
+from swa_fast.ops.average import average_, dtypes_and_devices, is_fusable_pair
+from swa_fast.averaging.sharding import is_dtensor, local_tensor, meshes_of
 
 # A tensor's slot: the module dict that holds it, and its key there.
 Slot = Tuple[Dict[str, Optional[Tensor]], str]

@@ -1,0 +1,19 @@
+"""The averaging core: every running average of a model's weights is computed here.
+
+Layers, each importing only downward:
+
+* :mod:`~swa_fast.averaging.schedules`: the averaging weights (SWA, EMA), computed on the device;
+* :mod:`~swa_fast.averaging.stores`, :mod:`~swa_fast.averaging.plan`,
+  :mod:`~swa_fast.averaging.step`: which tensors pair, the cached self-checking tensor lists, and
+  the one update (fused, or torch-style for a user's ``multi_avg_fn``);
+* :mod:`~swa_fast.averaging.sharding` (FSDP2 shards), :mod:`~swa_fast.averaging.offload` (host
+  averages of a GPU model), :mod:`~swa_fast.averaging.update_bn`;
+* :mod:`~swa_fast.averaging.weight_average`: :class:`WeightAverage`, the public face of the core.
+
+The public faces (``swa_fast.swa_utils`` and the rest) sit on top of this package; the op
+bindings (``swa_fast.ops``) below it.
+"""
+
+from swa_fast.averaging.weight_average import WeightAverage
+
+__all__ = ["WeightAverage"]
