@@ -6,7 +6,7 @@ Usage (from the repository root)::
     python benchmarks/readme_tables.py --write    # rewrite README.md's table blocks in place
     python benchmarks/readme_tables.py --check    # exit 1 with a diff when README.md differs
 
-One table per suite (``averaging``, ``ghost_bn``, ``distance``) per results file,
+One table per suite (``averaging``, ``multi``, ``ghost_bn``, ``distance``) per results file,
 each followed by a line naming the device, torch, commit and date of its run.
 In README.md a table lives between two marker comments named by the suite and
 the results file's stem::
@@ -257,8 +257,34 @@ DISTANCE = SuiteTable(
     ],
 )
 
+def multi_label(case: Case) -> str:
+    """``ResNet-50 (25.6M fp32), K = 3``."""
+    return (f"{model_name(case)} ({param_count(case['num_params'])} {short_dtype(case['model_dtype'])}), "
+            f"K = {case['k']}")
+
+
+def multi_vs_bound(case: Case) -> str:
+    """The fused pass's gain over K separate averages, against what the byte count allows."""
+    value = ratio(case, "multi_average", "weight_averages")
+    bound = case["byte_ratio"]
+    return "" if value is None else f"{value:.2f}x of {bound:.2f}x ({100 * value / bound:.0f}%)"
+
+
+MULTI = SuiteTable(
+    "parameter set, K EMAs",
+    multi_label,
+    [
+        Column("K torch `AveragedModel` EMAs", ms_cell("torch_emas")),
+        Column("K `WeightAverage`s", ms_cell("weight_averages")),
+        Column("`MultiAverage` (one pass)", ms_cell("multi_average")),
+        Column("vs K `WeightAverage`s, of the byte-count bound 12K/(4+8K)", multi_vs_bound),
+        Column("vs torch", lambda case: format_ratio(ratio(case, "multi_average", "torch_emas"), 2)),
+        Column("memcpy of the model", ms_cell("copy")),
+    ],
+)
+
 # In README order; a suite of run.py without an entry here gets no table.
-TABLES: Dict[str, SuiteTable] = {"averaging": AVERAGING, "ghost_bn": GHOST_BN, "distance": DISTANCE}
+TABLES: Dict[str, SuiteTable] = {"averaging": AVERAGING, "multi": MULTI, "ghost_bn": GHOST_BN, "distance": DISTANCE}
 
 
 # ---------------------------------------------------------------------------

@@ -56,7 +56,7 @@ import torch
 import swa_fast
 from swa_fast.ops.build_facts import build_summary
 
-from benchmarks import averaging, distance, ghost_bn
+from benchmarks import averaging, distance, ghost_bn, multi
 from benchmarks.harness import (
     MIN_REPEATS,
     device_info,
@@ -76,6 +76,7 @@ from benchmarks.harness import (
 # SPEEDUPS, build_candidates(case, device), describe(case) and header_lines(case, label).
 SUITES: Dict[str, ModuleType] = {
     "averaging": averaging,
+    "multi": multi,
     "ghost_bn": ghost_bn,
     "distance": distance,
 }

@@ -7,6 +7,9 @@
 #include <ATen/ops/view_as_real.h>
 #include <c10/util/Exception.h>
 
+#include <string>
+#include <vector>
+
 #include "bindings.h"
 #include "dense_layout.h"
 #include "dtypes.h"
@@ -22,6 +25,13 @@ TORCH_LIBRARY_FRAGMENT(swa_fast, m) {
   // skip: optional 0-dim bool on the same device; when true nothing changes
   // (read on the device, so the decision costs no host sync).
   m.def("average_(Tensor(a!)[] averaged, Tensor[] current, Tensor weight, Tensor? skip=None) -> ()");
+  // K averages of the same tensors from one read of them: with K = weights.numel() and
+  // N = len(current), averaged is K lists of N tensors, flat and k-major, and
+  // averaged[k * N + i] = lerp(averaged[k * N + i], current[i], weights[k]) with exactly
+  // average_'s arithmetic (average k is bitwise what average_(list k, current, weights[k])
+  // gives). weights: 1-D float32/float64 on the averaged device, read there. Every average
+  // of current[i] matches averaged[i] in shape, strides, dtype and device. skip as above.
+  m.def("multi_average_(Tensor(a!)[] averaged, Tensor[] current, Tensor weights, Tensor? skip=None) -> ()");
   // SWAG moments in the same pass: mean[i] = lerp(mean[i], x, w) and
   // sq_mean[i] = lerp(sq_mean[i], x*x, w) with x = current[i]. Everything is
   // computed in the arithmetic type (fp32; fp64 for fp64) and rounded once to
@@ -40,11 +50,13 @@ TORCH_LIBRARY_FRAGMENT(swa_fast, m) {
 // The in-place ops follow torch's in-place rules (inplace.h).
 TORCH_LIBRARY_IMPL(swa_fast, Autograd, m) {
   m.impl("average_", inplace::autograd_kernel());
+  m.impl("multi_average_", inplace::autograd_kernel());
   m.impl("average_moments_", inplace::autograd_kernel());
 }
 
 TORCH_LIBRARY_IMPL(swa_fast, ADInplaceOrView, m) {
   m.impl("average_", inplace::inplace_or_view_kernel());
+  m.impl("multi_average_", inplace::inplace_or_view_kernel());
   m.impl("average_moments_", inplace::inplace_or_view_kernel());
 }
 
@@ -56,21 +68,39 @@ void check_same_device(const char* op, const at::Tensor& t, const char* list, si
       "; all tensors of one call must be on one device");
 }
 
+void check_weight_dtype(const char* op, const char* name, const at::Tensor& weight) {
+  TORCH_CHECK(
+      weight.scalar_type() == c10::ScalarType::Float || weight.scalar_type() == c10::ScalarType::Double, op, ": ",
+      name, " must be float32 or float64, got ", weight.scalar_type());
+}
+
+// The device, and on the CPU the range of every value. Reading a CPU tensor
+// is free; a device one would cost a sync, so the range of device weights is
+// the caller's promise (the Python API checks Python floats before they
+// become tensors).
+void check_weight_device_and_range(
+    const char* op,
+    const char* name,
+    const at::Tensor& weight,
+    c10::Device device,
+    bool read_value) {
+  TORCH_CHECK(
+      weight.device() == device, op, ": ", name, " is on ", weight.device(), " but the averaged tensors are on ",
+      device, "; create it there (e.g. torch.tensor(w, device=...))");
+  if (read_value && weight.is_cpu()) {
+    const std::vector<double> values = read_weights(weight);
+    for (size_t k = 0; k < values.size(); ++k) {
+      TORCH_CHECK(
+          values[k] >= 0.0 && values[k] <= 1.0, op, ": ", name, weight.dim() == 0 ? "" : "[" + std::to_string(k) + "]",
+          " must be in [0, 1], got ", values[k]);
+    }
+  }
+}
+
 void check_weight(const char* op, const at::Tensor& weight, c10::Device device, bool read_value) {
   TORCH_CHECK(weight.dim() == 0, op, ": weight must be a 0-dim tensor, got shape ", weight.sizes());
-  TORCH_CHECK(
-      weight.scalar_type() == c10::ScalarType::Float || weight.scalar_type() == c10::ScalarType::Double, op,
-      ": weight must be float32 or float64, got ", weight.scalar_type());
-  TORCH_CHECK(
-      weight.device() == device, op, ": weight is on ", weight.device(), " but the averaged tensors are on ",
-      device, "; create it there (e.g. torch.tensor(w, device=...))");
-  // Reading a CPU scalar is free; a device scalar would cost a sync, so the
-  // range of a device weight is the caller's promise (the Python API checks
-  // Python floats before they become tensors).
-  if (read_value && weight.is_cpu()) {
-    const double w = weight.item<double>();
-    TORCH_CHECK(w >= 0.0 && w <= 1.0, op, ": weight must be in [0, 1], got ", w);
-  }
+  check_weight_dtype(op, "weight", weight);
+  check_weight_device_and_range(op, "weight", weight, device, read_value);
 }
 
 void check_skip(const char* op, const std::optional<at::Tensor>& skip, c10::Device device) {
@@ -82,6 +112,36 @@ void check_skip(const char* op, const std::optional<at::Tensor>& skip, c10::Devi
       ": skip must be a 0-dim bool tensor, got dtype ", skip->scalar_type(), " and shape ", skip->sizes());
   TORCH_CHECK(
       skip->device() == device, op, ": skip is on ", skip->device(), " but the averaged tensors are on ", device);
+}
+
+// The checks of one (averaged[i], current[i]) pair, shared by every averaging op.
+void check_pair(const char* op, const at::Tensor& avg, const at::Tensor& cur, size_t i, c10::Device device) {
+  check_same_device(op, avg, "averaged", i, device);
+  check_same_device(op, cur, "current", i, device);
+  TORCH_CHECK(
+      avg.sizes() == cur.sizes(), op, ": shape mismatch at index ", i, ": averaged[", i, "] has shape ",
+      avg.sizes(), " but current[", i, "] has shape ", cur.sizes());
+  TORCH_CHECK(
+      !at::isComplexType(avg.scalar_type()), op, ": averaged[", i, "] is complex (", avg.scalar_type(),
+      "), which swa_fast does not average");
+  TORCH_CHECK(
+      has_average_kernel(avg.scalar_type()) && has_average_kernel(cur.scalar_type()), op, ": averaged[", i,
+      "] is ", avg.scalar_type(), " and current[", i, "] is ", cur.scalar_type(),
+      "; swa_fast averages float16, bfloat16, float32 and float64 tensors and copies integer and bool ones "
+      "(AveragedModel sends other dtypes through torch's own lerp)");
+  const bool avg_floating = at::isFloatingType(avg.scalar_type());
+  TORCH_CHECK(
+      avg_floating || !at::isFloatingType(cur.scalar_type()), op, ": averaged[", i, "] has non-floating dtype ",
+      avg.scalar_type(), " but current[", i, "] is ", cur.scalar_type(),
+      "; a running average needs a floating averaged tensor (integer/bool tensors are only copied, "
+      "from a tensor of the same dtype)");
+  TORCH_CHECK(
+      is_supported_dtype_pair(avg.scalar_type(), cur.scalar_type()), op, ": averaged[", i, "] has dtype ",
+      avg.scalar_type(), " but current[", i, "] has dtype ", cur.scalar_type(),
+      "; current must have the averaged dtype or a lower-precision floating dtype");
+  TORCH_CHECK(
+      avg.is_non_overlapping_and_dense(), op, ": averaged[", i,
+      "] is a strided view (not dense); averages must be whole tensors, e.g. parameters or .contiguous() copies");
 }
 
 }  // namespace
@@ -134,36 +194,12 @@ void validate_average_args(
 
   for (size_t i = 0; i < averaged.size(); ++i) {
     const at::Tensor& avg = averaged[i];
-    const at::Tensor& cur = current[i];
-    check_same_device(op, avg, "averaged", i, device);
-    check_same_device(op, cur, "current", i, device);
-    TORCH_CHECK(
-        avg.sizes() == cur.sizes(), op, ": shape mismatch at index ", i, ": averaged[", i, "] has shape ",
-        avg.sizes(), " but current[", i, "] has shape ", cur.sizes());
-    TORCH_CHECK(
-        !at::isComplexType(avg.scalar_type()), op, ": averaged[", i, "] is complex (", avg.scalar_type(),
-        "), which swa_fast does not average");
-    TORCH_CHECK(
-        has_average_kernel(avg.scalar_type()) && has_average_kernel(cur.scalar_type()), op, ": averaged[", i,
-        "] is ", avg.scalar_type(), " and current[", i, "] is ", cur.scalar_type(),
-        "; swa_fast averages float16, bfloat16, float32 and float64 tensors and copies integer and bool ones "
-        "(AveragedModel sends other dtypes through torch's own lerp)");
-    const bool avg_floating = at::isFloatingType(avg.scalar_type());
-    TORCH_CHECK(
-        avg_floating || !at::isFloatingType(cur.scalar_type()), op, ": averaged[", i, "] has non-floating dtype ",
-        avg.scalar_type(), " but current[", i, "] is ", cur.scalar_type(),
-        "; a running average needs a floating averaged tensor (integer/bool tensors are only copied, "
-        "from a tensor of the same dtype)");
-    TORCH_CHECK(
-        is_supported_dtype_pair(avg.scalar_type(), cur.scalar_type()), op, ": averaged[", i, "] has dtype ",
-        avg.scalar_type(), " but current[", i, "] has dtype ", cur.scalar_type(),
-        "; current must have the averaged dtype or a lower-precision floating dtype");
-    TORCH_CHECK(
-        avg.is_non_overlapping_and_dense(), op, ": averaged[", i,
-        "] is a strided view (not dense); averages must be whole tensors, e.g. parameters or .contiguous() copies");
+    check_pair(op, avg, current[i], i, device);
     if (with_moments) {
       const at::Tensor& sq = sq_mean[i];
-      TORCH_CHECK(avg_floating, op, ": mean[", i, "] has dtype ", avg.scalar_type(), "; moments need floating tensors");
+      TORCH_CHECK(
+          at::isFloatingType(avg.scalar_type()), op, ": mean[", i, "] has dtype ", avg.scalar_type(),
+          "; moments need floating tensors");
       check_same_device(op, sq, "sq_mean", i, device);
       TORCH_CHECK(
           sq.sizes() == avg.sizes() && sq.strides() == avg.strides() && sq.scalar_type() == avg.scalar_type(), op,
@@ -188,18 +224,13 @@ void validate_average_args(
   }
 }
 
-std::vector<at::Tensor> check_average_args(
-    const char* op,
-    at::TensorList averaged,
-    at::TensorList sq_mean,
-    bool with_moments,
-    at::TensorList current,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& skip) {
-  validate_average_args(op, averaged, sq_mean, with_moments, current, weight, skip, /*read_weight_value=*/true);
+namespace {
+
+// current[i] laid out exactly like averaged[i] (see check_average_args).
+std::vector<at::Tensor> laid_out_like(at::TensorList averaged, at::TensorList current) {
   std::vector<at::Tensor> laid_out;
   laid_out.reserve(current.size());
-  for (size_t i = 0; i < averaged.size(); ++i) {
+  for (size_t i = 0; i < current.size(); ++i) {
     const at::Tensor& avg = averaged[i];
     const at::Tensor& cur = current[i];
     if (avg.numel() <= 1 || same_dense_layout(avg, cur)) {
@@ -213,6 +244,99 @@ std::vector<at::Tensor> check_average_args(
     }
   }
   return laid_out;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> check_average_args(
+    const char* op,
+    at::TensorList averaged,
+    at::TensorList sq_mean,
+    bool with_moments,
+    at::TensorList current,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& skip) {
+  validate_average_args(op, averaged, sq_mean, with_moments, current, weight, skip, /*read_weight_value=*/true);
+  return laid_out_like(averaged, current);
+}
+
+void validate_multi_average_args(
+    const char* op,
+    at::TensorList averaged,
+    at::TensorList current,
+    const at::Tensor& weights,
+    const std::optional<at::Tensor>& skip,
+    bool read_weight_value) {
+  // The weights first: their count says how the flat list splits.
+  TORCH_CHECK(
+      weights.dim() == 1, op, ": weights must be a 1-D tensor (one weight per list of averages), got shape ",
+      weights.sym_sizes());
+  check_weight_dtype(op, "weights", weights);
+  // Under torch.compile with dynamic shapes the count may be symbolic; the
+  // list lengths it must divide are not, so it is specialized (guarded) here.
+  const auto count = static_cast<size_t>(weights.sym_numel().guard_int(__FILE__, __LINE__));
+  TORCH_CHECK(count >= 1, op, ": weights is empty; pass one weight per list of averages (at least one)");
+  TORCH_CHECK(
+      averaged.size() % count == 0, op, ": averaged has ", averaged.size(), " tensors, not a multiple of the ", count,
+      " weights (averaged is the ", count, " lists of averages, one per weight, flattened list after list)");
+  const size_t n = averaged.size() / count;
+  TORCH_CHECK(
+      current.size() == n, op, ": averaged has ", averaged.size(), " tensors (", count, " weights x ", n,
+      ") but current has ", current.size());
+  if (n == 0) {
+    return;  // an empty update is a no-op, not an error
+  }
+  const c10::Device device = averaged[0].device();
+  check_weight_device_and_range(op, "weights", weights, device, read_weight_value);
+  check_skip(op, skip, device);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& avg = averaged[i];
+    check_pair(op, avg, current[i], i, device);
+    for (size_t k = 1; k < count; ++k) {
+      const size_t j = k * n + i;
+      const at::Tensor& other = averaged[j];
+      TORCH_CHECK(
+          other.device() == avg.device() && other.sizes() == avg.sizes() && other.strides() == avg.strides() &&
+              other.scalar_type() == avg.scalar_type(),
+          op, ": averaged[", j, "] (average ", k, " of current[", i, "]) must match averaged[", i,
+          "] in shape, strides, dtype and device; got shape ", other.sizes(), ", strides ", other.strides(), ", ",
+          other.scalar_type(), " on ", other.device(), " for averaged[", i, "]'s ", avg.sizes(), ", ", avg.strides(),
+          ", ", avg.scalar_type(), " on ", avg.device());
+    }
+  }
+  // No exception for an average being its current tensor: with several
+  // averages per tensor, a later one would read what an earlier one wrote.
+  const at::TensorList skip_list = skip.has_value() ? at::TensorList(*skip) : at::TensorList();
+  check_no_overlap(
+      op, {{"averaged", averaged, true}, {"current", current, false}, {"weights", weights, false, false, false},
+           {"skip", skip_list, false, false, false}});
+}
+
+std::vector<at::Tensor> check_multi_average_args(
+    const char* op,
+    at::TensorList averaged,
+    at::TensorList current,
+    const at::Tensor& weights,
+    const std::optional<at::Tensor>& skip) {
+  validate_multi_average_args(op, averaged, current, weights, skip, /*read_weight_value=*/true);
+  return laid_out_like(averaged, current);
+}
+
+std::vector<double> read_weights(const at::Tensor& weights) {
+  TORCH_CHECK(weights.is_cpu(), "read_weights: the weights are on ", weights.device(), ", not the CPU");
+  std::vector<double> values(static_cast<size_t>(weights.numel()));
+  const int64_t stride = weights.dim() == 0 ? 0 : weights.stride(0);
+  const auto read = [&](const auto* data) {
+    for (size_t k = 0; k < values.size(); ++k) {
+      values[k] = static_cast<double>(data[static_cast<int64_t>(k) * stride]);
+    }
+  };
+  if (weights.scalar_type() == c10::ScalarType::Double) {
+    read(weights.const_data_ptr<double>());
+  } else {
+    read(weights.const_data_ptr<float>());
+  }
+  return values;
 }
 
 std::vector<at::Tensor> nonfinite_inputs(at::TensorList tensors) {
@@ -265,6 +389,13 @@ void bind_average(pybind11::module_& m) {
             op.c_str(), averaged, sq_mean, with_moments, current, weight, skip, /*read_weight_value=*/false);
       },
       "The kernels' argument checks on metadata only (for the fake kernels)");
+  m.def(
+      "validate_multi_average_args",
+      [](const std::string& op, const std::vector<at::Tensor>& averaged, const std::vector<at::Tensor>& current,
+         const at::Tensor& weights, const std::optional<at::Tensor>& skip) {
+        validate_multi_average_args(op.c_str(), averaged, current, weights, skip, /*read_weight_value=*/false);
+      },
+      "multi_average_'s argument checks on metadata only (for its fake kernel)");
   m.def(
       "check_nonfinite_args", [](const std::vector<at::Tensor>& tensors) { check_nonfinite_args(tensors); },
       "nonfinite_flag's argument checks (for its fake kernel)");

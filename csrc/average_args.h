@@ -54,6 +54,33 @@ std::vector<at::Tensor> check_average_args(
     const at::Tensor& weight,
     const std::optional<at::Tensor>& skip);
 
+// Every check of multi_average_: averaged is weights.numel() lists of
+// current.size() tensors, flat and k-major; each average of current[i]
+// matches averaged[i] (which passes average_'s pair checks) in shape, strides,
+// dtype and device; weights is 1-D float32/float64, non-empty, on the device
+// (on the CPU, with `read_weight_value`, each in [0, 1]); no written tensor
+// shares memory with another tensor of the call. Metadata only otherwise.
+void validate_multi_average_args(
+    const char* op,
+    at::TensorList averaged,
+    at::TensorList current,
+    const at::Tensor& weights,
+    const std::optional<at::Tensor>& skip,
+    bool read_weight_value);
+
+// validate_multi_average_args, then current laid out like the first list of
+// averages (as check_average_args does).
+std::vector<at::Tensor> check_multi_average_args(
+    const char* op,
+    at::TensorList averaged,
+    at::TensorList current,
+    const at::Tensor& weights,
+    const std::optional<at::Tensor>& skip);
+
+// The values of a CPU float32/float64 weight tensor (0-dim or 1-D, any
+// stride), each read as double.
+std::vector<double> read_weights(const at::Tensor& weights);
+
 // Checks the list of nonfinite_flag; returns the device all tensors are on.
 c10::Device check_nonfinite_args(at::TensorList tensors);
 

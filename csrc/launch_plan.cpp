@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <utility>
+#include <vector>
 
 #include "bindings.h"
 
@@ -40,31 +41,28 @@ std::vector<PlannedLaunch> describe(const std::vector<int64_t>& numels) {
   return launches;
 }
 
-template <size_t kArgBytes>
-std::vector<PlannedLaunch> describe_depth(const std::vector<int64_t>& numels, int depth) {
-  switch (depth) {
-    case 1:
-      return describe<1, kArgBytes>(numels);
-    case 2:
-      return describe<2, kArgBytes>(numels);
-    case 3:
-      return describe<3, kArgBytes>(numels);
-    case 4:
-      return describe<4, kArgBytes>(numels);
-    default:
-      TORCH_CHECK(false, "plan_launches: depth must be 1 to ", kMaxDepth, ", got ", depth);
-  }
+// Depths 1..kMaxDepth, as the compile-time sequence 0..kMaxDepth-1 (depth - 1).
+using Depths = std::make_integer_sequence<int, kMaxDepth>;
+
+template <size_t kArgBytes, int... kIndex>
+std::vector<PlannedLaunch> describe_depth(
+    const std::vector<int64_t>& numels,
+    int depth,
+    std::integer_sequence<int, kIndex...>) {
+  TORCH_CHECK(depth >= 1 && depth <= kMaxDepth, "plan_launches: depth must be 1 to ", kMaxDepth, ", got ", depth);
+  std::vector<PlannedLaunch> launches;
+  ((depth == kIndex + 1 ? (void)(launches = describe<kIndex + 1, kArgBytes>(numels)) : (void)0), ...);
+  return launches;
 }
 
-template <size_t kArgBytes>
-LaunchLimitsInfo limits() {
+template <size_t kArgBytes, int... kIndex>
+LaunchLimitsInfo limits(std::integer_sequence<int, kIndex...>) {
   using L = LaunchLimits<kArgBytes>;
   return LaunchLimitsInfo{
       kChunkSize,
       L::kMaxBlocks,
-      {L::max_tensors(1), L::max_tensors(2), L::max_tensors(3), L::max_tensors(4)},
-      {sizeof(TensorListMetadata<1, kArgBytes>), sizeof(TensorListMetadata<2, kArgBytes>),
-       sizeof(TensorListMetadata<3, kArgBytes>), sizeof(TensorListMetadata<4, kArgBytes>)}};
+      {L::max_tensors(kIndex + 1)...},
+      {static_cast<int64_t>(sizeof(TensorListMetadata<kIndex + 1, kArgBytes>))...}};
 }
 
 void check_budget(int64_t arg_bytes) {
@@ -82,14 +80,15 @@ uint64_t fake_address(int list, size_t tensor) {
 
 std::vector<PlannedLaunch> describe_launches(const std::vector<int64_t>& numels, int depth, int64_t arg_bytes) {
   check_budget(arg_bytes);
-  return arg_bytes == static_cast<int64_t>(kLargeKernelArgBytes) ? describe_depth<kLargeKernelArgBytes>(numels, depth)
-                                                                 : describe_depth<kSmallKernelArgBytes>(numels, depth);
+  return arg_bytes == static_cast<int64_t>(kLargeKernelArgBytes)
+      ? describe_depth<kLargeKernelArgBytes>(numels, depth, Depths{})
+      : describe_depth<kSmallKernelArgBytes>(numels, depth, Depths{});
 }
 
 LaunchLimitsInfo describe_limits(int64_t arg_bytes) {
   check_budget(arg_bytes);
-  return arg_bytes == static_cast<int64_t>(kLargeKernelArgBytes) ? limits<kLargeKernelArgBytes>()
-                                                                 : limits<kSmallKernelArgBytes>();
+  return arg_bytes == static_cast<int64_t>(kLargeKernelArgBytes) ? limits<kLargeKernelArgBytes>(Depths{})
+                                                                 : limits<kSmallKernelArgBytes>(Depths{});
 }
 
 }  // namespace mta
@@ -131,7 +130,8 @@ void bind_launch_plan(pybind11::module_& m) {
         return info;
       },
       pybind11::arg("arg_bytes") = mta::kKernelArgBytes,
-      "Chunk size, blocks per launch, tensors per launch by depth (1-4) and metadata bytes for a budget");
+      "Chunk size, blocks per launch, tensors per launch by depth (1-9: list i is depth i + 1) and metadata bytes "
+      "for a budget");
 }
 
 }  // namespace swa_fast

@@ -56,12 +56,15 @@ static_assert(
     "SWA_FAST_KERNEL_ARG_BYTES must be 4096 or 32768");
 
 // Kernel-argument bytes left to the functor beside the metadata (its weight
-// and skip pointers, a workspace pointer: 24 bytes today). It also keeps the
+// and skip pointers, a workspace pointer: 40 bytes at most today). It also keeps the
 // total under what nvcc really allows at 32 KB (32764 bytes).
 constexpr size_t kFunctorArgBytes = 128;
 
-// The most lists one call walks (averaged, sq_mean, current for moments).
-constexpr int kMaxDepth = 4;
+// The most lists one call walks: multi_average_'s up to 8 averages of each
+// tensor plus the current list (average_moments_ walks 3: mean, sq_mean,
+// current). Each slot of a launch carries one address per list, so deeper
+// launches hold fewer tensors.
+constexpr int kMaxDepth = 9;
 
 // Launch limits for one kernel-argument budget. The block count is fixed
 // (torch's and Apex's 320 at 4 KB; 2048 at 32 KB, 128M elements a launch);
@@ -91,7 +94,7 @@ struct LaunchLimits {
 // for each block the (slot, chunk) it works on.
 template <int kDepth, size_t kArgBytes = kKernelArgBytes>
 struct TensorListMetadata {
-  static_assert(kDepth >= 1 && kDepth <= kMaxDepth, "multi_tensor_apply supports 1 to 4 lists");
+  static_assert(kDepth >= 1 && kDepth <= kMaxDepth, "multi_tensor_apply supports 1 to kMaxDepth (9) lists");
   using Limits = LaunchLimits<kArgBytes>;
   using slot_t = typename Limits::slot_t;
   static constexpr int kMaxTensors = Limits::max_tensors(kDepth);
@@ -110,9 +113,10 @@ struct TensorListMetadata {
 };
 
 static_assert(sizeof(TensorListMetadata<1, kSmallKernelArgBytes>) <= kSmallKernelArgBytes - kFunctorArgBytes);
-static_assert(sizeof(TensorListMetadata<4, kSmallKernelArgBytes>) <= kSmallKernelArgBytes - kFunctorArgBytes);
+static_assert(sizeof(TensorListMetadata<kMaxDepth, kSmallKernelArgBytes>) <= kSmallKernelArgBytes - kFunctorArgBytes);
 static_assert(sizeof(TensorListMetadata<1, kLargeKernelArgBytes>) <= kLargeKernelArgBytes - kFunctorArgBytes);
-static_assert(sizeof(TensorListMetadata<4, kLargeKernelArgBytes>) <= kLargeKernelArgBytes - kFunctorArgBytes);
+static_assert(sizeof(TensorListMetadata<kMaxDepth, kLargeKernelArgBytes>) <= kLargeKernelArgBytes - kFunctorArgBytes);
+static_assert(LaunchLimits<kSmallKernelArgBytes>::max_tensors(kMaxDepth) >= 1, "the deepest launch must hold a tensor");
 
 inline int64_t chunks_in(int64_t numel) {
   return (numel + kChunkSize - 1) / kChunkSize;
@@ -200,7 +204,7 @@ struct PlannedLaunch {
 };
 
 // The launches of a call over tensors with these element counts, for lists of
-// `depth` (1-4) and a kernel-argument budget of arg_bytes (4096 or 32768).
+// `depth` (1 to kMaxDepth) and a kernel-argument budget of arg_bytes (4096 or 32768).
 // Tensor t's address in list d is the fake value fake_address(d, t), never
 // dereferenced.
 std::vector<PlannedLaunch> describe_launches(const std::vector<int64_t>& numels, int depth, int64_t arg_bytes);
@@ -210,8 +214,8 @@ uint64_t fake_address(int list, size_t tensor);
 struct LaunchLimitsInfo {
   int64_t chunk_size;
   int max_blocks;
-  std::vector<int> max_tensors;       // by depth 1..4
-  std::vector<int64_t> metadata_bytes;  // sizeof(TensorListMetadata) by depth 1..4
+  std::vector<int> max_tensors;       // by depth 1..kMaxDepth
+  std::vector<int64_t> metadata_bytes;  // sizeof(TensorListMetadata) by depth 1..kMaxDepth
 };
 
 LaunchLimitsInfo describe_limits(int64_t arg_bytes);

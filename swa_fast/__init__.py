@@ -3,7 +3,8 @@
 ``from swa_fast import swa_utils`` is a drop-in for ``torch.optim.swa_utils``
 whose averaging runs as fused multi-tensor kernels (C++ on CPU, CUDA on GPU).
 The kernels themselves are ``torch.ops.swa_fast.*``, wrapped here as
-:func:`average_`, :func:`average_moments_` and :func:`nonfinite_flag`.
+:func:`average_`, :func:`multi_average_` (K averages from one read of the
+model), :func:`average_moments_` and :func:`nonfinite_flag`.
 :class:`WeightAverage` is the averaging core for every model (plain, DDP,
 FSDP2-sharded, offloaded to host memory), with ``swapped_into`` for evaluation.
 ``swa_fast.nn`` has ghost batch normalization (``GhostBatchNorm1d/2d/3d``,
@@ -14,17 +15,19 @@ FSDP2-sharded, offloaded to host memory), with ``swapped_into`` for evaluation.
 __version__ = "0.1.0"
 
 from swa_fast import checkpoint_average, distance, nn, regime, swa_utils  # noqa: E402
-from swa_fast.ops.average import average_, average_moments_, nonfinite_flag  # noqa: E402
+from swa_fast.ops.average import average_, average_moments_, multi_average_, nonfinite_flag  # noqa: E402
 from swa_fast.ops import BUILD_INFO  # noqa: E402  (loads _C and registers every op)
-from swa_fast.averaging import WeightAverage  # noqa: E402
+from swa_fast.averaging import MultiAverage, WeightAverage  # noqa: E402
 
 __all__ = [
     "BUILD_INFO",
+    "MultiAverage",
     "WeightAverage",
     "average_",
     "average_moments_",
     "checkpoint_average",
     "distance",
+    "multi_average_",
     "nn",
     "nonfinite_flag",
     "regime",

@@ -61,7 +61,8 @@ from swa_fast.averaging.schedules import (  # noqa: F401  (the Fused/SWA/EMA cla
 from swa_fast.averaging.sharding import is_dtensor
 from swa_fast.averaging.update_bn import update_bn
 from swa_fast.averaging.step import any_nonfinite
-from swa_fast.averaging.weight_average import WeightAverage, check_avg_dtype, parse_device
+from swa_fast.averaging.average_set import check_avg_dtype, parse_device
+from swa_fast.averaging.weight_average import WeightAverage
 
 __all__ = [
     "AveragedModel",
@@ -174,5 +175,5 @@ class AveragedModel(_torch_swa_utils.AveragedModel):
     def _apply(self, *args, **kwargs):
         average = self.__dict__.get("_average")
         if average is not None:
-            average._forget_plan()  # .to()/.cuda()/.half() may change devices and dtypes
+            average._set.forget_plan()  # .to()/.cuda()/.half() may change devices and dtypes
         return super()._apply(*args, **kwargs)

@@ -158,3 +158,14 @@ def load_recipe(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ----------------------------------------------------------------- the offload pipeline, host side
+
+
+def force_host_offload(average, model: torch.nn.Module) -> None:
+    """Make ``average`` (a WeightAverage, a MultiAverage or an AveragedModel's engine) take the
+    offload path for ``model``'s host tensors, as it would for a CUDA model with host averages: the
+    staging, the worker thread and the waits run, only the device copies are plain host copies."""
+    average._set._force_offload = True
+    average._set._plan = None

@@ -4,12 +4,13 @@
 MASTER_PORT set. Modes:
 
 * ``fsdp``: an FSDP2 (``fully_shard``) model trained a few steps with SWA and EMA averages
-  (fp32 averages); records the full parameters after every step (the test replays them in one
+  (fp32 averages), the same two as one MultiAverage, and an EMA made before ``fully_shard``; records the full parameters after every step (the test replays them in one
   process as the reference), the averages (full and local), swap-in checks, ``update_bn`` inside
   ``swapped_into``, and a ``torch.distributed.checkpoint`` save of both averages.
 * ``hsdp``: the same on a 2 x WORLD/2 (replicate, shard) mesh (HSDP).
 * ``load``: the same model sharded on this world size loads that checkpoint.
 * ``ddp``: a DDP model trained with a WeightAverage; averages and swap-in on every rank.
+* ``host_mesh``: the CPU twin of a GPU mesh, for host averages of a GPU-sharded model.
 
 Writes ``OUT_DIR/<mode>-rank<RANK>.pt``.
 """
@@ -28,7 +29,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from swa_fast import WeightAverage, swa_utils
+from swa_fast import MultiAverage, WeightAverage, swa_utils
 
 STEPS = 5
 EMA_DECAY = 0.8
@@ -72,9 +73,14 @@ def locals_of(model: nn.Module):
 
 
 def fsdp(out: Path, rank: int, world: int, dtype, hsdp: bool = False) -> dict:
-    model = shard(make_model(dtype), world, hsdp)
+    unsharded = make_model(dtype)
+    # Made before fully_shard (as Lightning's setup makes its average): laid out again at the first update.
+    early = WeightAverage(unsharded, **averages(dtype)["ema"])
+    model = shard(unsharded, world, hsdp)
     made = {kind: WeightAverage(model, **kwargs) for kind, kwargs in averages(dtype).items()}
     skipping = WeightAverage(model, skip_nonfinite=True, **averages(dtype)["ema"])
+    multi = MultiAverage(model, {kind: kwargs.get("multi_avg_fn") for kind, kwargs in averages(dtype).items()},
+                         avg_dtype=torch.float32)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     trajectory = []
     for step, x in enumerate(batches(1, STEPS, rank, dtype)):
@@ -82,7 +88,7 @@ def fsdp(out: Path, rank: int, world: int, dtype, hsdp: bool = False) -> dict:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        for average in made.values():
+        for average in (*made.values(), multi, early):
             average.update(model)
         trajectory.append({name: p.full_tensor() for name, p in model.named_parameters()})
         poisoned = model[0].weight.to_local()
@@ -96,6 +102,9 @@ def fsdp(out: Path, rank: int, world: int, dtype, hsdp: bool = False) -> dict:
                 poisoned[0, 0] = kept
     result = {"trajectory": trajectory, "replicas": 2 if hsdp else 1}
     made["ema_skip"] = skipping
+    made["early"] = early
+    for kind in ("swa", "ema"):
+        made[f"multi_{kind}"] = multi[kind]
     for kind, average in made.items():
         state = average.state_dict()
         result[kind] = {name: t.full_tensor() for name, t in state["averages"].items()}
@@ -175,13 +184,47 @@ def ddp(out: Path, rank: int, world: int, dtype) -> dict:
             "n_averaged": average.n_averaged.item()}
 
 
+def host_mesh(out: Path, rank: int, world: int, dtype) -> dict:
+    """The CPU twin of a GPU mesh that host averages of a GPU-sharded model get (sharding.host_mesh_like),
+    built here from a CPU mesh relabelled as a CUDA one (no GPU on these machines): from the mesh's
+    own groups, and with new gloo groups when they have no CPU backend."""
+    import copy
+
+    from torch.distributed.tensor import DTensor, Shard
+
+    from swa_fast.averaging import sharding
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = torch.arange(17.0 * 3).reshape(17, 3)
+    local = full.tensor_split(world)[rank].clone()
+    result = {}
+    for label, has_cpu in (("from_group", True), ("new_gloo_groups", False)):
+        gpu_like = copy.copy(mesh)
+        gpu_like._device_type = "cuda"
+        original = sharding._has_cpu_backend
+        sharding._has_cpu_backend = (lambda group: True) if has_cpu else (lambda group: False)
+        try:
+            host = sharding.host_mesh_like(gpu_like)
+        finally:
+            sharding._has_cpu_backend = original
+        assert host.device_type == "cpu" and host.mesh.tolist() == mesh.mesh.tolist()
+        assert sharding.host_mesh_like(gpu_like) is host  # built once
+        layout = sharding.ShardLayout(gpu_like, (Shard(0),), tuple(full.shape), full.stride())
+        tensor = sharding.dtensor_like(local, layout)
+        result[label] = {"mesh_is_host": tensor.device_mesh is host, "full": tensor.full_tensor(),
+                         "shares_storage": tensor._local_tensor.data_ptr() == local.data_ptr(),
+                         "loads_back": torch.equal(sharding.local_part(tensor, layout), local)}
+    result["expected"] = full
+    return result
+
+
 def main(mode: str, out: Path, dtype) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
         hsdp = partial(fsdp, hsdp=True)
-        result = {"fsdp": fsdp, "hsdp": hsdp, "load": load, "ddp": ddp}[mode](out, rank, world, dtype)
+        result = {"fsdp": fsdp, "hsdp": hsdp, "load": load, "ddp": ddp, "host_mesh": host_mesh}[mode](out, rank, world, dtype)
         torch.save(result, out / f"{mode}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()

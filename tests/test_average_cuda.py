@@ -555,3 +555,226 @@ def test_opcheck_nonfinite_flag():
     torch.library.opcheck(torch.ops.swa_fast.nonfinite_flag.default, (current,))
     current[1][2] = float("inf")
     torch.library.opcheck(torch.ops.swa_fast.nonfinite_flag.default, (current + [torch.arange(3, device=DEVICE)],))
+
+
+# ---------------------------------------------------------------------------
+# multi_average_: K averages from one read of current (depth buckets 3, 5, 9;
+# K = 1 through average_'s own launch; K > 8 in passes of at most 8)
+# ---------------------------------------------------------------------------
+
+MULTI_PAIRS = [(d, d) for d in FLOAT_DTYPES] + [
+    (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float16),
+    (torch.float64, torch.float32),
+    (torch.float64, torch.bfloat16),
+]
+# One pass at each depth bucket (1: average_'s functor; 2: depth 3; 3-4: depth 5;
+# 5-8: depth 9) and several passes (9 = 8 + 1, 17 = 8 + 8 + 1, 12 = 8 + 4).
+MULTI_COUNTS = [1, 2, 3, 4, 5, 8, 9, 12, 17]
+MULTI_WEIGHTS = [0.0, 1.0, 0.5, 1e-3, 0.3, 0.49999997, 0.7, 0.999, 0.25]
+
+
+def multi_lists(count, avg_dtype, cur_dtype, sizes=SIZES, seed=0):
+    averaged = [[make(n, avg_dtype, seed=seed + 100 * k + i) for i, n in enumerate(sizes)] for k in range(count)]
+    current = [make(n, cur_dtype, seed=seed + 7000 + i) for i, n in enumerate(sizes)]
+    return averaged, current
+
+
+def multi_weights(count, shift=0):
+    return [MULTI_WEIGHTS[(k + shift) % len(MULTI_WEIGHTS)] for k in range(count)]
+
+
+def separate_average_calls(averaged, current, weights, skip=None):
+    """K average_ calls on clones, each with weights[k] (Python floats) as the multi op reads it."""
+    expected = [[t.clone() for t in ts] for ts in averaged]
+    for averages, weight in zip(expected, weights):
+        swa_fast.average_(averages, current, weight, skip=skip)
+    return expected
+
+
+def assert_equal_multi(got, want):
+    """Bitwise, NaNs (lerp towards Inf) and signed zeros included."""
+    assert len(got) == len(want)
+    for k, (gots, wants) in enumerate(zip(got, want)):
+        assert len(gots) == len(wants)
+        for i, (g, w) in enumerate(zip(gots, wants)):
+            assert g.dtype == w.dtype and g.shape == w.shape, f"average {k}, tensor {i}"
+            g_bits, w_bits = (t.reshape(-1).contiguous().view(torch.uint8) for t in (g, w))
+            assert torch.equal(g_bits, w_bits), f"average {k}, tensor {i} differs"
+
+
+def check_against_separate_calls(averaged, current, weights, weight_arg=None, skip=None):
+    """multi_average_ (with weight_arg, default the weights themselves) leaves exactly what K
+    average_ calls with weights[k] (and the same skip) leave."""
+    expected = separate_average_calls(averaged, current, weights, skip)
+    swa_fast.multi_average_(averaged, current, weights if weight_arg is None else weight_arg, skip=skip)
+    assert_equal_multi(averaged, expected)
+
+
+@pytest.mark.parametrize("avg_dtype,cur_dtype", MULTI_PAIRS)
+@pytest.mark.parametrize("count", MULTI_COUNTS)
+def test_multi_average_is_bitwise_k_separate_average_calls(avg_dtype, cur_dtype, count):
+    weights = multi_weights(count)
+    for weight_arg in (weights, torch.tensor(weights, dtype=torch.float64, device=DEVICE)):
+        averaged, current = multi_lists(count, avg_dtype, cur_dtype, seed=count)
+        check_against_separate_calls(averaged, current, weights, weight_arg=weight_arg)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("count", [2, 5, 9])
+def test_multi_average_equals_foreach_lerp(dtype, count):
+    weights = multi_weights(count, shift=2)  # no weight 1 among the first: torch's lerp is the reference
+    weights = [w if w != 1.0 else 0.9 for w in weights]
+    averaged, current = multi_lists(count, dtype, dtype, seed=3)
+    expected = [foreach_lerp(averages, current, w) for averages, w in zip(averaged, weights)]
+    swa_fast.multi_average_(averaged, current, weights)
+    assert_equal_multi(averaged, expected)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("count", [1, 3, 8, 9])
+def test_multi_average_device_weight_tensors(weight_dtype, count):
+    values = multi_weights(count, shift=4)
+    dense = torch.tensor(values, dtype=weight_dtype, device=DEVICE)
+    strided = torch.tensor([v for v in values for _ in (0, 1, 2)], dtype=weight_dtype, device=DEVICE)[1::3]
+    for weights in (dense, strided):
+        averaged, current = multi_lists(count, torch.float32, torch.bfloat16, seed=5)
+        check_against_separate_calls(averaged, current, [float(w) for w in weights.cpu()], weight_arg=weights)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_multi_average_weight_one_is_an_exact_copy_even_of_inf(dtype):
+    averaged, current = multi_lists(9, dtype, dtype, seed=9)
+    for c in current:
+        if c.numel() >= 5:
+            c[1] = float("inf")
+            c[-2] = float("-inf")
+    weights = [1.0, 0.5, 1.0, 0.2, 0.7, 1.0, 0.0, 1.0, 1.0]  # the 9th in a second pass
+    check_against_separate_calls(averaged, current, weights)
+    for k in (0, 2, 5, 7, 8):
+        assert_equal_lists(averaged[k], current)
+
+
+@pytest.mark.parametrize("count", [2, 3, 8])
+@pytest.mark.parametrize("which", ["current", "first", "last", "all"])
+@pytest.mark.parametrize("offset", [1, 3])
+def test_multi_average_misaligned_views(count, which, offset):
+    sizes = [1, 5, 1023, 65537, 200003]
+    averaged, current = [], []
+    for i, n in enumerate(sizes):
+        shifted = which in ("current", "all")
+        current.append(make(n + offset, torch.bfloat16, seed=50 + i)[offset:] if shifted else make(n, torch.bfloat16, seed=50 + i))
+    for k in range(count):
+        shifted = which == "all" or (which == "first" and k == 0) or (which == "last" and k == count - 1)
+        averaged.append([make(n + offset, torch.float32, seed=10 * k + i)[offset:] if shifted
+                         else make(n, torch.float32, seed=10 * k + i) for i, n in enumerate(sizes)])
+    weights = multi_weights(count, shift=3)
+    check_against_separate_calls(averaged, current, weights)
+
+
+@pytest.mark.parametrize("count", [2, 4, 8])
+def test_multi_average_more_tensors_than_one_launch_holds(count):
+    # More tensors than a depth-9 launch holds (28 at 4 KB, 242 at 32 KB), and one
+    # tensor with more chunks than a launch has blocks (carried into the next launch).
+    from swa_fast.ops.launch_plan import launch_limits
+
+    limits = launch_limits()
+    many = limits["max_tensors"][8] + 40
+    sizes = [1 + (i * 37) % 300 for i in range(many)]
+    sizes[10] = (limits["max_blocks"] + 3) * limits["chunk_size"] + 17
+    sizes[11] = 0
+    averaged, current = multi_lists(count, torch.float32, torch.float32, sizes=sizes, seed=1)
+    weights = multi_weights(count, shift=1)
+    check_against_separate_calls(averaged, current, weights)
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES)
+@pytest.mark.parametrize("count", [2, 5, 9])
+def test_multi_average_copies_integer_tensors_into_every_list(dtype, count):
+    sizes = [0, 1, 7, 16, 33, 65537]
+    current = [make(n, dtype, seed=i) for i, n in enumerate(sizes)]
+    current.append(make(1000, dtype, seed=99)[1:998])  # misaligned
+    averaged = [[torch.zeros(c.shape, dtype=dtype, device=DEVICE) for c in current] for _ in range(count)]
+    averaged[0][-1] = torch.zeros(1000, dtype=dtype, device=DEVICE)[3:]  # misaligned differently
+    swa_fast.multi_average_(averaged, current, multi_weights(count))
+    for k in range(count):
+        assert_equal_lists(averaged[k], current)
+
+
+def test_multi_average_mixed_dtypes_and_copies_in_one_call():
+    dtypes = [(torch.float32, torch.bfloat16), (torch.float16, torch.float16), (torch.int64, torch.int64),
+              (torch.float64, torch.float32), (torch.bool, torch.bool), (torch.bfloat16, torch.bfloat16)]
+    sizes = [100, 65537, 1, 9, 3, 1023]
+    current = [make(n, cur, seed=i) for i, ((_, cur), n) in enumerate(zip(dtypes, sizes))]
+    for count in (2, 4, 6, 10):
+        averaged = [[make(n, avg, seed=100 * k + i) for i, ((avg, _), n) in enumerate(zip(dtypes, sizes))]
+                    for k in range(count)]
+        weights = multi_weights(count, shift=5)
+        check_against_separate_calls(averaged, current, weights)
+
+
+def test_multi_average_skip():
+    averaged, current = multi_lists(9, torch.float32, torch.float32, seed=2)
+    averaged = [ts + [torch.zeros((), dtype=torch.long, device=DEVICE)] for ts in averaged]
+    current = current + [torch.tensor(42, device=DEVICE)]
+    before = [[t.clone() for t in ts] for ts in averaged]
+    weights = multi_weights(9)
+    swa_fast.multi_average_(averaged, current, weights, skip=torch.tensor(True, device=DEVICE))
+    assert_equal_multi(averaged, before)
+    check_against_separate_calls(averaged, current, weights, skip=torch.tensor(False, device=DEVICE))
+
+
+def test_multi_average_no_host_sync():
+    averaged, current = multi_lists(9, torch.float32, torch.bfloat16, seed=4)
+    weights = torch.tensor(multi_weights(9), device=DEVICE)  # made before the sync check
+    skip = torch.tensor(False, device=DEVICE)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        swa_fast.multi_average_(averaged, current, weights, skip=skip)
+        swa_fast.multi_average_(averaged[:3], current, [0.1, 0.2, 0.3])  # floats become a device tensor by fills
+        swa_fast.multi_average_(averaged[:2], current, weights[:2], skip=swa_fast.nonfinite_flag(current))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+def test_multi_average_cuda_graph_replay_matches_eager():
+    sizes = [3, 1023, 65537, 1]
+    graph_avg, static_cur = multi_lists(9, torch.float32, torch.bfloat16, sizes=sizes, seed=6)
+    eager_avg = [[t.clone() for t in ts] for ts in graph_avg]
+    weights = torch.tensor(multi_weights(9), device=DEVICE)
+
+    def step(avg, cur):
+        swa_fast.multi_average_(avg, cur, weights, skip=swa_fast.nonfinite_flag(cur))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step([[t.clone() for t in ts] for ts in graph_avg], static_cur)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(graph_avg, static_cur)
+    for n in range(4):
+        for i, c in enumerate(static_cur):
+            c.copy_(make(c.numel(), c.dtype, seed=300 * (n + 1) + i))
+        if n == 2:
+            static_cur[1][5] = float("nan")  # skipped in the graph as in eager
+        weights.copy_(torch.tensor(multi_weights(9, shift=n), device=DEVICE))
+        graph.replay()
+        step(eager_avg, static_cur)
+        torch.cuda.synchronize()
+        assert_equal_multi(graph_avg, eager_avg)
+
+
+@pytest.mark.parametrize("count", [1, 3, 9])
+def test_opcheck_multi_average(count):
+    weights = torch.linspace(0.1, 0.9, count, device=DEVICE)
+    for skip in (None, torch.tensor(False, device=DEVICE)):
+        averaged, current = [], None
+        for _ in range(count):
+            avg, current = _opcheck_lists()
+            averaged += avg + [torch.zeros((), dtype=torch.long, device=DEVICE)]
+        current = current + [torch.tensor(7, device=DEVICE)]
+        torch.library.opcheck(torch.ops.swa_fast.multi_average_.default, (averaged, current, weights, skip))

@@ -401,3 +401,272 @@ def test_averaging_a_tensor_with_itself_is_torchs_lerp(device):
     before = a.clone()
     swa_fast.average_([a], [a], 0.3)  # torch.lerp_(a, a, w) = a: allowed, as torch allows it
     assert torch.equal(a, torch_lerp(before, before, 0.3))
+
+
+# ---------------------------------------------------------------------------
+# multi_average_: K averages from one read of current
+# ---------------------------------------------------------------------------
+
+MULTI_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float16),
+    (torch.float64, torch.float32),
+    (torch.int64, torch.int64),
+    (torch.bool, torch.bool),
+]
+# Empty, 0-dim, vector tails, several 32k-element CPU chunks.
+MULTI_SHAPES = [(0,), (), (1,), (3,), (17,), (1023,), (5, 7, 3), (70_001,)]
+MULTI_WEIGHTS = [0.0, 1.0, 0.5, 1e-3, 0.25, 1 / 3, 0.75, 0.999, 0.6]  # cycled to K weights
+
+
+def multi_lists(k: int, avg_dtype, cur_dtype, device, shapes=MULTI_SHAPES, seed=0):
+    """K lists of averages (distinct values per list) and one list of current tensors."""
+    averaged = [[make(shape, avg_dtype, device, seed + 100 * j + i) for i, shape in enumerate(shapes)]
+                for j in range(k)]
+    current = [make(shape, cur_dtype, device, seed + 5000 + i) for i, shape in enumerate(shapes)]
+    return averaged, current
+
+
+def clones(lists):
+    return [[t.clone() for t in ts] for ts in lists]
+
+
+def separate_average_calls(averaged, current, weights, skip=None):
+    """What K separate average_ calls (weights[k]: Python floats) leave, on clones."""
+    expected = clones(averaged)
+    for averages, weight in zip(expected, weights):
+        swa_fast.average_(averages, current, weight, skip=skip)
+    return expected
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bytes in element order: equal exactly when bitwise equal, NaNs and signed zeros included."""
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+def assert_lists_equal(got, want):
+    assert len(got) == len(want)
+    for k, (gots, wants) in enumerate(zip(got, want)):
+        assert len(gots) == len(wants)
+        for i, (g, w) in enumerate(zip(gots, wants)):
+            assert g.dtype == w.dtype and g.shape == w.shape and g.stride() == w.stride(), (k, i)
+            assert torch.equal(bits(g), bits(w)), f"average {k}, tensor {i}"
+
+
+def check_against_separate_calls(averaged, current, weights, weight_arg=None, skip=None):
+    """multi_average_ (with weight_arg, default the weights themselves) leaves exactly what K
+    average_ calls with weights[k] (and the same skip) leave."""
+    expected = separate_average_calls(averaged, current, weights, skip)
+    swa_fast.multi_average_(averaged, current, weights if weight_arg is None else weight_arg, skip=skip)
+    assert_lists_equal(averaged, expected)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("avg_dtype,cur_dtype", MULTI_PAIRS)
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 8, 9])
+def test_multi_average_is_bitwise_k_separate_average_calls(device, avg_dtype, cur_dtype, count):
+    averaged, current = multi_lists(count, avg_dtype, cur_dtype, device, seed=count)
+    weights = [MULTI_WEIGHTS[k % len(MULTI_WEIGHTS)] for k in range(count)]
+    expected = separate_average_calls(averaged, current, weights)
+    before = clones(averaged)
+    swa_fast.multi_average_(averaged, current, weights)
+    assert_lists_equal(averaged, expected)
+    # And against the float64 reference (torch's own lerp, bit for bit, for same-dtype pairs).
+    for k, (averages, olds) in enumerate(zip(averaged, before)):
+        for got, old, cur in zip(averages, olds, current):
+            if avg_dtype == cur_dtype and avg_dtype.is_floating_point and weights[k] != 1.0:
+                assert torch.equal(got, torch_lerp(old, cur, weights[k]))
+            want = lerp_reference(old, cur, weights[k])
+            if not avg_dtype.is_floating_point or weights[k] in (0.0, 1.0):
+                assert torch.equal(got, want)
+            else:
+                scale = torch.maximum(old.double().abs(), cur.double().abs())
+                assert bool(((got.double() - want.double()).abs() <= 2 * torch.finfo(avg_dtype).eps * scale).all())
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_multi_average_with_one_weight_is_average_itself(device, dtype):
+    for weight in WEIGHTS + [0.0, 1.0]:
+        averaged, current = multi_lists(1, dtype, dtype, device, seed=3)
+        expected = [t.clone() for t in averaged[0]]
+        swa_fast.average_(expected, current, weight)
+        swa_fast.multi_average_(averaged, current, [weight])
+        assert_lists_equal(averaged, [expected])
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("count", [1, 3, 9])
+def test_multi_average_weight_tensors(device, weight_dtype, count):
+    values = [MULTI_WEIGHTS[(k + 2) % len(MULTI_WEIGHTS)] for k in range(count)]
+    dense = torch.tensor(values, dtype=weight_dtype, device=device)
+    strided = torch.tensor([v for v in values for _ in (0, 1)], dtype=weight_dtype, device=device)[::2]
+    for weights in (dense, strided):
+        averaged, current = multi_lists(count, torch.float32, torch.bfloat16, device, seed=11)
+        # A float32 weight converts exactly to the double each average_ call gets.
+        check_against_separate_calls(averaged, current, [float(w) for w in weights.cpu()], weight_arg=weights)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_multi_average_weight_one_is_an_exact_copy_even_of_inf(device, dtype):
+    averaged, current = multi_lists(3, dtype, dtype, device, shapes=[(37,), (1025,)])
+    for c in current:
+        c[3], c[-2] = float("inf"), float("-inf")
+    before = clones(averaged)
+    swa_fast.multi_average_(averaged, current, [1.0, 0.5, 1.0])
+    assert_lists_equal([averaged[0], averaged[2]], [current, current])
+    assert_lists_equal([averaged[1]], [[torch_lerp(b, c, 0.5) for b, c in zip(before[1], current)]])
+
+
+@pytest.mark.parametrize("device", devices())
+def test_multi_average_reads_other_layouts_of_current(device):
+    shape = (2, 3, 4, 5)
+    n = 2 * 3 * 4 * 5
+    channels_last = make(n, torch.float32, device, 1).reshape(shape).to(memory_format=torch.channels_last)
+    strided = make(2 * n, torch.float32, device, 2)[::2]
+    offset_view = make(n + 1, torch.bfloat16, device, 3)[1:]
+    current = [channels_last, strided, offset_view]
+    for averages_channels_last in (False, True):
+        averaged = []
+        for k in range(3):
+            first = make(n, torch.float32, device, 10 + k).reshape(shape)
+            if averages_channels_last:
+                first = first.to(memory_format=torch.channels_last)
+            averaged.append([first, make(n, torch.float32, device, 20 + k), make(n, torch.float32, device, 30 + k)])
+        first_before = averaged[1][0].clone()
+        check_against_separate_calls(averaged, current, [0.3, 0.8, 0.05])
+        # The values do not depend on either layout.
+        assert torch.equal(averaged[1][0], torch_lerp(first_before, channels_last.contiguous(), 0.8))
+        assert averaged[2][0].is_contiguous(memory_format=torch.channels_last) == averages_channels_last
+
+
+@pytest.mark.parametrize("device", devices())
+def test_multi_average_skip_flag(device):
+    averaged, current = multi_lists(3, torch.float32, torch.float32, device, shapes=[(100,), (7,)])
+    averaged = [ts + [torch.zeros((), dtype=torch.long, device=device)] for ts in averaged]
+    current = current + [torch.tensor(5, device=device)]
+    before = clones(averaged)
+    swa_fast.multi_average_(averaged, current, [0.5, 1.0, 0.25], skip=torch.tensor(True, device=device))
+    assert_lists_equal(averaged, before)
+    check_against_separate_calls(averaged, current, [0.5, 1.0, 0.25], skip=torch.tensor(False, device=device))
+    assert all(int(ts[-1]) == 5 for ts in averaged)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_multi_average_empty_lists_are_a_no_op(device):
+    assert swa_fast.multi_average_([[], []], [], [0.5, 0.25]) is None
+    assert torch.ops.swa_fast.multi_average_([], [], torch.tensor([0.5], device=device), None) is None
+
+
+@pytest.mark.parametrize("device", devices())
+def test_multi_average_opcheck(device):
+    def sample(k):
+        averaged = [[make(33, torch.float32, device, 10 * j), make(5, torch.float64, device, 10 * j + 1),
+                     torch.zeros((), dtype=torch.long, device=device)] for j in range(k)]
+        current = [make(33, torch.bfloat16, device, 2), make(5, torch.float64, device, 3), torch.tensor(7, device=device)]
+        return [t for ts in averaged for t in ts], current
+
+    for count, weight_dtype in [(1, torch.float32), (3, torch.float64), (9, torch.float32)]:
+        weights = torch.linspace(0.1, 0.9, count, dtype=weight_dtype, device=device)
+        for skip in (None, torch.tensor(False, device=device), torch.tensor(True, device=device)):
+            averaged, current = sample(count)
+            torch.library.opcheck(torch.ops.swa_fast.multi_average_.default, (averaged, current, weights, skip))
+
+
+def multi_call(averaged, current, weights, skip=None):
+    """The op itself on a flat k-major list (no Python wrapper checks in between)."""
+    flat = [t for ts in averaged for t in ts]
+    return lambda: torch.ops.swa_fast.multi_average_(flat, current, weights, skip)
+
+
+def test_multi_average_bad_input_is_refused_with_nothing_written():
+    averaged, current = multi_lists(2, torch.float32, torch.float32, "cpu", shapes=[(4, 3), (6,)])
+    weights = torch.tensor([0.25, 0.5])
+    wrong_shape = [averaged[0], [averaged[1][0].reshape(3, 4), averaged[1][1]]]
+    wrong_dtype = [averaged[0], [averaged[1][0].double(), averaged[1][1]]]
+    wrong_strides = [averaged[0], [make((3, 4), torch.float32, "cpu", 1).t(), averaged[1][1]]]
+    base = make(20, torch.float32, "cpu", 9)
+    base[10:12] = torch.tensor([0.25, 0.5])  # valid weights, inside averaged[0]
+    cases = [
+        (lambda: torch.ops.swa_fast.multi_average_([t for ts in averaged for t in ts][:3], current, weights, None),
+         r"multi_average_: averaged has 3 tensors, not a multiple of the 2 weights"),
+        (lambda: torch.ops.swa_fast.multi_average_([t for ts in averaged for t in ts] * 3, current,
+                                                    torch.tensor([0.1, 0.2, 0.3]), None),
+         r"averaged has 12 tensors \(3 weights x 4\) but current has 2"),
+        (multi_call(wrong_shape, current, weights),
+         r"averaged\[2\] \(average 1 of current\[0\]\) must match averaged\[0\] in shape, strides, dtype and device"),
+        (multi_call(wrong_dtype, current, weights), r"averaged\[2\] \(average 1 of current\[0\]\) must match"),
+        (multi_call(wrong_strides, current, weights), r"got shape \[4, 3\], strides \[1, 4\]"),
+        (multi_call(averaged, current, weights.half()), r"weights must be float32 or float64, got Half"),
+        (multi_call(averaged, current, torch.tensor([1, 0])), r"weights must be float32 or float64, got Long"),
+        (multi_call(averaged, current, torch.tensor(0.5)), r"weights must be a 1-D tensor .*got shape \[\]"),
+        (multi_call(averaged, current, weights.reshape(2, 1)), r"weights must be a 1-D tensor"),
+        (multi_call(averaged, current, torch.tensor([])), r"weights is empty"),
+        (multi_call(averaged, current, torch.tensor([0.5, 1.5])), r"weights\[1\] must be in \[0, 1\], got 1.5"),
+        (multi_call(averaged, current, torch.tensor([float("nan"), 0.5])), r"weights\[0\] must be in \[0, 1\], got nan"),
+        (multi_call(averaged, current, torch.tensor([-0.1, 0.5], dtype=torch.float64)), r"weights\[0\] must be in"),
+        (multi_call(averaged, current, torch.tensor([0.5, 0.5], device="meta")),
+         r"weights is on meta but the averaged tensors are on cpu"),
+        (multi_call(averaged, current, weights, torch.tensor(1.0)), r"skip must be a 0-dim bool tensor"),
+        # Overlapping memory: no exception for an average that is its current tensor.
+        (multi_call([[current[0], averaged[0][1]], averaged[1]], current, weights),
+         r"averaged\[0\] and current\[0\] share memory"),
+        (multi_call([averaged[0], [averaged[0][0], averaged[1][1]]], current, weights),
+         r"averaged\[0\] and averaged\[2\] share memory"),
+        (multi_call([[base[:12].view(4, 3), base[12:18]], averaged[1]], current, base[10:12]),
+         r"averaged\[0\] and weights share memory"),
+        (multi_call([[base[:12].view(4, 3), base[12:18]], averaged[1]], [base[6:18].view(4, 3), current[1]], weights),
+         r"share memory"),
+    ]
+    for call, message in cases:
+        snapshot = clones(averaged) + [[base.clone()]]
+        with pytest.raises(RuntimeError, match=message):
+            call()
+        assert_lists_equal(averaged + [[base]], snapshot)
+
+
+def test_multi_average_python_wrapper_checks():
+    averaged, current = multi_lists(2, torch.float32, torch.float32, "cpu", shapes=[(4,), (6,)])
+    before = clones(averaged)
+    with pytest.raises(ValueError, match=r"multi_average_: averaged\[1\] has 1 tensors but current has 2"):
+        swa_fast.multi_average_([averaged[0], averaged[1][:1]], current, [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"multi_average_: 2 lists of averages but 3 weights"):
+        swa_fast.multi_average_(averaged, current, [0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match=r"multi_average_: 2 lists of averages but 1 weights"):
+        swa_fast.multi_average_(averaged, current, torch.tensor([0.5]))
+    with pytest.raises(ValueError, match=r"weights\[1\] must be in \[0, 1\], got 2.0"):
+        swa_fast.multi_average_(averaged, current, [0.5, 2.0])
+    with pytest.raises(ValueError, match=r"weights\[0\] must be in \[0, 1\], got nan"):
+        swa_fast.multi_average_(averaged, current, [float("nan"), 0.5])
+    assert_lists_equal(averaged, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, *FLOAT8])
+def test_multi_average_refuses_complex_and_float8(dtype):
+    averaged = [[torch.tensor([1.0, 2.0]).to(dtype)] for _ in range(2)]
+    current = [torch.tensor([3.0, 4.0]).to(dtype)]
+    message = r"averaged\[0\] is complex" if dtype.is_complex else r"averaged\[0\] is Float8_.*averages float16, bfloat16"
+    with pytest.raises(RuntimeError, match=message):
+        swa_fast.multi_average_(averaged, current, [0.5, 0.5])
+
+
+def test_multi_average_in_place_rules():
+    averaged, current = multi_lists(3, torch.float32, torch.float32, "cpu", shapes=[(4,), (2,)])
+    versions = [[t._version for t in ts] for ts in averaged]
+    swa_fast.multi_average_(averaged, current, [0.5, 0.25, 1.0])
+    assert [[t._version for t in ts] for ts in averaged] == [[v + 1 for v in vs] for vs in versions]
+    assert all(c._version == 0 for c in current)
+    # A leaf that requires grad, in any list, is refused under grad mode (the wrapper's no_grad allows it).
+    leaf = make(2, torch.float32, "cpu", 7).requires_grad_()
+    flat = [averaged[0][0], averaged[0][1], averaged[1][0], leaf]
+    with pytest.raises(RuntimeError, match=r"multi_average_: averaged\[3\] is a leaf Variable that requires grad"):
+        torch.ops.swa_fast.multi_average_(flat, current, torch.tensor([0.5, 0.5]), None)
+    before = leaf.detach().clone()
+    swa_fast.multi_average_([averaged[0], [averaged[1][0], leaf]], current, [0.5, 0.5])
+    assert torch.equal(leaf.detach(), torch_lerp(before, current[1], 0.5))

@@ -5,8 +5,9 @@ every launch of a multi_tensor_apply call works on and packs the metadata its
 kernel receives. It is plain host code, compiled into every build, so these
 tests check the exact plans the GPU would launch without a GPU: sizes are
 numbers (fake addresses, nothing allocated), so tensors of billions of
-elements cost nothing. Both kernel-argument budgets (4 KB, 32 KB) and all
-four list depths are checked whatever the build chose.
+elements cost nothing. Both kernel-argument budgets (4 KB, 32 KB) and every
+list depth (1 to 9: multi_average_ walks up to 8 averages plus current) are
+checked whatever the build chose.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import swa_fast
 from swa_fast.ops import launch_plan as planner
 
 BUDGETS = [4096, 32768]
-DEPTHS = [1, 2, 3, 4]
+DEPTHS = list(range(1, 10))
 CHUNK = planner.launch_limits(4096)["chunk_size"]
 
 
@@ -79,6 +80,7 @@ def test_limits_fill_the_kernel_argument_budget(arg_bytes):
         per_slot = 8 * depth + 8 + 4
         assert arg_bytes - functor_room - size < per_slot + 8
     # Deeper lists carry more addresses per slot, so fewer slots.
+    assert len(info["max_tensors"]) == len(info["metadata_bytes"]) == len(DEPTHS)
     assert info["max_tensors"] == sorted(info["max_tensors"], reverse=True)
 
 
@@ -167,8 +169,10 @@ def test_more_chunks_than_int32_are_refused_before_any_launch():
 
 
 def test_bad_depth_and_budget_are_refused():
-    with pytest.raises(RuntimeError, match="depth must be 1 to 4"):
-        planner.plan_launches([5], 5)
+    with pytest.raises(RuntimeError, match="depth must be 1 to 9"):
+        planner.plan_launches([5], 10)
+    with pytest.raises(RuntimeError, match="depth must be 1 to 9"):
+        planner.plan_launches([5], 0)
     with pytest.raises(RuntimeError, match="arg_bytes must be 4096 or 32768"):
         planner.plan_launches([5], 1, 8192)
 
@@ -183,3 +187,12 @@ def test_bad_depth_and_budget_are_refused():
 )
 def test_random_lists_are_planned_exactly(numels, depth, arg_bytes):
     check_plan(numels, depth, arg_bytes)
+
+
+def test_the_limits_docs_quote_for_multi_average_depths():
+    # docs/ARCHITECTURE.md quotes these for average_ (depth 2) and multi_average_'s buckets
+    # (depth 3 for 2 averages, 5 for 3-4, 9 for 5-8).
+    small, large = planner.launch_limits(4096), planner.launch_limits(32768)
+    assert [small["max_tensors"][d - 1] for d in (2, 3, 5, 9)] == [84, 65, 45, 28]
+    assert [large["max_tensors"][d - 1] for d in (2, 3, 5, 9)] == [726, 564, 391, 242]
+    assert small["max_blocks"] == 320 and large["max_blocks"] == 2048

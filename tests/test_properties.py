@@ -5,11 +5,13 @@ For random shapes, dtypes, strides, storage offsets, aliasing and values
 or pure-torch reference) or raise a clear error (a RuntimeError, ValueError or
 TypeError that names the op, never an internal assert) having modified
 nothing. The examples are derandomized: CI runs the same cases every time.
-``CASES`` below is how many each test draws.
+``CASES`` below is how many each test draws (the averaging ops' test, which
+draws three ops, twice as many).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import List
 
@@ -114,7 +116,7 @@ def assert_clear_error(error: Exception, op: str) -> None:
 
 
 # ---------------------------------------------------------------------------
-# average_ / average_moments_ / nonfinite_flag
+# average_ / average_moments_ / multi_average_ / nonfinite_flag
 # ---------------------------------------------------------------------------
 
 
@@ -138,51 +140,71 @@ def assert_lerped(got: torch.Tensor, want: torch.Tensor) -> None:
 pairs = st.lists(st.tuples(spec_strategy(), st.sampled_from(FLOATS + OTHERS)), min_size=0, max_size=4)
 
 
-@SETTINGS
+WEIGHTS = st.one_of(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0, float("nan")]), st.floats(-1, 2))
+
+
+@settings(SETTINGS, max_examples=2 * CASES)  # three ops: average_, average_moments_, multi_average_
 @given(
     pairs=pairs,
-    weight=st.one_of(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0, float("nan")]), st.floats(-1, 2)),
-    alias=st.sampled_from(["none", "same_twice", "current_is_averaged", "overlap"]),
+    weight=WEIGHTS,
+    # multi_average_'s further weights in range (the first one, `weight`, may be out of it).
+    more_weights=st.lists(st.one_of(st.sampled_from([0.0, 0.5, 1.0]), st.floats(0, 1)), min_size=8, max_size=8),
+    alias=st.sampled_from(["none", "same_twice", "current_is_averaged", "overlap", "mismatch"]),
     special=st.booleans(),
-    moments=st.booleans(),
+    op=st.sampled_from(["average_", "average_moments_", "multi_average_"]),
+    count=st.integers(1, 9),
 )
-def test_average_ops_are_right_or_refuse_cleanly(pairs, weight, alias, special, moments):
-    averaged = [build(spec) for spec, _ in pairs]
+def test_average_ops_are_right_or_refuse_cleanly(pairs, weight, more_weights, alias, special, op, count):
+    moments, multi = op == "average_moments_", op == "multi_average_"
+    count = count if multi else 1
+    weights = [weight, *more_weights][:count]
+    # multi_average_: `count` lists of averages like the first (the same specs, other values).
+    lists = [[build(Spec(spec.shape, spec.dtype, spec.layout, spec.seed + 1000 * k)) for spec, _ in pairs]
+             for k in range(count)]
+    averaged = lists[0]
     # current: the averaged dtype or another one, same shape, any layout
     current = [build(Spec(spec.shape, cur_dtype, spec.layout, spec.seed + 1), special) for spec, cur_dtype in pairs]
     if averaged and alias == "same_twice":
-        averaged.append(averaged[0])
-        current.append(current[0])
+        if count > 1:
+            lists[-1][0] = averaged[0]  # one tensor in two lists of averages
+        else:
+            averaged.append(averaged[0])
+            current.append(current[0])
     elif averaged and alias == "current_is_averaged":
-        current[0] = averaged[0]
+        current[0] = averaged[0]  # allowed by average_ (torch's lerp_(a, a, w)), refused by the others
     elif averaged and alias == "overlap" and averaged[0].numel() > 1:
         base = averaged[0].reshape(-1) if averaged[0].is_contiguous() else averaged[0]
         if base.dim() == 1:
             averaged[0], current[0] = base[1:], base[:-1]
+    elif averaged and alias == "mismatch" and count > 1:
+        lists[-1][0] = build(Spec((*pairs[0][0].shape, 2), pairs[0][0].dtype, "contiguous", 5))
     sq_mean = [a.detach().clone() if a.is_floating_point() else a for a in averaged] if moments else []
-    written = averaged + sq_mean
-    before_avg, before_cur, before_sq = snapshot(averaged), snapshot(current), snapshot(sq_mean)
-    op = "swa_fast.average_moments_" if moments else "swa_fast.average_"
+    written = [t for ts in lists for t in ts] + sq_mean
+    before_lists, before_cur, before_sq = [snapshot(ts) for ts in lists], snapshot(current), snapshot(sq_mean)
     try:
         if moments:
             swa_fast.average_moments_(averaged, sq_mean, current, weight)
+        elif multi:
+            swa_fast.multi_average_(lists, current, weights)
         else:
             swa_fast.average_(averaged, current, weight)
     except CLEAR_ERRORS as error:
         event("refused")
-        if isinstance(error, ValueError) and "weight must be in [0, 1]" in str(error):
-            assert not 0 <= weight <= 1  # the Python wrapper's check
+        if isinstance(error, ValueError) and re.search(r"weights?(\[\d+\])? must be in \[0, 1\]", str(error)):
+            assert not all(0 <= w <= 1 for w in weights)  # the Python wrapper's check
         else:
-            assert_clear_error(error, op)
-        assert unchanged(before_avg, averaged) and unchanged(before_cur, current) and unchanged(before_sq, sq_mean)
+            assert_clear_error(error, f"swa_fast.{op}")
+        assert all(unchanged(b, ts) for b, ts in zip(before_lists, lists))
+        assert unchanged(before_cur, current) and unchanged(before_sq, sq_mean)
         return
-    event("computed")
-    assert 0 <= weight <= 1
+    event(f"computed ({op})")
+    assert all(0 <= w <= 1 for w in weights)
     written_ids = {id(t) for t in written}
-    for i, (avg, cur) in enumerate(zip(averaged, current)):
-        assert_lerped(avg, lerp_reference(before_avg[i], before_cur[i], weight))
-        if id(cur) not in written_ids:
-            assert unchanged([before_cur[i]], [cur])
+    for k, (averages, befores) in enumerate(zip(lists, before_lists)):
+        for i, (avg, cur) in enumerate(zip(averages, current)):
+            assert_lerped(avg, lerp_reference(befores[i], before_cur[i], weights[k]))
+            if id(cur) not in written_ids:
+                assert unchanged([before_cur[i]], [cur])
     for i, sq in enumerate(sq_mean):
         x = before_cur[i].double()
         assert_lerped(sq, lerp_reference(before_sq[i], x * x, weight))
@@ -358,5 +380,5 @@ def test_averaged_model_matches_torch(shapes, dtypes, buffer_dtypes, use_buffers
 
 
 def test_the_suite_draws_many_cases():
-    # Six property tests x CASES examples each: the count the closing note reports.
-    assert CASES * 5 >= 750
+    # Five property tests x CASES examples each, the averaging ops' twice: the count the docs report.
+    assert CASES * 6 >= 900

@@ -59,6 +59,22 @@ def test_sharded_averages_equal_one_process(fsdp_run, kind):
                 torch.testing.assert_close(full, expected[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_a_multi_average_of_shards_equals_separate_averages_bitwise(fsdp_run):
+    for result in fsdp_run[3]:
+        for kind in ("swa", "ema"):
+            assert result[f"multi_{kind}/n_averaged"] == worker.STEPS
+            assert result[f"multi_{kind}/local_numel"] == result["param_local_numel"]
+            for name, full in result[kind].items():
+                assert torch.equal(result[f"multi_{kind}"][name], full), (kind, name)
+
+
+def test_an_average_made_before_fully_shard_follows_the_shards(fsdp_run):
+    for result in fsdp_run[3]:
+        assert result["early/local_numel"] == result["param_local_numel"]
+        for name, full in result["ema"].items():
+            assert torch.equal(result["early"][name], full), name
+
+
 def test_a_nan_in_one_ranks_shard_makes_every_rank_skip(fsdp_run):
     _, dtype, _, ranks = fsdp_run
     kept = [full for step, full in enumerate(ranks[0]["trajectory"]) if step != worker.POISONED_STEP]
@@ -150,7 +166,7 @@ def ddp_run(tmp_path_factory):
 def test_ddp_averages_identical_on_every_rank_and_restored(ddp_run):
     first, second = ddp_run
     assert first["n_averaged"] == second["n_averaged"] == worker.STEPS
-    assert list(first["averages"]) == [f"module.{name}" for name, _ in worker.make_model().named_parameters()]
+    assert list(first["averages"]) == [name for name, _ in worker.make_model().named_parameters()]  # DDP unwrapped
     for name, average in first["averages"].items():
         assert torch.equal(average, second["averages"][name]), name
     for name, buffer in first["bn_inside"].items():
@@ -164,3 +180,13 @@ def test_the_readme_example_runs_on_two_ranks(tmp_path, capfd):
     printed = capfd.readouterr().out
     assert "EMA of 20 updates" in printed and "saved with torch.distributed.checkpoint" in printed
     assert (tmp_path / "ema" / ".metadata").exists()
+
+
+def test_host_averages_of_a_gpu_mesh_get_a_cpu_twin_of_the_mesh(tmp_path):
+    """Host (offloaded) averages of a model sharded on GPUs are DTensors on a CPU mesh over the same
+    ranks, so full_tensor() and checkpoint resharding run on gloo, not NCCL with host tensors."""
+    for result in launch("host_mesh", tmp_path, 2):
+        for label in ("from_group", "new_gloo_groups"):
+            got = result[label]
+            assert got["mesh_is_host"] and got["shares_storage"] and got["loads_back"], label
+            assert torch.equal(got["full"], result["expected"]), label

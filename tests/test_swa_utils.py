@@ -240,13 +240,13 @@ def test_cached_lists_follow_a_replaced_layer():
     ours = swa_utils.AveragedModel(model)
     theirs = torch_swa.AveragedModel(model)
     train_and_average(model, [ours, theirs], steps=3)
-    plan = ours._average._plan
+    plan = ours._average._set._plan
     train_and_average(model, [ours, theirs], steps=2)
-    assert ours._average._plan is plan  # reused: no per-parameter Python work per update
+    assert ours._average._set._plan is plan  # reused: no per-parameter Python work per update
     torch.manual_seed(5)
     model[4] = nn.Linear(8 * 6 * 6, 10)  # a new layer, same shapes
     train_and_average(model, [ours, theirs], steps=3)
-    assert ours._average._plan is not plan
+    assert ours._average._set._plan is not plan
     assert max_abs_diff(ours.state_dict(), theirs.state_dict()) <= 1e-6
 
 
@@ -274,7 +274,7 @@ def test_averaged_model_on_explicit_device_and_moved():
     ours = swa_utils.AveragedModel(model, device="cpu")
     train_and_average(model, [ours], steps=2)
     ours.to(torch.float64)
-    assert ours._average._plan is None
+    assert ours._average._set._plan is None
     train_and_average(model, [ours], steps=2)
     assert ours.n_averaged.item() == 4
 

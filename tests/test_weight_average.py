@@ -267,7 +267,7 @@ def test_deepcopy_and_pickle_after_updates():
     average = WeightAverage(model)
     train(model, [average.update], steps=3)
     for twin in (copy.deepcopy(average), pickle.loads(pickle.dumps(average))):
-        assert twin._plan is None
+        assert twin._set._plan is None
         assert_bitwise(twin.state_dict()["averages"], average.state_dict()["averages"])
     twin = copy.deepcopy(average)
     train(model, [average.update, twin.update], steps=2)
@@ -279,10 +279,10 @@ def test_a_replaced_parameter_is_noticed():
     average = WeightAverage(model)
     shell = swa_utils.AveragedModel(model)
     train(model, [average.update, shell.update_parameters], steps=3)
-    plan = average._plan
+    plan = average._set._plan
     model[4]._parameters["weight"] = nn.Parameter(torch.randn(10, 8 * 6 * 6))
     train(model, [average.update, shell.update_parameters], steps=2)
-    assert average._plan is not plan
+    assert average._set._plan is not plan
     assert_bitwise(average.state_dict()["averages"], averages_of(shell, False))
 
 
@@ -302,52 +302,3 @@ def test_bad_arguments():
 def test_averaged_model_is_a_shell_over_weight_average():
     shell = swa_utils.AveragedModel(bn_net())
     assert isinstance(shell._average, WeightAverage)
-
-
-# --- the offload pipeline's host side (its CUDA copies run in tests/test_weight_average_cuda.py) --
-
-
-def test_offload_pipeline_applies_every_update_in_order_on_its_worker(monkeypatch):
-    """The pipeline with host-resident sources: staging, double buffering, the worker thread and
-    the waits of every reader, without the device copies."""
-    import threading
-
-    from swa_fast.averaging import step as _update_step
-
-    model = bn_net()
-    fn = swa_utils.get_ema_multi_avg_fn(0.9)
-    direct = WeightAverage(model, fn, use_buffers=True, skip_nonfinite=True)
-    piped = WeightAverage(model, fn, use_buffers=True, skip_nonfinite=True)
-    threads = []
-    original = _update_step.fused_update
-
-    def recording(*args, **kwargs):
-        threads.append(threading.current_thread().name)
-        return original(*args, **kwargs)
-
-    piped._plan_for(model)
-    piped._plan_offloads = True  # as for a CUDA model with device="cpu"
-    monkeypatch.setattr("swa_fast.averaging.weight_average.fused_update", recording)
-    train(model, [direct.update, piped.update], poison_at=3)
-    assert piped._offload is not None
-    piped.synchronize()  # the worker may still be applying the last update
-    # direct's updates run here, piped's on the worker
-    assert sorted(set(threads)) == ["MainThread", "swa_fast-offload_0"]
-    assert threads.count("swa_fast-offload_0") == threads.count("MainThread") == STEPS
-    assert piped.n_averaged.item() == STEPS - 1 and piped.n_skipped.item() == 1  # waits for the worker
-    assert_bitwise(piped.state_dict()["averages"], direct.state_dict()["averages"])
-
-
-def test_offload_pipeline_reports_a_workers_error_to_the_next_reader(monkeypatch):
-    model = bn_net()
-    piped = WeightAverage(model)
-    piped._plan_for(model)
-    piped._plan_offloads = True
-
-    def failing(*args, **kwargs):
-        raise RuntimeError("worker failed")
-
-    monkeypatch.setattr("swa_fast.averaging.weight_average.fused_update", failing)
-    piped.update(model)  # returns: the failure happens on the worker
-    with pytest.raises(RuntimeError, match="worker failed"):
-        piped.state_dict()

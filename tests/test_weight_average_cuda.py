@@ -83,8 +83,8 @@ def test_the_staging_copy_overlaps_the_training_stream():
     busy(200)  # ...not for this, queued after it on the training stream
     compute_done = torch.cuda.Event()
     compute_done.record()
-    pipeline = offloaded._offload
-    copied = next(iter(pipeline._copied.values()))
+    pipeline = offloaded._set._offload
+    copied = next(done.event for done in pipeline._pending_all if done.event is not None)
     overlapped = False
     while not compute_done.query():
         if copied.query():
@@ -120,7 +120,7 @@ def test_swapped_into_with_offloaded_averages_restores_bitwise():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with offloaded.swapped_into(model):
         for name, parameter in model.named_parameters():
-            assert torch.equal(parameter.cpu(), offloaded._store.averages[name])
+            assert torch.equal(parameter.cpu(), offloaded._set.store.averages[0][name])
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
 
@@ -159,3 +159,126 @@ def test_offloaded_update_refuses_graph_capture():
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"), torch.cuda.graph(graph):
         offloaded.update(model)
+
+
+# --- the orderings of issue 18: every write after an offloaded update waits for its copy ----------
+
+
+def test_the_next_forward_waits_for_the_buffers_copy():
+    """BatchNorm writes its statistics in the forward: the staged buffers are the values from
+    before that forward (an EMA of decay 0 copies what was staged)."""
+    model = net()
+    offloaded = WeightAverage(model, swa_utils.get_ema_multi_avg_fn(0.0), use_buffers=True, device="cpu")
+    offloaded.update(model)
+    offloaded.synchronize()
+    expected = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    busy(200)  # the copy queues behind this...
+    offloaded.update(model)
+    model(torch.randn(32, 64, device="cuda"))  # ...and these statistics' writes must wait for it
+    averages = offloaded.state_dict()["averages"]
+    for name, value in expected.items():
+        assert torch.equal(averages[name], value), name
+
+
+def test_an_embedding_with_max_norm_waits_for_the_whole_copy():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(100, 64, max_norm=0.01), nn.Linear(64, 4)).cuda()
+    offloaded = WeightAverage(model, swa_utils.get_ema_multi_avg_fn(0.0), device="cpu")
+    offloaded.update(model)
+    offloaded.synchronize()
+    expected = model[0].weight.detach().cpu().clone()
+    busy(200)
+    offloaded.update(model)
+    model(torch.arange(100, device="cuda"))  # renormalizes every row in place
+    assert not torch.equal(model[0].weight.detach().cpu(), expected)
+    assert torch.equal(offloaded.state_dict()["averages"]["0.weight"], expected)
+
+
+def test_order_writes_orders_a_write_the_library_cannot_see():
+    model = net()
+    offloaded = WeightAverage(model, swa_utils.get_ema_multi_avg_fn(0.0), device="cpu")
+    offloaded.update(model)
+    offloaded.synchronize()
+    expected = model[0].weight.detach().cpu().clone()
+    busy(200)
+    offloaded.update(model)
+    offloaded.order_writes()  # non-blocking: the next write waits on the GPU
+    assert not offloaded._set._offload._pending_all
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)  # an in-place edit outside any optimizer or forward
+    assert torch.equal(offloaded.state_dict()["averages"]["0.weight"], expected)
+
+
+def test_the_worker_waits_on_blocking_events(monkeypatch):
+    created = []
+    original = torch.cuda.Event
+
+    def recording(*args, **kwargs):
+        created.append(kwargs.get("blocking", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "Event", recording)
+    model = net()
+    offloaded = WeightAverage(model, use_buffers=True, device="cpu")
+    offloaded.update(model)
+    offloaded.synchronize()
+    assert created and all(created)  # the worker sleeps in event.synchronize(); no core spins
+
+
+def test_averaged_model_with_host_averages_is_complete_when_update_parameters_returns():
+    model = net()
+    shell = swa_utils.AveragedModel(model, device="cpu", use_buffers=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        step(model, optimizer, generator)
+        busy(100)
+        shell.update_parameters(model)
+        # torch's contract: read at once, without any swa_fast reader that would wait
+        for (name, average), (_, current) in zip(shell.module.named_parameters(), model.named_parameters()):
+            if shell.n_averaged.item() == 1:
+                assert torch.equal(average, current.detach().cpu()), name
+    assert shell.n_averaged.item() == 3
+
+
+def test_a_multi_average_offloaded_and_on_device_equal_separate_averages():
+    from swa_fast import MultiAverage
+
+    model = net()
+    fns = lambda: {"swa": None, "ema": swa_utils.get_ema_multi_avg_fn(0.9)}  # noqa: E731
+    on_device = MultiAverage(model, fns(), use_buffers=True)
+    offloaded = MultiAverage(model, fns(), use_buffers=True, device="cpu")
+    separate = {name: WeightAverage(model, fn, use_buffers=True) for name, fn in fns().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        step(model, optimizer, generator)
+        for average in (on_device, offloaded, *separate.values()):
+            average.update(model)
+    for name, reference in separate.items():
+        for key, value in reference.state_dict()["averages"].items():
+            assert torch.equal(on_device[name].state_dict()["averages"][key], value), (name, key)
+            assert torch.equal(offloaded[name].state_dict()["averages"][key], value.cpu()), (name, key)
+
+
+def test_host_averages_of_a_gpu_sharded_model_gather_on_the_host():
+    """FSDP2 on one GPU (a 1-rank NCCL group): the host averages' DTensors live on a CPU mesh, so
+    full_tensor() runs (over gloo), where a CUDA mesh would hand host tensors to NCCL."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from helpers import free_port
+
+    dist.init_process_group("cuda:nccl,cpu:gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    try:
+        model = net()
+        fully_shard(model, mesh=init_device_mesh("cuda", (1,)))
+        offloaded = WeightAverage(model, device="cpu")
+        offloaded.update(model)
+        for name, average in offloaded.state_dict()["averages"].items():
+            assert average.device_mesh.device_type == "cpu", name
+            assert torch.equal(average.full_tensor(), dict(model.named_parameters())[name].full_tensor().cpu())
+    finally:
+        dist.destroy_process_group()

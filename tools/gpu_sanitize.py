@@ -36,6 +36,11 @@ ODD_SIZES = [0, 1, 3, 5, 7, 17, 1023, 4099]  # empty, under and around every vec
 EPS = 1e-5
 
 
+def raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    """t's bytes in element order: equal exactly when bitwise equal (NaNs, signed zeros)."""
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
 class Driver:
     def __init__(self, device: str):
         self.device = torch.device(device)
@@ -85,7 +90,7 @@ class Driver:
     def on_cpu(self, tensors):
         return [t.detach().cpu().clone() for t in tensors]
 
-    # -- average_, average_moments_, nonfinite_flag -------------------------
+    # -- average_, average_moments_, multi_average_, nonfinite_flag ----------
 
     def averaging(self) -> None:
         # Same dtypes and mixed pairs, odd sizes with empty tensors among them, misaligned views.
@@ -123,6 +128,7 @@ class Driver:
         self.run("average_", f"a tensor of {big} elements across launches",
                  lambda: self.average_case(averaged, current, 0.7))
         self.run("nonfinite_flag", "a tensor across launches", lambda: self.nonfinite_case(current, poison=big - 1))
+        self.multi_averaging(pairs)
         # nonfinite_flag: every floating dtype, views, float8 and complex.
         for dtype in FLOATS:
             tensors = [self.tensor(n, dtype, i, offset=1) for i, n in enumerate(ODD_SIZES)]
@@ -136,21 +142,80 @@ class Driver:
         self.run("nonfinite_flag", "float8 and complex", lambda: self.check(
             swa_fast.nonfinite_flag(odd), torch.tensor(False), "float8/complex flag"))
 
-    def average_case(self, averaged, current, weight, skip=None) -> None:
+    def multi_averaging(self, pairs) -> None:
+        # multi_average_: K = 1 (average_'s launch), 3 (depth 5), 8 (depth 9, one pass), 9 (8 + 1:
+        # two passes); every dtype pair; current and every other list of averages misaligned.
+        weights = [0.3, 1.0, 0.0, 0.7, 0.5, 0.125, 0.999, 0.45, 0.6]
+        for avg_dtype, cur_dtype in pairs:
+            for count in (1, 3, 8, 9):
+                name = f"K={count} {avg_dtype}<-{cur_dtype}"
+                current = [self.tensor(n, cur_dtype, 50 + i, count % 2) for i, n in enumerate(ODD_SIZES)]
+                averaged = [[self.tensor(n, avg_dtype, 100 * k + i, k % 2) for i, n in enumerate(ODD_SIZES)]
+                            for k in range(count)]
+                self.run("multi_average_", name,
+                         lambda a=averaged, c=current, w=weights[:count]: self.multi_case(a, c, w))
+        # Device weights (float32, strided), integer and bool copies into every list, skip.
+        averaged = [[self.tensor(n, torch.float32, 10 * k + i) for i, n in enumerate(ODD_SIZES)] for k in range(5)]
+        current = [self.tensor(n, torch.float16, 70 + i) for i, n in enumerate(ODD_SIZES)]
+        strided = torch.tensor([w for w in weights[:5] for _ in (0, 1)], dtype=torch.float32, device=self.device)[::2]
+        self.run("multi_average_", "device weights", lambda: self.multi_case(averaged, current, strided))
+        ints = [self.tensor(9, torch.float32, 1).mul(40).round().to(dt) for dt in
+                (torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool)]
+        for count in (3, 9):
+            targets = [[torch.zeros_like(t) for t in ints] for _ in range(count)]
+            self.run("multi_average_", f"integer copies K={count}",
+                     lambda t=targets, w=weights[:count]: self.multi_case(t, ints, w))
+        for skip in (True, False):
+            averaged = [[self.tensor(33, torch.float32, 7 + k)] for k in range(9)]
+            current = [self.tensor(33, torch.float32, 8)]
+            self.run("multi_average_", f"skip {skip}",
+                     lambda a=averaged, c=current, s=skip: self.multi_case(a, c, weights, s))
+        # More tensors than a depth-9 launch holds (a tensor cut across launches is the harness's
+        # own path, run above with average_; a second huge one would only slow the sanitizers).
+        many = self.max_tensors[8] + 5
+        averaged = [[self.tensor(3 + i % 7, torch.float32, 100 * k + i) for i in range(many)] for k in range(8)]
+        current = [self.tensor(3 + i % 7, torch.bfloat16, 900 + i) for i in range(many)]
+        self.run("multi_average_", f"K=8, {many} tensors", lambda: self.multi_case(averaged, current, weights[:8]))
+
+    def expected_average(self, averaged, current, weight, skip=None):
+        """What average_ must leave in averaged, on the CPU: the CPU kernel's result (on CUDA) or a
+        float64 reference (on the CPU)."""
         want = self.on_cpu(averaged)
         cur_cpu = self.on_cpu(current)
-        if not skip:
-            if self.device.type == "cuda":
-                swa_fast.average_(want, cur_cpu, weight)
-            else:
-                want = [c.to(w.dtype) if weight == 1.0 or not w.is_floating_point()
-                        else w.double().lerp(c.double(), weight).to(w.dtype) for w, c in zip(want, cur_cpu)]
-        skip_tensor = None if skip is None else torch.tensor(skip, device=self.device)
-        swa_fast.average_(averaged, current, weight, skip=skip_tensor)
+        if skip:
+            return want
+        if self.device.type == "cuda":
+            swa_fast.average_(want, cur_cpu, weight)
+            return want
+        return [c.to(w.dtype) if weight == 1.0 or not w.is_floating_point()
+                else w.double().lerp(c.double(), weight).to(w.dtype) for w, c in zip(want, cur_cpu)]
+
+    def check_averaged(self, averaged, want, what: str) -> None:
         # Within one rounding of the reference (bitwise parity with torch is the GPU tests' business).
         for i, (got, ref) in enumerate(zip(averaged, want)):
             tol = 0.0 if not got.is_floating_point() else (1e-2 if got.element_size() == 2 else 1e-6)
-            self.check(got, ref, f"averaged[{i}]", rtol=tol, atol=tol)
+            self.check(got, ref, f"{what}[{i}]", rtol=tol, atol=tol)
+
+    def average_case(self, averaged, current, weight, skip=None) -> None:
+        want = self.expected_average(averaged, current, weight, skip)
+        skip_tensor = None if skip is None else torch.tensor(skip, device=self.device)
+        swa_fast.average_(averaged, current, weight, skip=skip_tensor)
+        self.check_averaged(averaged, want, "averaged")
+
+    def multi_case(self, averaged, current, weights, skip=None) -> None:
+        values = [float(w) for w in (weights.cpu() if isinstance(weights, torch.Tensor) else weights)]
+        skip_tensor = None if skip is None else torch.tensor(skip, device=self.device)
+        # The contract: average k is bitwise what average_ with weights[k] gives on this device...
+        separate = [[t.clone() for t in ts] for ts in averaged]
+        for ts, w in zip(separate, values):
+            swa_fast.average_(ts, current, w, skip=skip_tensor)
+        want = [self.expected_average(ts, current, w, skip) for ts, w in zip(averaged, values)]
+        swa_fast.multi_average_(averaged, current, weights, skip=skip_tensor)
+        for k, (ts, sep, ref) in enumerate(zip(averaged, separate, want)):
+            for i, (got, one) in enumerate(zip(ts, sep)):
+                self.check(raw_bytes(got), raw_bytes(one), f"average {k}[{i}] against average_")
+            # ...and within one rounding of the CPU kernels (float64 on the CPU).
+            self.check_averaged(ts, ref, f"average {k}")
 
     def moments_case(self, mean, sq, current) -> None:
         want_mean, want_sq, cur_cpu = self.on_cpu(mean), self.on_cpu(sq), self.on_cpu(current)

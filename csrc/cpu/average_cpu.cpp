@@ -1,12 +1,13 @@
-// CPU kernels of average_ and average_moments_.
+// CPU kernels of average_, average_moments_, multi_average_ and nonfinite_flag.
 //
 // Structure (mirrored by csrc/cuda/average_cuda.cu):
-//   1. check_average_args validates everything on the host;
+//   1. check_average_args / check_multi_average_args validate everything on the host;
 //   2. the whole list is cut into fixed-size chunks (cpu::kChunk elements, cpu/chunks.h), each
 //      chunk one unit of at::parallel_for work, so one huge tensor and many
 //      tiny ones load the threads evenly;
-//   3. each chunk runs lerp_chunk<avg_t, cur_t, kMoments>, which converts to
-//      the arithmetic type (fp32, fp64 for fp64) in small stack blocks and
+//   3. each chunk runs lerp_chunk<avg_t, cur_t, kMoments>, which converts
+//      current to the arithmetic type (fp32, fp64 for fp64) in small stack
+//      blocks, once for all the averages of it (multi_average_ has K), and
 //      applies torch's lerp formula with at::vec::Vectorized.
 
 #include <ATen/Dispatch.h>
@@ -61,62 +62,112 @@ void square_in_place(T* x, int64_t n) {
   at::vec::map([](auto v) { return v * v; }, x, x, n);
 }
 
-// One chunk [begin, end) of one tensor pair (plus its squares for moments).
-// weight == 1 is an exact copy, as torch's first AveragedModel update is, even
-// when current holds Inf.
+// One 512-element block of one average: avg[0..n) = lerp(avg, x, weight),
+// with x already in the arithmetic type. weight == 1 is an exact copy, as
+// torch's first AveragedModel update is, even when x holds Inf.
+template <typename avg_t, typename opmath_t>
+void lerp_block(avg_t* avg, const opmath_t* x, int64_t n, double weight, opmath_t* buffer) {
+  if (weight == 1.0) {
+    at::vec::convert(x, avg, n);
+    return;
+  }
+  opmath_t* a = load_as(avg, buffer, n);
+  lerp_in_place(a, x, n, static_cast<opmath_t>(weight));
+  store_from(a, avg, n);
+}
+
+// One chunk [begin, end) of one current tensor and the `count` averages of it
+// (avg[k] with weights[k]; one for average_ and average_moments_), plus the
+// squares for moments. Each block of current is converted to the arithmetic
+// type once and then updates every average: one read of current for all of
+// them.
 template <typename avg_t, typename cur_t, bool kMoments>
-void lerp_chunk(avg_t* avg, avg_t* sq, const cur_t* cur, int64_t begin, int64_t end, double weight) {
+void lerp_chunk(
+    void* const* avg,
+    const double* weights,
+    int64_t count,
+    avg_t* sq,
+    const cur_t* cur,
+    int64_t begin,
+    int64_t end) {
   using opmath_t = at::opmath_type<avg_t>;
-  const opmath_t w = static_cast<opmath_t>(weight);
-  const bool copy = weight == 1.0;
   opmath_t avg_buffer[kBlock];
-  opmath_t sq_buffer[kBlock];
   opmath_t cur_buffer[kBlock];
   opmath_t square_buffer[kBlock];
   for (int64_t start = begin; start < end; start += kBlock) {
     const int64_t n = std::min(kBlock, end - start);
     const opmath_t* x = load_as(cur + start, cur_buffer, n);
-    if (copy) {
-      at::vec::convert(x, avg + start, n);
-    } else {
-      opmath_t* a = load_as(avg + start, avg_buffer, n);
-      lerp_in_place(a, x, n, w);
-      store_from(a, avg + start, n);
+    for (int64_t k = 0; k < count; ++k) {
+      lerp_block(static_cast<avg_t*>(avg[k]) + start, x, n, weights[k], avg_buffer);
     }
     if constexpr (kMoments) {
       std::memcpy(square_buffer, x, n * sizeof(opmath_t));
       square_in_place(square_buffer, n);
-      if (copy) {
-        at::vec::convert(square_buffer, sq + start, n);
-      } else {
-        opmath_t* s = load_as(sq + start, sq_buffer, n);
-        lerp_in_place(s, square_buffer, n, w);
-        store_from(s, sq + start, n);
-      }
+      lerp_block(sq + start, square_buffer, n, weights[0], avg_buffer);
     }
   }
 }
 
-// Integer and bool tensors (e.g. BatchNorm's num_batches_tracked) are copied.
-void copy_chunk(const at::Tensor& dst, const at::Tensor& src, int64_t begin, int64_t end) {
-  const int64_t item = dst.element_size();
-  std::memcpy(
-      static_cast<char*>(dst.data_ptr()) + begin * item, static_cast<const char*>(src.const_data_ptr()) + begin * item,
-      (end - begin) * item);
+// Integer and bool tensors (e.g. BatchNorm's num_batches_tracked) are copied,
+// into every average.
+void copy_chunk(void* const* dst, int64_t count, const at::Tensor& src, int64_t begin, int64_t end) {
+  const int64_t item = src.element_size();
+  const char* from = static_cast<const char*>(src.const_data_ptr()) + begin * item;
+  for (int64_t k = 0; k < count; ++k) {
+    std::memcpy(static_cast<char*>(dst[k]) + begin * item, from, (end - begin) * item);
+  }
 }
 
 template <bool kMoments>
-void run_chunk(const at::Tensor& avg, const at::Tensor& sq, const at::Tensor& cur, int64_t begin, int64_t end, double w) {
-  if (!at::isFloatingType(avg.scalar_type())) {
-    copy_chunk(avg, cur, begin, end);
+void run_chunk(
+    at::ScalarType avg_dtype,
+    void* const* avg,
+    const double* weights,
+    int64_t count,
+    const at::Tensor& sq,
+    const at::Tensor& cur,
+    int64_t begin,
+    int64_t end) {
+  if (!at::isFloatingType(avg_dtype)) {
+    copy_chunk(avg, count, cur, begin, end);
     return;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, avg.scalar_type(), "swa_fast_average_avg", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, avg_dtype, "swa_fast_average_avg", [&] {
     using avg_t = scalar_t;
     avg_t* sq_ptr = kMoments ? sq.data_ptr<avg_t>() : nullptr;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cur.scalar_type(), "swa_fast_average_cur", [&] {
-      lerp_chunk<avg_t, scalar_t, kMoments>(avg.data_ptr<avg_t>(), sq_ptr, cur.const_data_ptr<scalar_t>(), begin, end, w);
+      lerp_chunk<avg_t, scalar_t, kMoments>(avg, weights, count, sq_ptr, cur.const_data_ptr<scalar_t>(), begin, end);
     });
+  });
+}
+
+// The update itself, after the checks: weights.size() averages of each
+// current tensor, averaged[k * n + i] for cur[i] (n = cur.size()), plus
+// sq_mean[i] for moments. Chunks of the first list of averages, in parallel.
+template <bool kMoments>
+void average_lists_cpu(
+    at::TensorList averaged,
+    at::TensorList sq_mean,
+    const std::vector<at::Tensor>& cur,
+    const std::vector<double>& weights) {
+  const auto n = static_cast<int64_t>(cur.size());
+  const auto count = static_cast<int64_t>(weights.size());
+  std::vector<void*> avg(static_cast<size_t>(n * count));  // avg[i * count + k]: average k of cur[i]
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t k = 0; k < count; ++k) {
+      avg[i * count + k] = averaged[k * n + i].mutable_data_ptr();
+    }
+  }
+  const std::vector<Chunk> chunks = split_into_chunks(averaged.slice(0, n));
+  const int64_t grain = cpu::parallel_grain(chunks);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const Chunk& chunk = chunks[c];
+      const at::Tensor& sq = kMoments ? sq_mean[chunk.tensor] : averaged[chunk.tensor];
+      run_chunk<kMoments>(
+          averaged[chunk.tensor].scalar_type(), &avg[chunk.tensor * count], weights.data(), count, sq,
+          cur[chunk.tensor], chunk.begin, chunk.end);
+    }
   });
 }
 
@@ -132,16 +183,7 @@ void average_cpu_impl(
   if (averaged.empty() || (skip.has_value() && skip->item<bool>())) {
     return;
   }
-  const double w = weight.item<double>();
-  const std::vector<Chunk> chunks = split_into_chunks(averaged);
-  const int64_t grain = cpu::parallel_grain(chunks);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain, [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) {
-      const Chunk& chunk = chunks[c];
-      const at::Tensor& sq = kMoments ? sq_mean[chunk.tensor] : averaged[chunk.tensor];
-      run_chunk<kMoments>(averaged[chunk.tensor], sq, cur[chunk.tensor], chunk.begin, chunk.end, w);
-    }
-  });
+  average_lists_cpu<kMoments>(averaged, sq_mean, cur, read_weights(weight));
 }
 
 void average_cpu(
@@ -159,6 +201,19 @@ void average_moments_cpu(
     const at::Tensor& weight,
     const std::optional<at::Tensor>& skip) {
   average_cpu_impl<true>("swa_fast.average_moments_", mean, sq_mean, current, weight, skip);
+}
+
+void multi_average_cpu(
+    at::TensorList averaged,
+    at::TensorList current,
+    const at::Tensor& weights,
+    const std::optional<at::Tensor>& skip) {
+  const std::vector<at::Tensor> cur =
+      check_multi_average_args("swa_fast.multi_average_", averaged, current, weights, skip);
+  if (cur.empty() || (skip.has_value() && skip->item<bool>())) {
+    return;
+  }
+  average_lists_cpu<false>(averaged, {}, cur, read_weights(weights));
 }
 
 // x * 0 is NaN exactly when x is NaN or +-Inf, so one multiply-add per
@@ -209,6 +264,7 @@ at::Tensor nonfinite_flag_cpu(at::TensorList tensors) {
 TORCH_LIBRARY_IMPL(swa_fast, CPU, m) {
   m.impl("average_", &average_cpu);
   m.impl("average_moments_", &average_moments_cpu);
+  m.impl("multi_average_", &multi_average_cpu);
   m.impl("nonfinite_flag", &nonfinite_flag_cpu);
 }
 

@@ -1,15 +1,17 @@
-// CUDA kernels of average_, average_moments_ and nonfinite_flag.
+// CUDA kernels of average_, average_moments_, multi_average_ and nonfinite_flag.
 //
 // Structure (mirrors csrc/cpu/average_cpu.cpp section by section):
-//   1. check_average_args validates everything on the host;
+//   1. check_average_args / check_multi_average_args validate everything on the host;
 //   2. the tensor pairs are grouped by (averaged dtype, current dtype) and
 //      each group goes through multi_tensor_apply (multi_tensor_apply.cuh):
 //      fixed-size chunks, one CUDA block per chunk, many tensors per launch;
-//   3. each chunk runs LerpFunctor<avg_t, cur_t, kMoments>, which converts to
-//      the arithmetic type (fp32, fp64 for fp64) in registers and applies
-//      torch's lerp formula, with 16-byte vector accesses where aligned.
+//   3. each chunk runs LerpFunctor<avg_t, cur_t, kMoments> (or, for two or
+//      more averages of each tensor, MultiLerpFunctor<avg_t, cur_t, kDepth>),
+//      which converts to the arithmetic type (fp32, fp64 for fp64) in
+//      registers and applies torch's lerp formula, with 16-byte vector
+//      accesses where aligned.
 //
-// Unlike the CPU kernels, the host never reads weight or skip: every thread
+// Unlike the CPU kernels, the host never reads weights or skip: every thread
 // reads them from device memory, so an update costs no sync and can be
 // captured in a CUDA graph.
 
@@ -21,6 +23,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <type_traits>
@@ -48,6 +51,7 @@ struct Lerp {
   opmath_t coeff;  // w, or w - 1 for large weights
   bool small;      // |w| < 0.5: start from a, else from b
 
+  Lerp() = default;  // for arrays of them (MultiLerpFunctor), each assigned before use
   __device__ __forceinline__ explicit Lerp(opmath_t w)
       : coeff(fabs(w) < opmath_t(0.5) ? w : w - opmath_t(1)), small(fabs(w) < opmath_t(0.5)) {}
 
@@ -56,11 +60,18 @@ struct Lerp {
   }
 };
 
-// The weight arrives as a 0-dim float32 or float64 tensor; reading it as
-// double first keeps "w == 1" the exact test the CPU kernel makes.
-__device__ __forceinline__ double read_weight(const void* weight, bool weight_is_double) {
-  return weight_is_double ? *static_cast<const double*>(weight)
-                          : static_cast<double>(*static_cast<const float*>(weight));
+// The weight arrives as a float32 or float64 tensor (element `index` of it);
+// reading it as double first keeps "w == 1" the exact test the CPU kernel makes.
+__device__ __forceinline__ double read_weight(const void* weight, bool weight_is_double, int64_t index = 0) {
+  return weight_is_double ? static_cast<const double*>(weight)[index]
+                          : static_cast<double>(static_cast<const float*>(weight)[index]);
+}
+
+// One element of one average, torch's lerp_(a, x, w) with x in the arithmetic
+// type; `copy` (w == 1) stores x exactly, even when it is Inf.
+template <typename avg_t, typename opmath_t>
+__device__ __forceinline__ avg_t lerp_element(avg_t a, opmath_t x, bool copy, const Lerp<opmath_t>& lerp) {
+  return copy ? static_cast<avg_t>(x) : static_cast<avg_t>(lerp(static_cast<opmath_t>(a), x));
 }
 
 __device__ __forceinline__ bool should_skip(const bool* skip) {
@@ -101,13 +112,13 @@ struct LerpFunctor {
     // One element; s is only touched for moments.
     const auto update = [&](avg_t& a, avg_t& s, cur_t c) {
       const opmath_t x = static_cast<opmath_t>(c);
-      a = copy ? static_cast<avg_t>(x) : static_cast<avg_t>(lerp(static_cast<opmath_t>(a), x));
+      a = lerp_element(a, x, copy, lerp);
       if constexpr (kMoments) {
         // x*x rounded once in the arithmetic type, never to fp16/bf16 first
         // (see average_moments_'s schema comment): exactly sq.lerp_(x*x, w)
         // for fp32/fp64, and no overflow of the square for |x| > 256 in fp16.
         const opmath_t x2 = mul_rn(x, x);
-        s = copy ? static_cast<avg_t>(x2) : static_cast<avg_t>(lerp(static_cast<opmath_t>(s), x2));
+        s = lerp_element(s, x2, copy, lerp);
       }
     };
 
@@ -146,25 +157,128 @@ struct LerpFunctor {
   }
 };
 
-// Integer and bool tensors (e.g. BatchNorm's num_batches_tracked) are copied.
-// Only the element size matters, so all of them share four instantiations,
-// and they obey skip like the floating tensors (a cudaMemcpyAsync could not).
-template <typename word_t>
-struct CopyFunctor {
-  static constexpr int kILP = vec::kVectorWidth<word_t>;
+// Two or more averages of each current tensor (multi_average_), from one read
+// of it. Lists: the averages of this pass in slots 0..count-1, then, up to
+// slot kDepth - 2, current's address again (never touched; it fills the
+// depth bucket, see multi_depth), and current last. Every element of current
+// is loaded (vector loads where every pointer is aligned) and converted once,
+// then updates each average with lerp_element, exactly as LerpFunctor does
+// for one: average k is bitwise what average_ with weights[k] gives.
+template <typename avg_t, typename cur_t, int kDepth>
+struct MultiLerpFunctor {
+  using opmath_t = at::opmath_type<avg_t>;
+  static constexpr int kSlots = kDepth - 1;  // averages one launch can carry
+  static constexpr int kUsed = 2;  // slots every launch uses (count >= 2): no runtime test for them
+  static constexpr int kCur = kDepth - 1;
+  static constexpr int kILP = vec::kVectorWidth<avg_t>;
 
-  const bool* skip;
+  const void* weights;  // the pass's first weight
+  int64_t weight_stride;  // elements between consecutive weights
+  bool weights_are_double;
+  int count;  // averages in this pass, 2..kSlots
+  const bool* skip;  // nullptr: never skip
 
-  __device__ __forceinline__ void operator()(const mta::Chunk<2>& chunk) const {
+  __device__ __forceinline__ void operator()(const mta::Chunk<kDepth>& chunk) const {
     if (should_skip(skip)) {
       return;
     }
-    word_t* dst = chunk.template ptr<word_t>(0);
-    const word_t* src = chunk.template ptr<word_t>(1);
-    const bool aligned = vec::is_aligned<vec::kVectorBytes>(dst) && vec::is_aligned<vec::kVectorBytes>(src);
+    const cur_t* cur = chunk.template ptr<cur_t>(kCur);
+    avg_t* avg[kSlots];
+    bool copy[kSlots];
+    Lerp<opmath_t> lerp[kSlots];
+    bool aligned = vec::is_aligned<kILP * sizeof(cur_t)>(cur);
+#pragma unroll
+    for (int k = 0; k < kSlots; ++k) {
+      if (k < kUsed || k < count) {
+        const double w = read_weight(weights, weights_are_double, k * weight_stride);
+        copy[k] = w == 1.0;
+        lerp[k] = Lerp<opmath_t>(static_cast<opmath_t>(w));
+        avg[k] = chunk.template ptr<avg_t>(k);
+        aligned = aligned && vec::is_aligned<vec::kVectorBytes>(avg[k]);
+      }
+    }
     mta::for_each_in_chunk<kILP>(
-        chunk.size, aligned, [&](int v) { vec::store_vector(dst, v, vec::load_vector<kILP>(src, v)); },
-        [&](int i) { dst[i] = src[i]; });
+        chunk.size, aligned,
+        [&](int v) {
+          const auto c = vec::load_vector<kILP>(cur, v);
+          opmath_t x[kILP];
+#pragma unroll
+          for (int e = 0; e < kILP; ++e) {
+            x[e] = static_cast<opmath_t>(c.val[e]);
+          }
+#pragma unroll
+          for (int k = 0; k < kSlots; ++k) {
+            if (k < kUsed || k < count) {
+              auto a = vec::load_vector<kILP>(avg[k], v);
+#pragma unroll
+              for (int e = 0; e < kILP; ++e) {
+                a.val[e] = lerp_element(a.val[e], x[e], copy[k], lerp[k]);
+              }
+              vec::store_vector(avg[k], v, a);
+            }
+          }
+        },
+        [&](int i) {
+          const opmath_t x = static_cast<opmath_t>(cur[i]);
+#pragma unroll
+          for (int k = 0; k < kSlots; ++k) {
+            if (k < kUsed || k < count) {
+              avg[k][i] = lerp_element(avg[k][i], x, copy[k], lerp[k]);
+            }
+          }
+        });
+  }
+};
+
+// Integer and bool tensors (e.g. BatchNorm's num_batches_tracked) are copied,
+// from the last list into the first `count` (1 for average_; up to
+// kDepth - 1 for multi_average_, whose further slots hold the source's
+// address and are not touched). Only the element size matters, so all of
+// them share one instantiation per size and depth, and they obey skip like
+// the floating tensors (a cudaMemcpyAsync could not).
+template <typename word_t, int kDepth = 2>
+struct CopyFunctor {
+  static constexpr int kILP = vec::kVectorWidth<word_t>;
+  static constexpr int kSlots = kDepth - 1;
+  static constexpr int kUsed = 1;  // slots every launch uses (count >= 1): no runtime test for them
+
+  const bool* skip;
+  int count = 1;
+
+  __device__ __forceinline__ void operator()(const mta::Chunk<kDepth>& chunk) const {
+    if (should_skip(skip)) {
+      return;
+    }
+    const word_t* src = chunk.template ptr<word_t>(kDepth - 1);
+    word_t* dst[kSlots];
+    bool aligned = vec::is_aligned<vec::kVectorBytes>(src);
+#pragma unroll
+    for (int k = 0; k < kSlots; ++k) {
+      if (k < kUsed || k < count) {
+        dst[k] = chunk.template ptr<word_t>(k);
+        aligned = aligned && vec::is_aligned<vec::kVectorBytes>(dst[k]);
+      }
+    }
+    mta::for_each_in_chunk<kILP>(
+        chunk.size, aligned,
+        [&](int v) {
+          const auto values = vec::load_vector<kILP>(src, v);
+#pragma unroll
+          for (int k = 0; k < kSlots; ++k) {
+            if (k < kUsed || k < count) {
+              vec::store_vector(dst[k], v, values);
+            }
+          }
+        },
+        [&](int i) {
+          const word_t value = src[i];
+#pragma unroll
+          for (int k = 0; k < kSlots; ++k) {
+            if (k < kUsed || k < count) {
+              dst[k][i] = value;
+            }
+          }
+        });
   }
 };
 
@@ -229,34 +343,124 @@ void check_group_has_kernel(const char* op, const Group& group) {
       " tensors is not implemented on CUDA");
 }
 
+// A copy group (keyed by element size, see copy_key) of depth kDepth: its
+// first `count` lists are written from the last one.
+template <int kDepth>
+void run_copy_group(const char* op, const Group& group, int count, const bool* skip) {
+  const at::ScalarType dtype = group.key.first;
+  switch (c10::elementSize(dtype)) {
+    case 1:
+      return mta::multi_tensor_apply<kDepth>(group.lists, count, CopyFunctor<uint8_t, kDepth>{skip, count});
+    case 2:
+      return mta::multi_tensor_apply<kDepth>(group.lists, count, CopyFunctor<uint16_t, kDepth>{skip, count});
+    case 4:
+      return mta::multi_tensor_apply<kDepth>(group.lists, count, CopyFunctor<uint32_t, kDepth>{skip, count});
+    case 8:
+      return mta::multi_tensor_apply<kDepth>(group.lists, count, CopyFunctor<uint64_t, kDepth>{skip, count});
+    default:
+      TORCH_INTERNAL_ASSERT(false, op, ": no copy kernel for ", dtype, " (check_group_has_kernel)");
+  }
+}
+
+// One average per tensor (average_, average_moments_, and a multi_average_
+// pass of one average): `weight` points at the weight in device memory.
 template <bool kMoments>
-void run_group(const char* op, const Group& group, const at::Tensor& weight, const bool* skip) {
+void run_group(const char* op, const Group& group, const void* weight, bool weight_is_double, const bool* skip) {
   const at::ScalarType avg_dtype = group.key.first;
   const at::ScalarType cur_dtype = group.key.second;
   if (!at::isFloatingType(avg_dtype)) {
     TORCH_INTERNAL_ASSERT(!kMoments, op, ": moments of a non-floating tensor passed the argument checks");
-    // Integer groups are keyed by element size (see copy_key).
-    switch (c10::elementSize(avg_dtype)) {
-      case 1:
-        return mta::multi_tensor_apply<2>(group.lists, 1, CopyFunctor<uint8_t>{skip});
-      case 2:
-        return mta::multi_tensor_apply<2>(group.lists, 1, CopyFunctor<uint16_t>{skip});
-      case 4:
-        return mta::multi_tensor_apply<2>(group.lists, 1, CopyFunctor<uint32_t>{skip});
-      case 8:
-        return mta::multi_tensor_apply<2>(group.lists, 1, CopyFunctor<uint64_t>{skip});
-      default:
-        TORCH_INTERNAL_ASSERT(false, op, ": no copy kernel for ", avg_dtype, " (check_group_has_kernel)");
-    }
+    return run_copy_group<2>(op, group, 1, skip);
   }
-  const void* weight_ptr = weight.const_data_ptr();
-  const bool weight_is_double = weight.scalar_type() == at::ScalarType::Double;
   dispatch_floating_pair(op, avg_dtype, cur_dtype, [&](auto avg_tag, auto cur_tag) {
     using avg_t = typename decltype(avg_tag)::type;
     using cur_t = typename decltype(cur_tag)::type;
     using Functor = LerpFunctor<avg_t, cur_t, kMoments>;
-    mta::multi_tensor_apply<Functor::kDepth>(group.lists, kMoments ? 2 : 1, Functor{weight_ptr, weight_is_double, skip});
+    mta::multi_tensor_apply<Functor::kDepth>(group.lists, kMoments ? 2 : 1, Functor{weight, weight_is_double, skip});
   });
+}
+
+// ---------------------------------------------------------------------------
+// multi_average_'s passes and depth buckets (CPU: average_lists_cpu)
+// ---------------------------------------------------------------------------
+
+// The most averages one launch carries: every list the harness allows but
+// current's.
+constexpr int kMaxAveragesPerPass = mta::kMaxDepth - 1;
+
+// Few depths, so few kernels to compile: the depth of the launches of a pass
+// of `count` averages (2..8) is 3, 5 or 9; the slots beyond `count` carry
+// current's address and are not touched. (One average uses LerpFunctor,
+// depth 2, as average_ does; copies always use kMaxDepth.)
+constexpr int multi_depth(int count) {
+  return count <= 2 ? 3 : count <= 4 ? 5 : mta::kMaxDepth;
+}
+static_assert(multi_depth(kMaxAveragesPerPass) == mta::kMaxDepth, "the deepest bucket must carry 8 averages");
+
+// The weights in device memory: weights[k] is element k * stride of data.
+struct DeviceWeights {
+  const void* data;
+  int64_t stride;
+  bool is_double;
+
+  // The weights from weights[k] on.
+  DeviceWeights from(int64_t k) const {
+    const int64_t bytes = k * stride * static_cast<int64_t>(is_double ? sizeof(double) : sizeof(float));
+    return {static_cast<const char*>(data) + bytes, stride, is_double};
+  }
+};
+
+template <int kDepth>
+void run_multi_lerp_group(const char* op, const Group& group, int count, const DeviceWeights& w, const bool* skip) {
+  dispatch_floating_pair(op, group.key.first, group.key.second, [&](auto avg_tag, auto cur_tag) {
+    using Functor = MultiLerpFunctor<typename decltype(avg_tag)::type, typename decltype(cur_tag)::type, kDepth>;
+    mta::multi_tensor_apply<kDepth>(group.lists, count, Functor{w.data, w.stride, w.is_double, count, skip});
+  });
+}
+
+// One pass: averages first .. first + count - 1 of every current tensor.
+// Its groups' lists are built with the depth run_multi_group expects.
+std::vector<Group> multi_pass_groups(
+    at::TensorList averaged,
+    const std::vector<at::Tensor>& cur,
+    int64_t first,
+    int count) {
+  const auto n = static_cast<int64_t>(cur.size());
+  std::vector<Group> groups;
+  std::vector<at::Tensor> row;
+  for (int64_t i = 0; i < n; ++i) {
+    const at::ScalarType avg_dtype = averaged[i].scalar_type();
+    const bool floating = at::isFloatingType(avg_dtype);
+    const auto key = floating ? std::make_pair(avg_dtype, cur[i].scalar_type())
+                              : std::make_pair(copy_key(avg_dtype), copy_key(avg_dtype));
+    const int depth = count == 1 ? 2 : floating ? multi_depth(count) : mta::kMaxDepth;
+    row.assign(static_cast<size_t>(depth), cur[i]);  // unused slots and the last one: current
+    for (int k = 0; k < count; ++k) {
+      row[k] = averaged[(first + k) * n + i];
+    }
+    add_to_group(groups, key, i, row);
+  }
+  return groups;
+}
+
+// One group of a pass of `count` averages whose weights start at w.data.
+void run_multi_group(const char* op, const Group& group, int count, const DeviceWeights& w, const bool* skip) {
+  if (count == 1) {
+    return run_group<false>(op, group, w.data, w.is_double, skip);  // exactly average_'s launch
+  }
+  if (!at::isFloatingType(group.key.first)) {
+    return run_copy_group<mta::kMaxDepth>(op, group, count, skip);
+  }
+  switch (group.lists.size()) {
+    case multi_depth(2):
+      return run_multi_lerp_group<multi_depth(2)>(op, group, count, w, skip);
+    case multi_depth(4):
+      return run_multi_lerp_group<multi_depth(4)>(op, group, count, w, skip);
+    case multi_depth(kMaxAveragesPerPass):
+      return run_multi_lerp_group<multi_depth(kMaxAveragesPerPass)>(op, group, count, w, skip);
+    default:
+      TORCH_INTERNAL_ASSERT(false, op, ": no kernel for ", group.lists.size(), " lists");
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -294,7 +498,8 @@ void average_cuda_impl(
     check_group_has_kernel(op, group);
   }
   for (const Group& group : groups) {
-    run_group<kMoments>(op, group, weight, skip_ptr);
+    run_group<kMoments>(
+        op, group, weight.const_data_ptr(), weight.scalar_type() == at::ScalarType::Double, skip_ptr);
   }
 }
 
@@ -313,6 +518,46 @@ void average_moments_cuda(
     const at::Tensor& weight,
     const std::optional<at::Tensor>& skip) {
   average_cuda_impl<true>("swa_fast.average_moments_", mean, sq_mean, current, weight, skip);
+}
+
+// K averages of each tensor in passes of at most kMaxAveragesPerPass: one
+// pass (one read of current) for K <= 8; each further pass reads current
+// again. All groups of all passes are checked before the first launch.
+void multi_average_cuda(
+    at::TensorList averaged,
+    at::TensorList current,
+    const at::Tensor& weights,
+    const std::optional<at::Tensor>& skip) {
+  const char* op = "swa_fast.multi_average_";
+  const std::vector<at::Tensor> cur = check_multi_average_args(op, averaged, current, weights, skip);
+  if (cur.empty()) {
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(averaged[0].device());
+  const bool* skip_ptr = skip.has_value() ? skip->const_data_ptr<bool>() : nullptr;
+  const DeviceWeights w{weights.const_data_ptr(), weights.stride(0), weights.scalar_type() == at::ScalarType::Double};
+  const int64_t total = weights.numel();
+
+  struct Pass {
+    int64_t first;  // its first average
+    int count;  // its averages, 1..kMaxAveragesPerPass
+    std::vector<Group> groups;
+  };
+  std::vector<Pass> passes;
+  for (int64_t first = 0; first < total; first += kMaxAveragesPerPass) {
+    const int count = static_cast<int>(std::min<int64_t>(kMaxAveragesPerPass, total - first));
+    passes.push_back({first, count, multi_pass_groups(averaged, cur, first, count)});
+  }
+  for (const Pass& pass : passes) {
+    for (const Group& group : pass.groups) {
+      check_group_has_kernel(op, group);
+    }
+  }
+  for (const Pass& pass : passes) {
+    for (const Group& group : pass.groups) {
+      run_multi_group(op, group, pass.count, w.from(pass.first), skip_ptr);
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -381,6 +626,7 @@ at::Tensor nonfinite_flag_cuda(at::TensorList tensors) {
 TORCH_LIBRARY_IMPL(swa_fast, CUDA, m) {
   m.impl("average_", &average_cuda);
   m.impl("average_moments_", &average_moments_cuda);
+  m.impl("multi_average_", &multi_average_cuda);
   m.impl("nonfinite_flag", &nonfinite_flag_cuda);
 }
 

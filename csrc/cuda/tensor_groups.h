@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 
 #include <cstdint>
 #include <vector>
@@ -21,8 +22,7 @@ struct TensorGroup {
 // Appends pair `position` (one tensor per list, in list order) to the group of
 // `key`, creating the group when it is new.
 template <typename Key>
-void add_to_group(std::vector<TensorGroup<Key>>& groups, const Key& key, int64_t position,
-                  std::initializer_list<at::Tensor> tensors) {
+void add_to_group(std::vector<TensorGroup<Key>>& groups, const Key& key, int64_t position, at::TensorList tensors) {
   TensorGroup<Key>* group = nullptr;
   for (TensorGroup<Key>& g : groups) {
     if (g.key == key) {

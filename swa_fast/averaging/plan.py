@@ -1,23 +1,26 @@
 """The cached tensor lists behind the fused update (``WeightAverage.update``,
-``AveragedModel.update_parameters``).
+``MultiAverage.update``, ``AveragedModel.update_parameters``).
 
 Building the lists costs a walk over both models and a dtype check per pair;
 an update with a cached plan costs a few fused op calls. A plan must never give
 a wrong answer, so every update first checks, cheaply, that it still describes
 both models (:meth:`UpdatePlan.is_current`): every tensor it holds is still the
 one in its module's ``_parameters``/``_buffers`` slot (a parameter replaced by
-``model.fc = nn.Linear(...)``, ``model._parameters[name] = p``, or ``.to()``
-under ``torch.__future__.set_overwrite_module_params_on_conversion(True)`` is
-noticed), with the same dtype and device (``param.data = ...``, ``model.half()``
-and ``model.to(device)`` keep the object but change these), and no slot was
-added or removed in the dicts it walked. New submodules registered through
-``nn.Module.__setattr__`` bump ``_registry.generation()``, which is checked too.
-For an FSDP2 parameter (a DTensor) the plan holds its local shard, and checks
-that the DTensor still holds that shard.
+``model.fc.weight = nn.Parameter(...)``, ``model._parameters[name] = p``, a buffer
+assigned a new tensor in a forward, or ``.to()`` under
+``torch.__future__.set_overwrite_module_params_on_conversion(True)`` is noticed),
+every submodule is still the one in its parent's ``_modules`` slot
+(``model.fc = nn.Linear(...)``), with the same dtype and device (``param.data = ...``,
+``model.half()`` and ``model.to(device)`` keep the object but change these), and no
+slot was added or removed in the dicts it walked. Nothing outside the model is
+consulted: a module created elsewhere in the process changes nothing. For an FSDP2
+parameter (a DTensor) the plan holds its local shard, and checks that the DTensor
+still holds that shard.
 
-Which tensors pair with which is the store's business (``stores.py``):
-by position for ``AveragedModel`` (as torch pairs them), by name for
-``WeightAverage``. A plan is built from the entries a store lists.
+A plan pairs each current tensor with K averages (the members of a
+``MultiAverage``; K = 1 for ``WeightAverage`` and ``AveragedModel``). Which tensors
+pair with which is the store's business (``stores.py``): by position for
+``AveragedModel`` (as torch pairs them), by name otherwise.
 """
 
 from __future__ import annotations
@@ -26,66 +29,62 @@ import itertools
 import operator
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor
 from torch.nn import Module
 
-from swa_fast.averaging import registry as _registry
-from swa_fast.ops.average import average_, dtypes_and_devices, is_fusable_pair
 from swa_fast.averaging.sharding import is_dtensor, local_tensor, meshes_of
+from swa_fast.averaging.slots import Slot, modules_writing_parameters_in_forward, submodule_slots
+from swa_fast.ops.average import dtypes_and_devices, is_fusable_pair, multi_average_
 
-# A tensor's slot: the module dict that holds it, and its key there.
-Slot = Tuple[Dict[str, Optional[Tensor]], str]
-
-
-
-def tensor_slots(module: Module, kind: str) -> Iterator[Tuple[Slot, Tensor]]:
-    """(slot, tensor) for ``module.parameters()`` (``kind="_parameters"``) or ``.buffers()``
-    (``"_buffers"``), in the same order and with the same de-duplication."""
-    seen = set()
-    for owner in module.modules():
-        members = getattr(owner, kind)
-        for key, tensor in members.items():
-            if tensor is None or id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
-            yield (members, key), tensor
+Entry = Tuple[Slot, Tensor]
 
 
 @dataclass
 class Pairs:
-    """(averaged, current) pairs, split into those the fused op takes and the rest."""
+    """(K averages, current) pairs, split into those the fused op takes and the rest."""
 
-    averaged: List[Tensor] = field(default_factory=list)
+    members: int
+    averaged: List[List[Tensor]] = field(default_factory=list)  # averaged[k][i]: average k of current[i]
     current: List[Tensor] = field(default_factory=list)
-    averaged_other: List[Tensor] = field(default_factory=list)  # e.g. complex, float8, or current more precise
+    averaged_other: List[List[Tensor]] = field(default_factory=list)  # e.g. complex, float8, current more precise
     current_other: List[Tensor] = field(default_factory=list)
 
-    def add(self, averaged: Tensor, current: Tensor) -> None:
-        if is_fusable_pair(averaged, current):
-            self.averaged.append(averaged)
-            self.current.append(current)
-        else:
-            self.averaged_other.append(averaged)
-            self.current_other.append(current)
+    def __post_init__(self) -> None:
+        self.averaged = [[] for _ in range(self.members)]
+        self.averaged_other = [[] for _ in range(self.members)]
+
+    def add(self, averages: Sequence[Tensor], current: Tensor) -> None:
+        # Every member of a pair has the same dtype and layout, so the first one decides for all.
+        fused = is_fusable_pair(averages[0], current)
+        for k, average in enumerate(averages):
+            (self.averaged if fused else self.averaged_other)[k].append(average)
+        (self.current if fused else self.current_other).append(current)
 
 
 @dataclass
 class DeviceGroup:
-    """Everything one update does on one device of the averaged model: two ``average_``
-    calls (the averaged pairs, then the copied buffers), each a few kernel launches, plus
+    """Everything one update does on one device of the averages: a ``multi_average_`` call for the
+    averaged pairs and one for the copied buffers (each a few kernel launches, whatever K), plus
     torch's lerp for the pairs the fused op does not take."""
 
     device: torch.device
-    average: Pairs = field(default_factory=Pairs)  # lerped with the averaging weight
-    copy: Pairs = field(default_factory=Pairs)  # buffers copied each update (use_buffers=False)
+    members: int
+    average: Pairs = None  # lerped with each member's weight
+    copy: Pairs = None  # buffers copied each update (AveragedModel without use_buffers)
     transfer: bool = False  # current tensors live on another device
+    is_buffer: Dict[int, bool] = field(default_factory=dict)  # id(current) -> it is a buffer
 
-    def add(self, pairs: Pairs, averaged: Tensor, current: Tensor) -> None:
-        self.transfer |= current.device != averaged.device
-        pairs.add(averaged, current)
+    def __post_init__(self) -> None:
+        self.average = Pairs(self.members)
+        self.copy = Pairs(self.members)
+
+    def add(self, pairs: Pairs, averages: Sequence[Tensor], current: Tensor, buffer: bool) -> None:
+        self.transfer |= current.device != averages[0].device
+        self.is_buffer[id(current)] = buffer
+        pairs.add(averages, current)
 
     def current_tensors(self) -> List[Tensor]:
         """Every current tensor this group reads, in a fixed order (see :meth:`split`)."""
@@ -93,7 +92,7 @@ class DeviceGroup:
 
     def split(self, flat: Sequence[Tensor]) -> "GroupCurrents":
         """``flat`` (one tensor per :meth:`current_tensors` entry, e.g. host copies of them) as
-        the (averaged, copied) x (fused, other) lists :meth:`apply_all` takes."""
+        the (averaged, copied) x (fused, other) lists :meth:`prepare` takes."""
         bounds = list(itertools.accumulate(
             map(len, (self.average.current, self.average.current_other, self.copy.current, self.copy.current_other)),
             initial=0))
@@ -104,48 +103,58 @@ class DeviceGroup:
         """The current tensors, on this group's device (copied there when they live elsewhere)."""
         flat = self.current_tensors()
         if self.transfer:
-            flat = [t.to(self.device) for t in flat]
+            flat = [t.detach().to(self.device) for t in flat]
         return self.split(flat)
 
-    def apply_all(self, currents: "GroupCurrents", weight: Tensor, skip: Optional[Tensor]) -> None:
-        """One update of this group: the averaged pairs at ``weight``, the copied ones at 1."""
-        average_currents, copy_currents = currents
-        self.apply(self.average, average_currents, weight, skip)
-        # Buffers are copied (weight 1), as torch does without use_buffers.
-        self.apply(self.copy, copy_currents, ones(self.device), skip, copy=True)
+    def prepare(self, currents: "GroupCurrents", weights: Tensor, members: Sequence[int],
+                skip: Optional[Tensor]) -> Callable[[], None]:
+        """Everything of one update of this group that can fail, done before anything is written:
+        the new values of the pairs torch's lerp handles. Returns what writes the update (the fused
+        calls, the prepared values), which cannot fail once the arguments passed the checks.
+        ``weights[j]`` is the weight of member ``members[j]``; copied pairs take weight 1."""
+        (average_current, average_other), (copy_current, copy_other) = currents
+        averaged = [self.average.averaged[k] for k in members]
+        copied = [self.copy.averaged[k] for k in members]
+        ones = ones_like_weights(weights)
+        others = [(target, lerp_value(target, cur, weights[j], skip))
+                  for j, k in enumerate(members)
+                  for target, cur in zip(self.average.averaged_other[k], average_other)]
+        others += [(target, lerp_value(target, cur, None, skip))
+                   for k in members for target, cur in zip(self.copy.averaged_other[k], copy_other)]
 
-    def apply(self, pairs: Pairs, currents, weight: Tensor, skip: Optional[Tensor], copy: bool = False) -> None:
-        """Average ``pairs`` at ``weight`` (``copy``: the pairs are copied, weight is 1)."""
-        current, current_other = currents
-        average_(pairs.averaged, current, weight, skip=skip)
-        for p_avg, p_cur in zip(pairs.averaged_other, current_other):
-            lerp_fallback(p_avg, p_cur, None if copy else weight, skip)
+        def commit() -> None:
+            multi_average_(averaged, average_current, weights, skip=skip)
+            multi_average_(copied, copy_current, ones, skip=skip)  # buffers copied, as torch does
+            for target, value in others:
+                target.copy_(value)
+
+        return commit
 
 
 GroupCurrents = Tuple[Tuple[List[Tensor], List[Tensor]], Tuple[List[Tensor], List[Tensor]]]
-Entry = Tuple[Slot, Tensor]
 
 
 @dataclass
 class PlanEntries:
-    """What a store pairs for one update: averaged with current entries (the averaging
-    weight), copied-average with copied-current entries (weight 1: buffers kept in sync), and
-    every dict whose size proves nothing was added or removed."""
+    """What a store pairs for one update: K lists of averaged entries with one list of current
+    entries (each member's weight), copied-average lists with copied-current entries (weight 1:
+    buffers kept in sync), every dict whose size proves nothing was added or removed, and the
+    ids of the current tensors that are buffers."""
 
-    averaged: List[Entry]
+    averaged: List[List[Entry]]
     current: List[Entry]
-    copied_averaged: List[Entry]
+    copied_averaged: List[List[Entry]]
     copied_current: List[Entry]
     walked: Tuple[dict, ...]
+    buffers: Set[int]
 
 
 @dataclass
 class UpdatePlan:
-    """The cached tensor lists of one (average, source model) pair, and what proves
+    """The cached tensor lists of one (averages, source model) pair, and what proves
     they are still current."""
 
     model: "weakref.ref[Module]"
-    generation: int
     groups: List[DeviceGroup]
     # Every tensor of the plan, averages and source model alike: the dict and key of its slot,
     # the tensor, the tensor the kernels read (a DTensor's local shard), and all their dtypes and
@@ -158,51 +167,81 @@ class UpdatePlan:
     # Every dict the store walked, and how many entries each had.
     walked: Tuple[dict, ...]
     sizes: List[int]
+    # Every submodule's slot: a replaced submodule changes no size.
+    module_dicts: Tuple[dict, ...]
+    module_keys: Tuple[str, ...]
+    modules: Tuple[Module, ...]
     # The DTensors among the tensors, and the local shard of each that the groups hold.
     sharded: Tuple[Tensor, ...] = ()
     shards: Tuple[Tensor, ...] = ()
     # The device meshes of the sharded tensors: the ranks that must agree on skipping an update.
     meshes: Tuple[object, ...] = ()
+    # Modules of the source model whose forward writes averaged parameters (nn.Embedding(max_norm=...)).
+    parameter_writers: Tuple[Module, ...] = ()
 
     def is_current(self, model: Module) -> bool:
         """Whether the plan still describes ``model`` and the averages: C loops over the
-        cached tuples and one C++ call, no module walk (about 35 us for the 322 tensors of a
-        ResNet-50 and its average on one CPU core)."""
+        cached tuples and one C++ call, no module walk (tens of microseconds for the few hundred
+        tensors of a ResNet-50 and its average on one CPU core)."""
         return (
             self.model() is model
-            and self.generation == _registry.generation()
             and list(map(len, self.walked)) == self.sizes
             and all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.tensors))
+            and all(map(operator.is_, map(dict.get, self.module_dicts, self.module_keys), self.modules))
             and all(map(operator.is_, map(local_tensor, self.sharded), self.shards))
             and dtypes_and_devices(self.kernel_tensors) == self.metadata
         )
 
+    def current_sources(self) -> List[Tensor]:
+        """Every current tensor of every group, in group order (what an offloaded update stages)."""
+        return [t for group in self.groups for t in group.current_tensors()]
 
-def build_plan(model: Module, entries: PlanEntries) -> UpdatePlan:
+    def source_is_buffer(self) -> List[bool]:
+        """For each of :meth:`current_sources`: whether it is a buffer (written by forwards)."""
+        return [group.is_buffer.get(id(t), False) for group in self.groups for t in group.current_tensors()]
+
+
+def build_plan(model: Module, entries: PlanEntries, owner: str) -> UpdatePlan:
     """The plan for one update of the averages from ``model``, as ``entries`` pairs them
-    (``zip``: pairs beyond the shorter list are ignored, as torch ignores them)."""
+    (``zip``: pairs beyond the shorter list are ignored, as torch ignores them).
+
+    Raises:
+        ValueError: a tensor of the model is on the meta device (it has no values to average).
+    """
+    members = len(entries.averaged)
     groups: Dict[torch.device, DeviceGroup] = {}
 
     def group_for(tensor: Tensor) -> DeviceGroup:
         if tensor.device not in groups:
-            groups[tensor.device] = DeviceGroup(tensor.device)
+            groups[tensor.device] = DeviceGroup(tensor.device, members)
         return groups[tensor.device]
 
     for pairs_of, averaged, current in (
         (operator.attrgetter("average"), entries.averaged, entries.current),
         (operator.attrgetter("copy"), entries.copied_averaged, entries.copied_current),
     ):
-        for (_, t_avg), (_, t_cur) in zip(averaged, current):
-            group = group_for(t_avg)
-            group.add(pairs_of(group), t_avg, local_tensor(t_cur))
+        for position, (_, t_cur) in enumerate(current):
+            if position >= min(map(len, averaged)):
+                break
+            averages = [averaged[k][position][1] for k in range(members)]
+            source = local_tensor(t_cur)
+            if source.device.type == "meta":
+                raise ValueError(f"{owner}: the model has tensors on the meta device, which hold no values to "
+                                 "average; materialize it first (model.to_empty(device=...) and initialize it)")
+            group = group_for(averages[0])
+            group.add(pairs_of(group), averages, source, id(t_cur) in entries.buffers)
 
-    listed = entries.averaged + entries.current + entries.copied_averaged + entries.copied_current
+    listed = [e for entries_k in entries.averaged for e in entries_k] + entries.current
+    listed += [e for entries_k in entries.copied_averaged for e in entries_k] + entries.copied_current
     tensors = tuple(tensor for _, tensor in listed)
     kernel_tensors = tuple(map(local_tensor, tensors))
     sharded = tuple(t for t in tensors if is_dtensor(t))
+    submodules = submodule_slots(model)
+    written = {id(t) for _, t in entries.current}
+    writers = tuple(m for m in modules_writing_parameters_in_forward(model)
+                    if any(id(p) in written for p in m.parameters(recurse=False)))
     return UpdatePlan(
         model=weakref.ref(model),
-        generation=_registry.generation(),
         groups=list(groups.values()),
         dicts=tuple(d for (d, _), _ in listed),
         keys=tuple(k for (_, k), _ in listed),
@@ -211,32 +250,43 @@ def build_plan(model: Module, entries: PlanEntries) -> UpdatePlan:
         metadata=dtypes_and_devices(kernel_tensors),
         walked=entries.walked,
         sizes=list(map(len, entries.walked)),
+        module_dicts=tuple(d for d, _, _ in submodules),
+        module_keys=tuple(k for _, k, _ in submodules),
+        modules=tuple(m for _, _, m in submodules),
         sharded=sharded,
         shards=tuple(map(local_tensor, sharded)),
         meshes=meshes_of(sharded),
+        parameter_writers=writers,
     )
 
 
-def lerp_fallback(averaged: Tensor, current: Tensor, weight: Optional[Tensor], skip: Optional[Tensor]) -> None:
-    """torch's own arithmetic for the rare pairs the fused op does not take (``weight=None``:
-    a copy, as torch copies buffers, which also works for dtypes without a lerp such as float8)."""
+def lerp_value(averaged: Tensor, current: Tensor, weight: Optional[Tensor], skip: Optional[Tensor]) -> Tensor:
+    """torch's own arithmetic for the rare pairs the fused op does not take, as a new tensor
+    (``weight=None``: a copy, as torch copies buffers, which also works for dtypes without a lerp
+    such as float8)."""
     if weight is not None and (averaged.is_floating_point() or averaged.is_complex()):
         new = torch.lerp(averaged, current.to(averaged.dtype), weight.to(averaged.dtype))
     else:
         new = current.to(averaged.dtype)
     if skip is not None:
         new = torch.where(skip, averaged, new)
-    averaged.copy_(new)
+    return new
+
+
+def lerp_fallback(averaged: Tensor, current: Tensor, weight: Optional[Tensor], skip: Optional[Tensor]) -> None:
+    """:func:`lerp_value`, written into ``averaged``."""
+    averaged.copy_(lerp_value(averaged, current, weight, skip))
 
 
 _ONES: dict = {}
 
 
-def ones(device: torch.device) -> Tensor:
-    """A cached 0-dim float64 one on ``device``: the weight of a plain copy."""
-    if device not in _ONES:
-        _ONES[device] = torch.ones((), dtype=torch.float64, device=device)
-    return _ONES[device]
+def ones_like_weights(weights: Tensor) -> Tensor:
+    """A cached float64 vector of ones like ``weights``: the weights of a plain copy."""
+    key = (weights.device, weights.numel())
+    if key not in _ONES:
+        _ONES[key] = torch.ones(weights.numel(), dtype=torch.float64, device=weights.device)
+    return _ONES[key]
 
 
 def by_device(tensors: Sequence[Tensor]) -> List[List[Tensor]]:

@@ -8,6 +8,7 @@ with their :meth:`FusedMultiAvgFn.weight` instead (one fused pass, no host sync)
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -20,15 +21,20 @@ PARAM_LIST = Union[Tuple[Tensor, ...], List[Tensor]]
 
 class FusedMultiAvgFn:
     """A ``multi_avg_fn`` (``fn(averaged_list, current_list, num_averaged)``) whose
-    lerp weight is a function of ``num_averaged`` computed on the device.
+    lerp weight is a function of ``num_averaged`` (or of the optimizer step) computed on the device.
 
     Called directly it updates the lists in place, like torch's functions.
-    :class:`AveragedModel` recognises these objects and drives the fused
-    kernel itself (one fused pass over the whole model, no host sync).
+    :class:`AveragedModel`, :class:`~swa_fast.WeightAverage` and :class:`~swa_fast.MultiAverage`
+    recognise these objects and drive the fused kernel themselves (one fused pass over the whole
+    model, no host sync).
+
+    Weights are float64 0-dim tensors: the kernels convert them to the arithmetic type of each
+    average (float64 for fp64 averages, float32 otherwise), so fp64 averages get fp64 weights.
     """
 
-    def weight(self, num_averaged: Tensor) -> Tensor:
-        """The 0-dim float32/float64 lerp weight for an update after ``num_averaged`` > 0 others."""
+    def weight(self, num_averaged: Tensor, step: Optional[Tensor] = None) -> Tensor:
+        """The float64 lerp weight of an update after ``num_averaged`` > 0 others (a long tensor, any
+        shape); ``step``, when the caller gives one, is the optimizer step of the update."""
         raise NotImplementedError
 
     def __call__(self, averaged_param_list: PARAM_LIST, current_param_list: PARAM_LIST, num_averaged) -> None:
@@ -45,12 +51,28 @@ class FusedMultiAvgFn:
 class SWAMultiAvgFn(FusedMultiAvgFn):
     """Equal-weight running average (SWA): ``avg += (x - avg) / (n + 1)`` as ``lerp(avg, x, 1/(n+1))``."""
 
-    def weight(self, num_averaged: Tensor) -> Tensor:
-        # float32, exactly the value torch's foreach path computes as 1 / (n + 1).
-        return torch.reciprocal(num_averaged + 1)
+    def weight(self, num_averaged: Tensor, step: Optional[Tensor] = None) -> Tensor:
+        # 1/(n+1) in float64: exact enough for fp64 averages (a float32 weight left 1,000 fp64 updates
+        # 3e-9 from the mean), and for fp32 averages it rounds to the very float32 torch's foreach
+        # path computes as 1 / (n + 1), for every n + 1 <= 2**24 (tests/test_weight_average_rules.py).
+        return torch.reciprocal(num_averaged.to(torch.float64) + 1)
 
     def __repr__(self) -> str:
         return "SWAMultiAvgFn()"
+
+
+def _check_decay(decay: float) -> float:
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+        raise ValueError(f"Invalid decay value {decay} provided. Please provide a value in [0,1] range.")
+    return float(decay)
+
+
+def _check_positive(name: str, value: Optional[float], optional: bool) -> Optional[float]:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
 
 
 class EMAMultiAvgFn(FusedMultiAvgFn):
@@ -58,36 +80,65 @@ class EMAMultiAvgFn(FusedMultiAvgFn):
 
     Without warm-up ``decay_t = decay``. With ``warmup_gamma`` set, ``decay_t =
     clamp(1 - (1 + t / warmup_gamma) ** -warmup_power, 0, decay)`` where ``t`` is
-    the number of models averaged so far (timm's ModelEma warm-up), computed on
-    the device.
+    the optimizer step when the update is given one (``update(model, step)``, as timm's
+    ``ModelEmaV3.update(model, step)``), else the number of models averaged so far; computed
+    on the device. ``decay``, ``warmup_gamma`` and ``warmup_power`` may be changed between
+    updates (checked; the next update uses them).
     """
 
     def __init__(self, decay: float = 0.999, warmup_gamma: Optional[float] = None, warmup_power: float = 1.0):
-        if decay < 0.0 or decay > 1.0:
-            raise ValueError(f"Invalid decay value {decay} provided. Please provide a value in [0,1] range.")
-        if warmup_gamma is not None and warmup_gamma <= 0:
-            raise ValueError(f"warmup_gamma must be positive, got {warmup_gamma}")
-        if warmup_power <= 0:
-            raise ValueError(f"warmup_power must be positive, got {warmup_power}")
+        self._constant: dict = {}  # device -> cached 0-dim weight tensor for the current decay
         self.decay = decay
         self.warmup_gamma = warmup_gamma
         self.warmup_power = warmup_power
-        self._constant: dict = {}  # device -> cached 0-dim weight tensor
 
-    def weight(self, num_averaged: Tensor) -> Tensor:
-        if self.warmup_gamma is None:
+    @property
+    def decay(self) -> float:
+        return self._decay
+
+    @decay.setter
+    def decay(self, value: float) -> None:
+        self._decay = _check_decay(value)
+        self._constant = {}  # the cached 1 - decay belongs to the old value
+
+    @property
+    def warmup_gamma(self) -> Optional[float]:
+        return self._warmup_gamma
+
+    @warmup_gamma.setter
+    def warmup_gamma(self, value: Optional[float]) -> None:
+        self._warmup_gamma = _check_positive("warmup_gamma", value, optional=True)
+
+    @property
+    def warmup_power(self) -> float:
+        return self._warmup_power
+
+    @warmup_power.setter
+    def warmup_power(self, value: float) -> None:
+        self._warmup_power = _check_positive("warmup_power", value, optional=False)
+
+    def weight(self, num_averaged: Tensor, step: Optional[Tensor] = None) -> Tensor:
+        if self._warmup_gamma is None:
             device = num_averaged.device
-            if device not in self._constant:
+            constant = self._constant.get(device)
+            if constant is None:
                 # 1 - decay in Python double, as torch passes it to _foreach_lerp_.
-                self._constant[device] = torch.full((), 1 - self.decay, dtype=torch.float64, device=device)
-            return self._constant[device]
-        steps = num_averaged.to(torch.float64)
-        decay_t = 1 - (1 + steps / self.warmup_gamma).pow(-self.warmup_power)
-        return 1 - decay_t.clamp(0.0, self.decay)
+                constant = self._constant[device] = torch.full((), 1 - self._decay, dtype=torch.float64,
+                                                               device=device)
+            return constant
+        steps = (num_averaged if step is None else step).to(torch.float64)
+        decay_t = 1 - (1 + steps / self._warmup_gamma).pow(-self._warmup_power)
+        return 1 - decay_t.clamp(0.0, self._decay)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_constant"] = {}  # device tensors are rebuilt where the copy is used
+        return state
 
     def __repr__(self) -> str:
-        warmup = "" if self.warmup_gamma is None else f", warmup_gamma={self.warmup_gamma}, warmup_power={self.warmup_power}"
-        return f"EMAMultiAvgFn(decay={self.decay}{warmup})"
+        warmup = "" if self._warmup_gamma is None else \
+            f", warmup_gamma={self._warmup_gamma}, warmup_power={self._warmup_power}"
+        return f"EMAMultiAvgFn(decay={self._decay}{warmup})"
 
 
 def get_ema_multi_avg_fn(

@@ -19,7 +19,6 @@ from torch.nn import Module
 try:  # torch builds without distributed support have no DTensor; nothing is sharded there
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor, distribute_tensor
-    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 except ImportError:  # pragma: no cover - every build these tests run on has torch.distributed
     DTensor = FSDPModule = None  # type: ignore[assignment, misc]
 
@@ -92,19 +91,57 @@ def layout_of(tensor: Tensor) -> Optional[ShardLayout]:
     return ShardLayout(tensor.device_mesh, tuple(tensor.placements), tuple(tensor.shape), tuple(tensor.stride()))
 
 
+_HOST_MESHES: dict = {}  # id(device mesh) -> (the mesh, its CPU twin)
+
+
+def _has_cpu_backend(group: Any) -> bool:
+    try:
+        group._get_backend(torch.device("cpu"))
+        return True
+    except RuntimeError:
+        return False
+
+
+def host_mesh_like(mesh: Any) -> Any:
+    """A CPU device mesh over the same ranks and dimensions as ``mesh``: the mesh of averages kept
+    in host memory for a model sharded on GPUs, so that their DTensors' collectives
+    (``full_tensor()``, ``redistribute``, a checkpoint's resharding) run on a CPU backend instead
+    of handing host tensors to NCCL. Built once per mesh, from the mesh's own groups when they have
+    a CPU backend (``init_process_group()`` without a backend gives every group gloo beside nccl),
+    else with new gloo groups, which is a collective: every rank makes the same averages, in the
+    same order, as it makes the model."""
+    if mesh.device_type == "cpu":
+        return mesh
+    cached = _HOST_MESHES.get(id(mesh))
+    if cached is not None and cached[0] is mesh:
+        return cached[1]
+    from torch.distributed.device_mesh import DeviceMesh
+
+    groups = [mesh.get_group(dim) for dim in range(mesh.ndim)]
+    if all(map(_has_cpu_backend, groups)):
+        host = DeviceMesh.from_group(groups[0] if mesh.ndim == 1 else groups, "cpu", mesh=mesh.mesh,
+                                     mesh_dim_names=mesh.mesh_dim_names)
+    else:
+        host = DeviceMesh("cpu", mesh.mesh, mesh_dim_names=mesh.mesh_dim_names,
+                          backend_override=(("gloo", None),) * mesh.ndim)
+    _HOST_MESHES[id(mesh)] = (mesh, host)
+    return host
+
+
+def mesh_for(local: Tensor, like: ShardLayout) -> Any:
+    """The mesh of a DTensor holding ``local``: the parameter's, or its CPU twin for host averages."""
+    return like.device_mesh if local.device.type == like.device_mesh.device_type else host_mesh_like(like.device_mesh)
+
+
 def dtensor_like(local: Tensor, like: ShardLayout) -> "DTensor":
     """``local`` (the average of a parameter's local shard, possibly in another dtype or on the
-    host) as a DTensor with the parameter's mesh, placements, global shape and stride, sharing
+    host) as a DTensor with the parameter's placements, global shape and stride, sharing
     ``local``'s storage, so that loading into it (``torch.distributed.checkpoint.load``)
-    writes the average itself."""
-    if local.device.type == like.device_mesh.device_type:
-        return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
-                                  shape=torch.Size(like.shape), stride=like.stride)
-    # An average offloaded to the host under a CUDA mesh: from_local would copy it to the mesh's
-    # device. FSDP2 builds its CPU-offloaded parameters the same way, from the spec.
-    spec = DTensorSpec(like.device_mesh, like.placements,
-                       tensor_meta=TensorMeta(torch.Size(like.shape), like.stride, local.dtype))
-    return DTensor(local, spec, requires_grad=False)
+    writes the average itself. Its mesh is the parameter's, or for an average kept in host memory
+    under a GPU mesh the CPU twin of that mesh (:func:`host_mesh_like`), whose collectives take
+    host tensors."""
+    return DTensor.from_local(local, mesh_for(local, like), like.placements, run_check=False,
+                              shape=torch.Size(like.shape), stride=like.stride)
 
 
 def local_part(value: Tensor, like: Optional[ShardLayout]) -> Tensor:
@@ -119,7 +156,9 @@ def local_part(value: Tensor, like: Optional[ShardLayout]) -> Tensor:
     if like is None:
         return value.full_tensor() if is_dtensor(value) else value
     if is_dtensor(value):
-        if value.device_mesh == like.device_mesh and tuple(value.placements) == like.placements:
+        same_mesh = value.device_mesh == like.device_mesh or (
+            like.device_mesh.device_type != "cpu" and value.device_mesh == host_mesh_like(like.device_mesh))
+        if same_mesh and tuple(value.placements) == like.placements:
             return value._local_tensor
         value = value.full_tensor()
     if tuple(value.shape) != tuple(like.shape):

@@ -1,22 +1,36 @@
 """One update of a set of averages: the fused, sync-free step and torch's unfused one.
 
-Both ``WeightAverage.update`` and ``AveragedModel.update_parameters`` end here;
-nothing else computes an average.
+``WeightAverage.update``, ``MultiAverage.update`` and ``AveragedModel.update_parameters`` all
+end here; nothing else computes an average.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from swa_fast.ops.average import nonfinite_flag
+from swa_fast.averaging.plan import GroupCurrents, UpdatePlan, by_device, lerp_fallback
 from swa_fast.averaging.schedules import DEFAULT_SWA, FusedMultiAvgFn
 from swa_fast.averaging.sharding import any_across
-from swa_fast.averaging.plan import GroupCurrents, UpdatePlan, by_device, lerp_fallback
+from swa_fast.ops.average import nonfinite_flag
 
 MultiAvgFn = Callable[[List[Tensor], List[Tensor], Tensor], None]
+
+
+@dataclass
+class Member:
+    """One average of a set: its averaging function and its counts (0-dim long tensors)."""
+
+    fn: Optional[MultiAvgFn]
+    n_averaged: Tensor
+    n_skipped: Tensor
+
+    @property
+    def fused(self) -> Optional[FusedMultiAvgFn]:
+        return fused_fn(self.fn)
 
 
 def fused_fn(multi_avg_fn: Optional[MultiAvgFn]) -> Optional[FusedMultiAvgFn]:
@@ -45,62 +59,76 @@ def skip_flag(plan: UpdatePlan, tensors: Sequence[Tensor], device: torch.device)
     return any_across(flag, plan.meshes)
 
 
+def member_weights(members: Sequence[Member], device: torch.device, step: Optional[Tensor]) -> Tensor:
+    """The float64 weights of ``members`` on ``device``, each from its own count (and the step,
+    when given); a member's first update copies (weight 1), as torch's does. No host sync."""
+    weights = []
+    for member in members:
+        count = member.n_averaged.to(device)
+        fn = member.fused
+        weight = fn.weight(count) if step is None else fn.weight(count, step.to(device))
+        weights.append(weight.to(torch.float64).masked_fill(count == 0, 1.0))
+    return torch.stack(weights)
+
+
 @torch.no_grad()
 def fused_update(
     plan: UpdatePlan,
-    fn: FusedMultiAvgFn,
-    n_averaged: Tensor,
-    n_skipped: Tensor,
+    members: Sequence[Member],
+    indices: Sequence[int],
     skip_nonfinite: bool,
+    step: Optional[Tensor] = None,
     currents: Optional[List[GroupCurrents]] = None,
     skip: Optional[Tensor] = None,
 ) -> None:
-    """Average the plan's current tensors into its averages: per device two ``average_`` calls
-    (averaged pairs at ``fn``'s weight, computed on the device from ``n_averaged``; copied pairs at
-    1), the first update a copy, as torch's. ``currents``: the current tensors per group when the
-    caller has staged them (host copies); by default the plan's, moved to each group's device.
-    ``skip``: the caller's skip decision (a staged flag); by default decided here with
-    ``skip_nonfinite``."""
+    """Average the plan's current tensors into the averages of ``members`` (the plan's members
+    ``indices``, all using fused functions): per device one ``multi_average_`` call for the averaged
+    pairs (each member's weight computed on the device from its count) and one for copied pairs,
+    whatever the number of members: one read of each current tensor. ``currents``: the current
+    tensors per group when the caller has staged them (host copies); by default the plan's, moved
+    to each group's device. ``skip``: the caller's skip decision (a staged flag); by default decided
+    here with ``skip_nonfinite``.
+
+    All or nothing: everything that can fail (the weights, torch's arithmetic for the rare pairs
+    the fused op does not take) runs before the first write.
+    """
     if currents is None:
         currents = [group.currents_here() for group in plan.groups]
     if skip is None and skip_nonfinite:
         read = [t for group_currents in currents for lists in group_currents for tensors in lists for t in tensors]
-        skip = skip_flag(plan, read, n_averaged.device)
+        skip = skip_flag(plan, read, members[0].n_averaged.device)
+    commits = []
     for group, group_currents in zip(plan.groups, currents):
-        count_here = n_averaged.to(group.device)
+        weights = member_weights(members, group.device, step)
         skip_here = None if skip is None else skip.to(group.device)
-        # The first update copies, as torch's does (lerp weight 1 is an exact copy).
-        weight = fn.weight(count_here).masked_fill(count_here == 0, 1.0)
-        group.apply_all(group_currents, weight, skip_here)
-    if skip is None:
-        n_averaged.add_(1)
-    else:
-        n_averaged.add_(skip.logical_not())
-        n_skipped.add_(skip)
+        commits.append(group.prepare(group_currents, weights, indices, skip_here))
+    for commit in commits:
+        commit()
+    for member in members:
+        if skip is None:
+            member.n_averaged.add_(1)
+        else:
+            member.n_averaged.add_(skip.logical_not())
+            member.n_skipped.add_(skip)
 
 
 @torch.no_grad()
-def unfused_update(
-    plan: UpdatePlan,
-    fn: MultiAvgFn,
-    n_averaged: Tensor,
-    n_skipped: Tensor,
-    skip_nonfinite: bool,
-) -> None:
+def unfused_update(plan: UpdatePlan, member: Member, index: int, skip_nonfinite: bool) -> None:
     """torch's update with a ``multi_avg_fn`` of the user's: the first update copies; later ones
     call ``fn(averages, currents, n_averaged)`` once per (device, dtype) of the averages, with the
     currents converted to the averages' dtype and device. Integer and bool tensors are copied.
     ``skip_nonfinite`` costs one host sync here (the decision is needed before ``fn`` runs)."""
     pairs = [(avg, cur) for group in plan.groups
-             for avg, cur in zip(group.average.averaged + group.average.averaged_other,
+             for avg, cur in zip(group.average.averaged[index] + group.average.averaged_other[index],
                                  group.average.current + group.average.current_other)]
     copied = [(avg, cur) for group in plan.groups
-              for avg, cur in zip(group.copy.averaged + group.copy.averaged_other,
+              for avg, cur in zip(group.copy.averaged[index] + group.copy.averaged_other[index],
                                   group.copy.current + group.copy.current_other)]
+    n_averaged = member.n_averaged
     if skip_nonfinite:
         flag = skip_flag(plan, [cur for _, cur in pairs + copied], n_averaged.device)
         if flag is not None and bool(flag):
-            n_skipped.add_(1)
+            member.n_skipped.add_(1)
             return
     first = bool(n_averaged == 0)
     lists: dict = {}
@@ -112,7 +140,7 @@ def unfused_update(
             averages.append(avg)
             currents.append(cur.to(device=avg.device, dtype=avg.dtype))
     for (device, _), (averages, currents) in lists.items():
-        fn(averages, currents, n_averaged.to(device))
+        member.fn(averages, currents, n_averaged.to(device))
     for avg, cur in copied:
         lerp_fallback(avg, cur, None, None)
     n_averaged.add_(1)

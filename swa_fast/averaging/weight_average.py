@@ -1,55 +1,62 @@
-"""``WeightAverage``: the averaging core for every model (plain, DDP, FSDP2-sharded, offloaded).
+"""``WeightAverage``: a running average of a model's weights, held as tensors (plain, DDP,
+FSDP2-sharded, offloaded to host memory).
 
-An average holds tensors only, keyed by the model's parameter (and, with
-``use_buffers``, buffer) names; no module copy is made, so it works where
-``copy.deepcopy`` does not (FSDP2 refuses it). ``AveragedModel`` in
+An average holds tensors only, keyed by the model's parameter (and, with ``use_buffers``,
+buffer) names; no module copy is made, so it works where ``copy.deepcopy`` does not (FSDP2
+refuses it). It is one member of an :class:`~swa_fast.averaging.average_set.AverageSet`: its own
+set of one, or one of a :class:`~swa_fast.MultiAverage`'s. ``AveragedModel`` in
 :mod:`swa_fast.swa_utils` is a torch-compatible shell over the same engine.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+import copy
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.nn import Module
 from torch.nn.modules.module import _IncompatibleKeys
 
-from swa_fast.averaging.stores import ModuleStore, NamedStore, averaged_kinds, named_tensor_slots
-from swa_fast.averaging.offload import OffloadPipeline
-from swa_fast.averaging.sharding import ShardLayout, dtensor_like, layout_of, local_part, local_tensor, reshard
-from swa_fast.averaging.plan import UpdatePlan, build_plan
-from swa_fast.averaging.step import MultiAvgFn, fused_fn, fused_update, skip_flag, unfused_update
-
-Device = Union[int, str, torch.device]
+from swa_fast.averaging.average_set import AverageSet, Device, Step, check_avg_dtype, parse_device
+from swa_fast.averaging.sharding import is_dtensor, reshard
+from swa_fast.averaging.slots import Include, unwrap
+from swa_fast.averaging.step import Member, MultiAvgFn
+from swa_fast.averaging.stores import ModuleStore, NamedStore
 
 
-def parse_device(device: Optional[Device], owner: str) -> Optional[torch.device]:
-    """``device`` as a torch.device; an error that names it when this machine has no such device."""
-    if device is None:
-        return None
-    parsed = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"{owner}: device={device!r} does not exist: no CUDA device is available")
-        if parsed.index is not None and parsed.index >= count:
-            raise ValueError(f"{owner}: device={device!r} does not exist: this machine has {count} CUDA device(s)")
-    return parsed
-
-
-def check_avg_dtype(avg_dtype: Optional[torch.dtype]) -> None:
-    if avg_dtype is not None and not (isinstance(avg_dtype, torch.dtype) and avg_dtype.is_floating_point):
-        raise ValueError(f"avg_dtype must be a floating dtype, got {avg_dtype}")
+def new_named_set(model: Module, fns: Sequence[Optional[MultiAvgFn]], use_buffers: bool,
+                  avg_dtype: Optional[torch.dtype], device: Optional[Device], skip_nonfinite: bool,
+                  include: Include, owner: str) -> AverageSet:
+    """The set behind ``WeightAverage`` (one function) and ``MultiAverage`` (several), arguments checked."""
+    if not isinstance(model, Module):
+        raise TypeError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}")
+    for fn in fns:
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{owner}: multi_avg_fn must be callable, got {type(fn).__name__}")
+    if not isinstance(use_buffers, bool):
+        raise TypeError(f"{owner}: use_buffers must be a bool, got {use_buffers!r}")
+    if not isinstance(skip_nonfinite, bool):
+        raise TypeError(f"{owner}: skip_nonfinite must be a bool, got {skip_nonfinite!r}")
+    check_avg_dtype(avg_dtype, owner)
+    parsed = parse_device(device, owner)
+    model = unwrap(model, owner)
+    with torch.no_grad():
+        reshard(model)  # after an evaluation forward FSDP2's root holds gathered tensors, not its shards
+        store = NamedStore(model, len(fns), use_buffers, avg_dtype, parsed, include, owner)
+    home = store.home()
+    members = [Member(fn, torch.zeros((), dtype=torch.long, device=home), torch.zeros((), dtype=torch.long, device=home))
+               for fn in fns]
+    return AverageSet(store, members, skip_nonfinite, owner)
 
 
 class WeightAverage:
     r"""A running average (SWA, EMA or any ``multi_avg_fn``) of a model's weights, as tensors.
 
     Args:
-        model: the model to average: plain, wrapped in DDP, or sharded with FSDP2's
-            ``fully_shard`` (whose parameters are DTensors: each rank then averages and
+        model: the model to average: plain, wrapped in DDP or ``torch.compile`` (the averages take
+            the names of the model inside: either form updates and swaps in), or sharded with
+            FSDP2's ``fully_shard`` (whose parameters are DTensors: each rank then averages and
             stores only its local shards, with no communication).
         multi_avg_fn: ``None`` (an equal-weight SWA average), :func:`get_ema_multi_avg_fn`
             or :func:`get_swa_multi_avg_fn` (fused, sync-free), or any torch-style
@@ -62,15 +69,23 @@ class WeightAverage:
         device: keyword-only; where the averages live. Default: with each tensor.
             ``"cpu"`` for a CUDA model offloads them: an update copies the model to pinned
             host memory on a side stream and averages on the host in a worker thread,
-            without making the training stream wait (see :meth:`synchronize`).
+            without making the training stream wait (see :meth:`order_writes`).
         skip_nonfinite: keyword-only; an update in which any value read from the model
             is NaN or Inf changes nothing and is not counted (decided on the device;
             ``n_skipped`` counts them; one host sync with a custom ``multi_avg_fn``).
+        include: keyword-only; which tensors to average: parameter (and buffer) names, or a
+            predicate ``include(name, tensor) -> bool`` evaluated once, here (e.g.
+            ``lambda name, p: p.requires_grad`` leaves a frozen base out). Default: all.
 
-    The first :meth:`update` copies the model; each later one applies the average. The
-    averages start as a copy of the model, so :meth:`swapped_into` before any update
-    leaves the model's values in place.
+    The averages start as a copy of the model, so :meth:`swapped_into` before any update
+    leaves the model's values in place. Until the first update (or load) they follow the
+    model: an average made before the model was sharded with ``fully_shard``, moved,
+    converted or materialized from the meta device is laid out again at its first update.
     """
+
+    _set: AverageSet
+    _index: int
+    _name: str
 
     def __init__(
         self,
@@ -81,180 +96,145 @@ class WeightAverage:
         avg_dtype: Optional[torch.dtype] = None,
         device: Optional[Device] = None,
         skip_nonfinite: bool = False,
+        include: Include = None,
     ) -> None:
-        if not isinstance(model, Module):
-            raise TypeError(f"WeightAverage: model must be a torch.nn.Module, got {type(model).__name__}")
-        if multi_avg_fn is not None and not callable(multi_avg_fn):
-            raise TypeError(f"WeightAverage: multi_avg_fn must be callable, got {type(multi_avg_fn).__name__}")
-        check_avg_dtype(avg_dtype)
-        self.device = parse_device(device, "WeightAverage")
-        averages: Dict[str, Tensor] = {}
-        self._layouts: Dict[str, ShardLayout] = {}
-        reshard(model)  # after an evaluation forward FSDP2's root holds gathered tensors, not its shards
-        with torch.no_grad():
-            for kind in averaged_kinds(use_buffers):
-                for name, _, tensor in named_tensor_slots(model, kind):
-                    averages[name] = _new_average(local_tensor(tensor), avg_dtype, self.device)
-                    layout = layout_of(tensor)
-                    if layout is not None:
-                        self._layouts[name] = layout
-        first = next(iter(averages.values()), None)
-        home = self.device or (first.device if first is not None else torch.device("cpu"))
-        self._init_engine(NamedStore(averages, use_buffers), multi_avg_fn, use_buffers, avg_dtype,
-                          skip_nonfinite, torch.zeros((), dtype=torch.long, device=home),
-                          torch.zeros((), dtype=torch.long, device=home))
+        self._set = new_named_set(model, [multi_avg_fn], use_buffers, avg_dtype, device, skip_nonfinite, include,
+                                  "WeightAverage")
+        self._index = 0
+        self._name = "WeightAverage"
+
+    @classmethod
+    def _member(cls, average_set: AverageSet, index: int, name: str) -> "WeightAverage":
+        """The view of member ``index`` of ``average_set`` (a ``MultiAverage``'s)."""
+        self = cls.__new__(cls)
+        self._set, self._index, self._name = average_set, index, name
+        return self
 
     @classmethod
     def _over_module(cls, module: Module, multi_avg_fn: Optional[MultiAvgFn], use_buffers: bool,
-                     skip_nonfinite: bool, counts: Callable[[], Tuple[Tensor, Tensor]]) -> "WeightAverage":
+                     skip_nonfinite: bool, counts) -> "WeightAverage":
         """The engine of an ``AveragedModel``: the averages are ``module``'s own tensors (paired with a
         model's by position, as torch pairs them) and the counts are the shell's buffers, read
-        through ``counts`` at every update (the shell's ``.to()`` replaces them)."""
-        self = cls.__new__(cls)
-        self.device = None
-        self._layouts = {}
-        self._init_engine(ModuleStore(module, use_buffers), multi_avg_fn, use_buffers, None, skip_nonfinite,
-                          None, None)
-        self._counts = counts
-        return self
+        through ``counts`` at every update (the shell's ``.to()`` replaces them). Its updates are
+        complete when they return, as torch's are, also with host averages of a CUDA model."""
+        average_set = AverageSet(ModuleStore(module, use_buffers), _ShellMembers(multi_avg_fn, counts),
+                                 skip_nonfinite, "AveragedModel")
+        average_set.synchronous = True
+        return cls._member(average_set, 0, "AveragedModel")
 
-    def _init_engine(self, store, multi_avg_fn, use_buffers, avg_dtype, skip_nonfinite, n_averaged, n_skipped):
-        self._store = store
-        self.multi_avg_fn = multi_avg_fn
-        self.use_buffers = use_buffers
-        self.avg_dtype = avg_dtype
-        self.skip_nonfinite = skip_nonfinite
-        self._n_averaged = n_averaged
-        self._n_skipped = n_skipped
-        self._counts: Optional[Callable[[], Tuple[Tensor, Tensor]]] = None
-        self._plan: Optional[UpdatePlan] = None
-        self._plan_offloads = False
-        self._offload: Optional[OffloadPipeline] = None
-        self._swapped = False
+    # -- what it is -------------------------------------------------------------------
+
+    @property
+    def multi_avg_fn(self) -> Optional[MultiAvgFn]:
+        return self._set.members[self._index].fn
+
+    @property
+    def use_buffers(self) -> bool:
+        return self._set.store.use_buffers
+
+    @property
+    def avg_dtype(self) -> Optional[torch.dtype]:
+        return getattr(self._set.store, "avg_dtype", None)
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        return getattr(self._set.store, "device", None)
+
+    @property
+    def skip_nonfinite(self) -> bool:
+        return self._set.skip_nonfinite
 
     # -- updating ---------------------------------------------------------------
 
-    def update(self, model: Module) -> None:
+    def update(self, model: Module, step: Step = None) -> None:
         """Average ``model``'s current values in (the first call copies them).
 
         With the default SWA average or :func:`get_ema_multi_avg_fn` this is one fused pass
         per device (a few kernel launches; on FSDP2 shards, no communication) and no host
         synchronisation, so it can be captured in a CUDA graph on one device. Offloaded
         (``device="cpu"`` for a CUDA model) it returns once the copies are enqueued.
+
+        Args:
+            model: the model the average was made from (or its DDP / ``torch.compile`` wrapper).
+            step: the optimizer step (an int, or a 0-dim integer tensor on any device), for a
+                warm-up by step instead of by the number of updates (timm's
+                ``ModelEmaV3.update(model, step)``); an EMA without warm-up and SWA ignore it.
         """
-        self._refuse_while_swapped("update")
-        n_averaged, n_skipped = self._count_tensors()
-        plan = self._plan_for(model)
-        fn = fused_fn(self.multi_avg_fn)
-        if fn is None:
-            self.synchronize()
-            unfused_update(plan, self.multi_avg_fn, n_averaged, n_skipped, self.skip_nonfinite)
-        elif self._plan_offloads:
-            if self._offload is None:
-                self._offload = OffloadPipeline()
-            flag = None
-            if self.skip_nonfinite:  # decided on the GPU (and across shards) here, staged with the copies
-                sources = [t for group in plan.groups for t in group.current_tensors()]
-                flag = skip_flag(plan, sources, next((t.device for t in sources if t.is_cuda), sources[0].device))
-            self._offload.submit(plan, lambda currents, skip: fused_update(
-                plan, fn, n_averaged, n_skipped, self.skip_nonfinite, currents, skip), flag)
-        else:
-            fused_update(plan, fn, n_averaged, n_skipped, self.skip_nonfinite)
-
-    def _plan_for(self, model: Module) -> UpdatePlan:
-        plan = self._plan
-        if plan is None or not plan.is_current(model):
-            reshard(model)  # FSDP2 modules left gathered by an evaluation hold no DTensors
-            plan = self._plan = build_plan(model, self._store.entries(model))
-            self._plan_offloads = any(
-                group.device.type == "cpu" and any(t.is_cuda for t in group.current_tensors())
-                for group in plan.groups)
-        return plan
-
-    def _forget_plan(self) -> None:
-        """Drop the cached tensor lists (the averages moved: the next update rebuilds them)."""
-        self.synchronize()
-        self._plan = None
-
-    def _count_tensors(self) -> Tuple[Tensor, Tensor]:
-        return self._counts() if self._counts is not None else (self._n_averaged, self._n_skipped)
+        self._set.update(model, [self._index], step, self._name)
 
     def synchronize(self) -> None:
         """Block until every update in flight has been applied (only offloaded updates are ever in
-        flight). Call it before writing the model's parameters outside an optimizer step while an
-        offloaded update may still be copying them; reading the averages waits by itself."""
-        if self._offload is not None:
-            self._offload.wait()
+        flight), and raise the error of one that failed. Reading the averages waits by itself."""
+        self._set.synchronize()
+
+    def order_writes(self, stream: Optional["torch.cuda.Stream"] = None) -> None:
+        """Make writes queued later on ``stream`` (default: each device's current stream) wait, on the
+        GPU and without a host sync, for the copies of offloaded updates still reading the model.
+
+        Every optimizer step and every module's forward already wait (a forward for the buffers'
+        copy, a step for all of it). Call this before writes the library cannot see: a CUDA-graph
+        captured or a functional optimizer step, in-place edits of parameters or buffers,
+        ``model.load_state_dict``. Without offloading it does nothing."""
+        self._set.order_writes(stream)
+
+    def close(self) -> None:
+        """Apply the updates in flight and stop the offload worker thread (of the whole
+        ``MultiAverage`` for one of its averages). The averages stay readable; updates are refused."""
+        self._set.close()
 
     @property
     def n_averaged(self) -> Tensor:
         """0-dim long tensor: how many models have been averaged (skipped updates not counted)."""
-        self.synchronize()
-        return self._count_tensors()[0]
+        self._set.synchronize()
+        return self._set.counts(self._index)[0]
 
     @property
     def n_skipped(self) -> Tensor:
         """0-dim long tensor: updates skipped by ``skip_nonfinite``."""
-        self.synchronize()
-        return self._count_tensors()[1]
+        self._set.synchronize()
+        return self._set.counts(self._index)[1]
 
     # -- using the averages -------------------------------------------------------
 
-    def _targets(self, model: Module, action: str) -> List[Tuple[str, Tensor, Tensor]]:
-        """(name, the model's tensor the average replaces (its local shard), the average)."""
-        self._refuse_while_swapped(action)
-        self.synchronize()
-        reshard(model)
-        store: NamedStore = self._named_store(action)
-        targets = []
-        for name, _, tensor in store.named_model_tensors(model):
-            target, average = local_tensor(tensor), store.averages[name]
-            if target.shape != average.shape:
-                raise ValueError(f"WeightAverage.{action}: {name!r} has shape {tuple(target.shape)} in the model "
-                                 f"but its average {tuple(average.shape)}")
-            targets.append((name, target, average))
-        return targets
-
-    @contextlib.contextmanager
-    def swapped_into(self, model: Module) -> Iterator[Module]:
+    def swapped_into(self, model: Module):
         """Within the block, ``model`` holds the averages (evaluation, ``update_bn``, export); on exit
         its own values come back bitwise, also when the block raises.
 
+        One rule, for every dtype, device and sharding: inside the block the model *is* the
+        average. What the block writes into averaged tensors (``update_bn``'s statistics with
+        ``use_buffers=True``, a fine-tuning step) stays in the averages; buffers that are not
+        averaged (all of them without ``use_buffers``) are backed up and restored, so what is
+        written there is discarded. An average and a parameter of the same dtype and device
+        exchange contents (no extra memory); otherwise the parameter is backed up, and on exit
+        the elements the block changed go into the average while the others keep its full
+        precision.
+
         The exchange is in place: parameters (FSDP2: local shards) keep their identity, so an
-        optimizer, hooks and FSDP2's all-gathers see the averages. Where average and parameter
-        share dtype and device their contents are exchanged (no extra memory); elsewhere the
-        parameter is backed up. Buffers that are not averaged (all of them without
-        ``use_buffers``) are backed up and restored, so BatchNorm statistics recomputed inside
-        (``update_bn``) belong to the average only. ``update``, ``state_dict`` and friends are
-        refused inside the block (the averages are in the model). FSDP2 modules are resharded
-        on entry and on exit, so no gathered copy of either set of values outlives its turn.
+        optimizer, hooks and FSDP2's all-gathers see the averages. ``update``, ``state_dict`` and
+        friends of this average are refused inside the block (the averages are in the model);
+        another average may swap in on top (by the same rule) but may not ``update`` from or
+        ``copy_to`` the model. FSDP2 modules are resharded on entry and on exit, so no gathered
+        copy of either set of values outlives its turn.
         """
-        targets = self._targets(model, "swapped_into")
-        averaged = {id(target) for _, target, _ in targets}
-        kept = [(b, b.clone()) for _, _, b in named_tensor_slots(model, "_buffers") if id(b) not in averaged]
-        undo: List[Callable[[], None]] = []
-        try:
-            with torch.no_grad():
-                for _, target, average in targets:
-                    undo.append(_put(target, average))
-            self._swapped = True
-            yield model
-        finally:
-            self._swapped = False
-            # An FSDP2 forward in the block may have left gathered copies of the averages behind;
-            # the next forward would reuse them instead of gathering the restored shards.
-            reshard(model)
-            with torch.no_grad():
-                for restore in reversed(undo):
-                    restore()
-                for buffer, original in kept:
-                    buffer.copy_(original)
+        return self._set.swapped_into(model, self._index, self._name)
 
     def copy_to(self, model: Module) -> None:
         """Write the averages into ``model`` for good (converted to the model's dtypes)."""
-        with torch.no_grad():
-            for _, target, average in self._targets(model, "copy_to"):
-                target.copy_(average)
+        self._set.copy_to(model, self._index, self._name)
+
+    def averaged_copy(self, model: Module) -> Module:
+        """A new module holding the averages, to evaluate without swapping: a deep copy of ``model``
+        (of the model inside a DDP or ``torch.compile`` wrapper) with the averages written in,
+        converted to its dtypes; its buffers that are not averaged are ``model``'s. Costs a copy of
+        the model. FSDP2 models refuse deep copies: use :meth:`swapped_into` for them."""
+        inner = unwrap(model, self._name)
+        if any(is_dtensor(t) for t in (*inner.parameters(), *inner.buffers())):
+            raise TypeError(f"{self._name}.averaged_copy: an FSDP2 (fully_shard) model cannot be deep-copied; "
+                            "evaluate the average inside the model with swapped_into(model)")
+        self._set.ready(self._index, "averaged_copy", self._name)
+        clone = copy.deepcopy(inner)
+        self._set.copy_to(clone, self._index, self._name)
+        return clone
 
     # -- checkpoints --------------------------------------------------------------
 
@@ -265,97 +245,62 @@ class WeightAverage:
         sharded parameters are DTensors with the parameter's mesh and placements, which
         ``torch.distributed.checkpoint`` saves and loads, also on another number of ranks.
         """
-        self._refuse_while_swapped("state_dict")
-        self.synchronize()
-        store = self._named_store("state_dict")
-        averages = {name: dtensor_like(average, self._layouts[name]) if name in self._layouts else average
-                    for name, average in store.averages.items()}
-        n_averaged, n_skipped = self._count_tensors()
-        return {"averages": averages, "n_averaged": n_averaged, "n_skipped": n_skipped}
+        return self._set.member_state(self._index, self._name)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> _IncompatibleKeys:
         """Load averages and counts saved by :meth:`state_dict` (here, on another number of ranks,
         or unsharded): a sharded average takes its shard of a full tensor or of a DTensor.
-        Everything is checked before anything is written. ``strict=False`` loads the names both
-        have and returns the others."""
-        self._refuse_while_swapped("load_state_dict")
-        self.synchronize()
-        store = self._named_store("load_state_dict")
-        if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("averages"), Mapping) \
-                or "n_averaged" not in state_dict:
-            raise TypeError("WeightAverage.load_state_dict: expected a dict with 'averages' (a dict of tensors) "
-                             "and 'n_averaged', as WeightAverage.state_dict() returns")
-        saved = state_dict["averages"]
-        missing = [name for name in store.averages if name not in saved]
-        unexpected = [name for name in saved if name not in store.averages]
-        if strict and (missing or unexpected):
-            raise ValueError(f"WeightAverage.load_state_dict: missing averages {missing}, unexpected {unexpected}")
-        loads = []
-        for name, value in saved.items():
-            if name not in store.averages:
-                continue
-            part = local_part(value, self._layouts.get(name))
-            average = store.averages[name]
-            if tuple(part.shape) != tuple(average.shape):
-                raise ValueError(f"WeightAverage.load_state_dict: {name!r} has shape {tuple(value.shape)} in the "
-                                 f"state dict but {tuple(average.shape)} here")
-            loads.append((average, part))
-        n_averaged, n_skipped = self._count_tensors()
-        with torch.no_grad():
-            for average, part in loads:
-                if part is not average:
-                    average.copy_(part)
-            n_averaged.copy_(local_part(torch.as_tensor(state_dict["n_averaged"]), None))
-            if "n_skipped" in state_dict:
-                n_skipped.copy_(local_part(torch.as_tensor(state_dict["n_skipped"]), None))
-        return _IncompatibleKeys(missing, unexpected)
+        The whole state is checked (names, shapes, dtypes, devices, counts: integers >= 0) before
+        anything is written. ``strict=False`` loads the names both have and returns the others."""
+        writes = self._set.check_member_state(self._index, state_dict, strict, self._name)
+        writes.apply()
+        self._set.loaded()
+        return _IncompatibleKeys(writes.missing, writes.unexpected)
+
+    def module_state_dict(self, model: Optional[Module] = None) -> Dict[str, Tensor]:
+        """The averages as a model state dict, which ``model.load_state_dict`` accepts: every key the
+        model's ``state_dict()`` has for an averaged tensor (tied weights under each of their
+        names; non-persistent buffers left out), sharing storage with the averages. With ``model``,
+        its own values fill the keys that are not averaged (its buffers without ``use_buffers``,
+        what ``include`` left out), so ``model.load_state_dict(avg.module_state_dict(model))``
+        loads strictly."""
+        return self._set.module_state(self._index, model, self._name)
+
+    def to(self, device: Optional[Device] = None, dtype: Optional[torch.dtype] = None) -> "WeightAverage":
+        """Move the averages to ``device`` and/or convert the floating ones to ``dtype`` (the counts
+        follow); returns ``self``. Moving host averages of a CUDA model onto its GPU ends the
+        offloading, and the other way round starts it."""
+        if self._name != "WeightAverage":
+            raise RuntimeError(f"{self._name}.to: the averages of a MultiAverage move together: call the "
+                               "MultiAverage's to()")
+        self._set.to(device, dtype, self._name)
+        return self
 
     # -- the rest -------------------------------------------------------------------
 
-    def _named_store(self, action: str) -> NamedStore:
-        if not isinstance(self._store, NamedStore):  # pragma: no cover - AveragedModel exposes none of these
-            raise RuntimeError(f"{action} is for WeightAverage; AveragedModel is a module: use its own methods")
-        return self._store
-
     def _refuse_while_swapped(self, action: str) -> None:
-        if self._swapped:
-            raise RuntimeError(f"WeightAverage.{action}: not inside swapped_into(): the model holds the averages "
-                               "there and the averages the model's values; call it after the block")
-
-    def __getstate__(self) -> Dict[str, Any]:
-        # The cached plan holds the source model's tensors (and a weakref); the offload pipeline
-        # holds a thread and pinned buffers. A copy or a pickle rebuilds both when it first updates.
-        self.synchronize()
-        state = dict(self.__dict__)
-        state.update(_plan=None, _plan_offloads=False, _offload=None)
-        return state
+        self._set.ready(self._index, action, self._name)
 
     def __repr__(self) -> str:
-        store = self._store
-        held = len(store.averages) if isinstance(store, NamedStore) else "module"
-        return (f"WeightAverage(tensors={held}, multi_avg_fn={self.multi_avg_fn!r}, use_buffers={self.use_buffers}, "
+        store = self._set.store
+        held = len(store.names) if isinstance(store, NamedStore) else "module"
+        sharded = len(store.layouts) if isinstance(store, NamedStore) else 0
+        return (f"{self._name}(tensors={held}, multi_avg_fn={self.multi_avg_fn!r}, use_buffers={self.use_buffers}, "
                 f"avg_dtype={self.avg_dtype}, device={self.device}, skip_nonfinite={self.skip_nonfinite}, "
-                f"sharded={len(self._layouts)})")
+                f"sharded={sharded})")
 
 
-def _new_average(tensor: Tensor, avg_dtype: Optional[torch.dtype], device: Optional[torch.device]) -> Tensor:
-    """A copy of ``tensor`` (a parameter or its local shard) to hold its average."""
-    dtype = avg_dtype if avg_dtype is not None and tensor.is_floating_point() else tensor.dtype
-    average = torch.empty_like(tensor, dtype=dtype, device=device or tensor.device, requires_grad=False)
-    return average.copy_(tensor.detach())
+class _ShellMembers:
+    """The one member of an ``AveragedModel``'s set, read from the shell's count buffers at every
+    call (its ``.to()`` replaces them). A class, not a lambda, so the shell pickles."""
+
+    def __init__(self, fn: Optional[MultiAvgFn], counts) -> None:
+        self.fn = fn
+        self.counts = counts
+
+    def __call__(self):
+        n_averaged, n_skipped = self.counts()
+        return [Member(self.fn, n_averaged, n_skipped)]
 
 
-def _put(target: Tensor, average: Tensor) -> Callable[[], None]:
-    """Write ``average`` into ``target``; return what undoes it bitwise."""
-    if target.dtype == average.dtype and target.device == average.device:
-        _exchange(target, average)
-        return lambda: _exchange(target, average)
-    original = target.clone()
-    target.copy_(average)
-    return lambda: target.copy_(original)
-
-
-def _exchange(a: Tensor, b: Tensor) -> None:
-    scratch = a.clone()
-    a.copy_(b)
-    b.copy_(scratch)
+__all__ = ["WeightAverage"]

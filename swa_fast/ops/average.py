@@ -1,9 +1,10 @@
-"""The averaging ops: fake kernels and Python wrappers of ``average_``, ``average_moments_``
-and ``nonfinite_flag``.
+"""The averaging ops: fake kernels and Python wrappers of ``average_``, ``multi_average_``,
+``average_moments_`` and ``nonfinite_flag``.
 
 Their schemas and checks are ``csrc/average_args.{h,cpp}``; their kernels
 ``csrc/cpu/average_cpu.cpp`` and ``csrc/cuda/average_cuda.cu``. The fake
-kernels run the same C++ checks on metadata (``_C.validate_average_args``), so
+kernels run the same C++ checks on metadata (``_C.validate_average_args``,
+``_C.validate_multi_average_args``), so
 ``torch.compile`` reports bad arguments while tracing as eager mode would.
 """
 
@@ -20,6 +21,11 @@ from swa_fast.ops import _C
 @torch.library.register_fake("swa_fast::average_")
 def _average_fake(averaged, current, weight, skip=None) -> None:
     _C.validate_average_args("swa_fast.average_", averaged, [], False, current, weight, skip)
+
+
+@torch.library.register_fake("swa_fast::multi_average_")
+def _multi_average_fake(averaged, current, weights, skip=None) -> None:
+    _C.validate_multi_average_args("swa_fast.multi_average_", averaged, current, weights, skip)
 
 
 @torch.library.register_fake("swa_fast::average_moments_")
@@ -57,9 +63,29 @@ def weight_tensor(weight: Weight, device: torch.device) -> Tensor:
     """
     if isinstance(weight, Tensor):
         return weight
-    if not 0.0 <= float(weight) <= 1.0:
-        raise ValueError(f"weight must be in [0, 1], got {weight}")
-    return torch.full((), float(weight), dtype=torch.float64, device=device)
+    return torch.full((), _checked_weight(weight, "weight"), dtype=torch.float64, device=device)
+
+
+def _checked_weight(weight: float, name: str) -> float:
+    value = float(weight)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {weight}")
+    return value
+
+
+def weights_tensor(weights: Union[Sequence[float], Tensor], device: torch.device) -> Tensor:
+    """The 1-D weights tensor :func:`multi_average_` takes; checks Python floats' range.
+
+    Floats become a float64 tensor filled on ``device`` one element at a time (fills,
+    not a host-to-device copy, so no sync). A tensor is passed through unchanged.
+    """
+    if isinstance(weights, Tensor):
+        return weights
+    values = [_checked_weight(w, f"weights[{k}]") for k, w in enumerate(weights)]
+    result = torch.empty(len(values), dtype=torch.float64, device=device)
+    for k, value in enumerate(values):
+        result[k].fill_(value)
+    return result
 
 
 def _device_of(tensors: Sequence[Tensor]) -> torch.device:
@@ -93,6 +119,49 @@ def average_(
     """
     with torch.no_grad():
         torch.ops.swa_fast.average_(list(averaged), list(current), weight_tensor(weight, _device_of(averaged)), skip)
+
+
+def multi_average_(
+    averaged: Sequence[Sequence[Tensor]],
+    current: Sequence[Tensor],
+    weights: Union[Sequence[float], Tensor],
+    *,
+    skip: Optional[Tensor] = None,
+) -> None:
+    """K running averages of the same tensors from one read of them: in place, for every
+    k and i, ``averaged[k][i] = torch.lerp(averaged[k][i], current[i], weights[k])``.
+
+    Average k gets exactly what :func:`average_` ``(averaged[k], current, weights[k])``
+    gives, bit for bit, but ``current`` is read once for all K (CPU: each block of it
+    converted once; CUDA: each element loaded once for up to 8 averages, a further pass
+    per 8 more), e.g. SWA and EMA of one model, or EMAs at several decays.
+
+    Args:
+        averaged: K lists of N tensors, list k the averages of weight k; every average
+            of ``current[i]`` matches ``averaged[0][i]`` in shape, strides, dtype and
+            device. Dtypes as in :func:`average_` (integer and bool tensors are copied
+            into every list).
+        current: the N new values.
+        weights: K weights in [0, 1]: Python floats, or a 1-D float32/float64 tensor on
+            the averaged device (then read on the device: no sync). 1 is an exact copy.
+        skip: optional 0-dim bool tensor on the device; when true nothing is written.
+    """
+    lists = [list(a) for a in averaged]
+    current = list(current)
+    for k, averages in enumerate(lists):
+        if len(averages) != len(current):
+            raise ValueError(
+                f"swa_fast.multi_average_: averaged[{k}] has {len(averages)} tensors but current has {len(current)}"
+            )
+    count = weights.numel() if isinstance(weights, Tensor) else len(weights)
+    if count != len(lists):
+        raise ValueError(
+            f"swa_fast.multi_average_: {len(lists)} lists of averages but {count} weights; pass one weight per list"
+        )
+    device = _device_of(lists[0]) if lists else torch.device("cpu")
+    flat = [t for averages in lists for t in averages]
+    with torch.no_grad():
+        torch.ops.swa_fast.multi_average_(flat, current, weights_tensor(weights, device), skip)
 
 
 def average_moments_(

@@ -13,8 +13,8 @@ from swa_fast.ops import _C, BUILD_INFO
 
 
 def launch_limits(arg_bytes: Optional[int] = None) -> Dict[str, object]:
-    """Chunk size, blocks per launch, tensors per launch for 1-4 lists and the metadata's
-    size, for a kernel-argument budget (4096 or 32768; default: this build's)."""
+    """Chunk size, blocks per launch, tensors per launch for 1 to 9 lists (``max_tensors[d - 1]``
+    for depth d) and the metadata's size, for a kernel-argument budget (4096 or 32768; default: this build's)."""
     return _C.launch_limits(BUILD_INFO["kernel_arg_bytes"] if arg_bytes is None else arg_bytes)
 
 
