@@ -181,3 +181,19 @@ def test_runner_first_line_names_the_build(monkeypatch, capsys):
 def test_command_recorded_names_the_front_end():
     assert bench_run.command_line(["--quick"], "python -m swa_fast bench") == "python -m swa_fast bench --quick"
     assert bench_run.command_line(["--quick"], None) == "benchmarks.run.main(['--quick'])"
+
+
+def test_multi_suite_candidates_on_a_tiny_set():
+    """The several-averages suite's candidates run, and count the bytes its docstring says."""
+    from benchmarks import multi
+
+    case = multi.MultiCase("tiny", ((3, 4), (5,)), k=3)
+    found = {c.key: c for c in multi.build_candidates(case, "cpu")}
+    assert list(found) == ["torch_emas", "weight_averages", "multi_average", "copy"]
+    for candidate in found.values():
+        candidate.fn()
+    params = 17 * 4  # fp32 bytes
+    assert found["weight_averages"].bytes_per_update == found["torch_emas"].bytes_per_update == 12 * 3 * 17
+    assert found["multi_average"].bytes_per_update == params + 2 * 3 * params
+    assert [round(multi.byte_ratio(k), 3) for k in (1, 2, 3, 4)] == [1.0, 1.2, 1.286, 1.333]
+    assert set(multi.CASES) == {f"multi_{s}_k{k}" for s in ("resnet50", "transformer") for k in (1, 2, 3, 4)}

@@ -139,6 +139,6 @@ def test_bench_line_on_cuda_writes_targets_and_reads_the_32kb_run(tmp_path, caps
     (tmp_path / "b.json").write_text(json.dumps(large))
     targets = tmp_path / "targets.json"
     assert gpu_check_report.bench_line(tmp_path / "a.json", tmp_path / "b.json", targets) == 0
-    assert capsys.readouterr().out.strip() == "targets met 1/1 measured (12 defined)"
+    assert capsys.readouterr().out.strip() == "targets met 1/1 measured (15 defined)"
     first = json.loads(targets.read_text())[0]
     assert first["value"] == 11.0 and first["value_32kb_args"] == 14.0

@@ -43,6 +43,9 @@ def cpu_report():
                 "candidates": candidates(batchnorm=50.0, chunk_loop=60.0, reshape_trick=120.0, swa_fast=30.0, copy=7.4)},
         "distance_bf16": {"suite": "distance", **resnet, "model_dtype": "bfloat16", "ref_dtype": "float32",
                           "candidates": candidates(torch_foreach=34.0, torch_loop=30.0, swa_fast_distance=10.0, copy=11.2)},
+        "multi_k3": {"suite": "multi", **resnet, "k": 3, "model_dtype": "float32", "avg_dtype": "float32",
+                     "byte_ratio": 36 / 28,
+                     "candidates": candidates(torch_emas=34.0, weight_averages=30.0, multi_average=22.0, copy=9.0)},
     }, loadavg_start=[0.5, 1.0, 1.0], loadavg_end=[1.75, 1.0, 1.0])
 
 
@@ -70,7 +73,7 @@ def test_readme_agrees_with_the_committed_results():
     done = subprocess.run([sys.executable, "benchmarks/readme_tables.py", "--check"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "3 tables agree" in done.stdout  # averaging, ghost_bn and distance of the CPU run
+    assert "4 tables agree" in done.stdout  # multi, averaging, ghost_bn and distance of the CPU run
 
 
 def test_formatter_on_a_cpu_report():
@@ -89,6 +92,8 @@ def test_formatter_on_a_cpu_report():
         "| (256, 64, 32, 32), 32 | 50.0 | 60.0 | 120.0 | 30.0 | 2.0x faster | 0.60x the time |", "", CPU_LINE]
     assert readme_tables.format_block(report, "distance", "cpu.json").splitlines()[2:] == [
         "| ResNet-50, bf16 model vs fp32 snapshot | 34.0 | 30.0 | 10.0 | 3.4x / 3.0x | 11.2 |", "", CPU_LINE]
+    assert readme_tables.format_block(report, "multi", "cpu.json").splitlines()[2:] == [
+        "| ResNet-50 (25.6M fp32), K = 3 | 34.0 | 30.0 | 22.0 | 1.36x of 1.29x (106%) | 1.55x | 9.0 |", "", CPU_LINE]
 
 
 def test_formatter_on_a_cuda_report():
@@ -107,13 +112,13 @@ def test_formatter_on_a_cuda_report():
 def test_check_fails_on_a_changed_figure_and_write_repairs_it(tmp_path, capsys):
     readme = tmp_path / "README.md"
     original = README.read_text()
-    changed = original.replace("| 76.2 |", "| 75.0 |", 1)
+    changed = original.replace("| 44.5 |", "| 75.0 |", 1)
     assert changed != original
     readme.write_text(changed)
     assert readme_tables.main(["--check", "--readme", str(readme)]) == 1
     out = capsys.readouterr().out
     assert "-| ResNet-50 (161 tensors, 25.6M fp32) | 75.0 |" in out
-    assert "+| ResNet-50 (161 tensors, 25.6M fp32) | 76.2 |" in out
+    assert "+| ResNet-50 (161 tensors, 25.6M fp32) | 44.5 |" in out
     assert readme.read_text() == changed  # --check writes nothing
     assert readme_tables.main(["--write", "--readme", str(readme)]) == 0
     assert readme.read_text() == original
@@ -135,9 +140,9 @@ def test_a_new_device_gets_tables_after_the_others_and_partial_runs_none(tmp_pat
     assert readme_tables.main(["--check", *args]) == 1
     assert readme_tables.main(["--write", *args]) == 0
     text = readme.read_text()
-    assert readme_tables.marker_keys(text) == [
+    assert readme_tables.marker_keys(text) == [("multi", "cpu-intel-xeon-processor-2threads")] + [
         (suite, stem) for suite in ("averaging", "ghost_bn", "distance")
-        for stem in ("cpu-intel-xeon-processor-2threads", "nvidia-h200")]
+        for stem in ("cpu-intel-xeon-processor-2threads", "nvidia-h200")]  # the GPU report has no multi case
     cpu_end = "<!-- tables:ghost_bn:cpu-intel-xeon-processor-2threads end -->\n"
     assert cpu_end + "\n<!-- tables:ghost_bn:nvidia-h200 begin -->\n" in text
     assert "| (2048, 64, 32, 32), 128, channels_last, bf16 |" in text
@@ -153,7 +158,7 @@ def test_a_suite_without_markers_is_an_error(tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text("# no tables here\n")
     assert readme_tables.main(["--check", "--readme", str(readme)]) == 2
-    assert "add a '<!-- tables:averaging:cpu-intel-xeon-processor-2threads begin -->'" in capsys.readouterr().err
+    assert "add a '<!-- tables:multi:cpu-intel-xeon-processor-2threads begin -->'" in capsys.readouterr().err
 
 
 def test_smoke_runs_are_never_read(tmp_path):

@@ -33,6 +33,10 @@ TARGETS: List[Tuple[str, str, str, str, Optional[str], float]] = [
     ("distance, fraction of copy bandwidth (transformer)", "distance_transformer", "copy", "swa_fast_distance", None,
      0.85),
 ]
+# MultiAverage of K EMAs vs K WeightAverages: at least 0.9 of the byte-count ratio 12K/(4+8K).
+for _k in (2, 3, 4):
+    TARGETS.append((f"MultiAverage of {_k} EMAs vs {_k} WeightAverages (transformer)", f"multi_transformer_k{_k}",
+                    "speedup", "multi_average", "weight_averages", round(0.9 * 12 * _k / (4 + 8 * _k), 3)))
 GHOST_CASES = ["gbn_n2048_c64_32x32_g128", "gbn_n2048_c64_32x32_g128_channels_last", "gbn_n2048_c64_32x32_g128_bf16"]
 for _case in GHOST_CASES:
     _label = _case.replace("gbn_n2048_c64_32x32_g128", "N=2048 C=64 32x32 ghost 128").replace("_", " ")
