@@ -42,6 +42,14 @@ def make(shape: Shape, dtype: torch.dtype = torch.float32, device="cpu", seed: i
     return (values * 50).round().clamp(-100, 100).to(device=device, dtype=dtype)
 
 
+def assert_bitwise(a, b) -> None:
+    """Two dicts of tensors with the same keys, dtypes and bits."""
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name], b[name]), name
+
+
 def devices() -> List[object]:
     """The devices the op tests run on: the CPU always; CUDA (marked ``cuda``) when a GPU and a
     CUDA build are there."""

@@ -11,16 +11,9 @@ from torch import nn
 
 from swa_fast import MultiAverage, WeightAverage, swa_utils
 
-from helpers import bn_net, bn_net_inputs, force_host_offload, train_with_updates
+from helpers import assert_bitwise, bn_net, bn_net_inputs, force_host_offload, train_with_updates
 
 STEPS = 7
-
-
-def assert_bitwise(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        assert a[name].dtype == b[name].dtype, name
-        assert torch.equal(a[name], b[name]), name
 
 
 def custom_halfway(averages, currents, n_averaged):

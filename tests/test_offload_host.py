@@ -14,16 +14,9 @@ from torch import nn
 
 from swa_fast import WeightAverage, swa_utils
 
-from helpers import bn_net, bn_net_inputs, force_host_offload, train_with_updates
+from helpers import assert_bitwise, bn_net, bn_net_inputs, force_host_offload, train_with_updates
 
 STEPS = 8
-
-
-def assert_bitwise(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        assert a[name].dtype == b[name].dtype, name
-        assert torch.equal(a[name], b[name]), name
 
 
 def slow(monkeypatch, seconds=0.05):
@@ -298,3 +291,14 @@ def test_order_writes_orders_the_pending_copy_once(monkeypatch):
     average.order_writes()
     assert recorder.events == ["order"]
     average.synchronize()
+
+
+def test_an_offloaded_update_with_a_step_equals_the_direct_one():
+    model = bn_net()
+    fn = lambda: swa_utils.get_ema_multi_avg_fn(0.999, warmup_gamma=1.0, warmup_power=0.75)  # noqa: E731
+    direct, piped = WeightAverage(model, fn()), WeightAverage(model, fn())
+    force_host_offload(piped, model)
+    steps = iter(range(100, 200, 10))
+    train_with_updates(model, [lambda m: (s := next(steps), direct.update(m, s), piped.update(m, torch.tensor(s)))],
+                       STEPS)
+    assert_bitwise(piped.state_dict()["averages"], direct.state_dict()["averages"])

@@ -12,7 +12,7 @@ from torch.optim import swa_utils as torch_swa
 
 from swa_fast import WeightAverage, swa_utils
 
-from helpers import bn_net, bn_net_inputs, train_with_updates
+from helpers import assert_bitwise, bn_net, bn_net_inputs, train_with_updates
 
 STEPS = 12
 
@@ -27,13 +27,6 @@ def averages_of(averaged_model, use_buffers):
     if use_buffers:
         named.update(averaged_model.module.named_buffers())
     return named
-
-
-def assert_bitwise(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        assert a[name].dtype == b[name].dtype, name
-        assert torch.equal(a[name], b[name]), name
 
 
 FNS = {

@@ -65,10 +65,11 @@ def test_on_device_and_offloaded_updates_do_not_sync():
     offloaded.synchronize()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
+    step = torch.tensor(10, device="cuda")
     try:
         for _ in range(3):
-            on_device.update(model)
-            offloaded.update(model)
+            on_device.update(model, step)
+            offloaded.update(model, step)  # the step is staged with the copies, not read
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert offloaded.n_averaged.item() == 4
@@ -164,16 +165,23 @@ def test_offloaded_update_refuses_graph_capture():
 # --- the orderings of issue 18: every write after an offloaded update waits for its copy ----------
 
 
-def test_the_next_forward_waits_for_the_buffers_copy():
-    """BatchNorm writes its statistics in the forward: the staged buffers are the values from
-    before that forward (an EMA of decay 0 copies what was staged)."""
-    model = net()
-    offloaded = WeightAverage(model, swa_utils.get_ema_multi_avg_fn(0.0), use_buffers=True, device="cpu")
+def copied_behind_busy_work(model, **kwargs):
+    """A copying average (an EMA of decay 0 keeps exactly what was staged) whose second update is
+    queued behind 200 ms of GPU work; returns it and the model's values at that update."""
+    offloaded = WeightAverage(model, swa_utils.get_ema_multi_avg_fn(0.0), device="cpu", **kwargs)
     offloaded.update(model)
     offloaded.synchronize()
     expected = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     busy(200)  # the copy queues behind this...
     offloaded.update(model)
+    return offloaded, expected
+
+
+def test_the_next_forward_waits_for_the_buffers_copy():
+    """BatchNorm writes its statistics in the forward: the staged buffers are the values from
+    before that forward (an EMA of decay 0 copies what was staged)."""
+    model = net()
+    offloaded, expected = copied_behind_busy_work(model, use_buffers=True)
     model(torch.randn(32, 64, device="cuda"))  # ...and these statistics' writes must wait for it
     averages = offloaded.state_dict()["averages"]
     for name, value in expected.items():
@@ -183,30 +191,20 @@ def test_the_next_forward_waits_for_the_buffers_copy():
 def test_an_embedding_with_max_norm_waits_for_the_whole_copy():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(100, 64, max_norm=0.01), nn.Linear(64, 4)).cuda()
-    offloaded = WeightAverage(model, swa_utils.get_ema_multi_avg_fn(0.0), device="cpu")
-    offloaded.update(model)
-    offloaded.synchronize()
-    expected = model[0].weight.detach().cpu().clone()
-    busy(200)
-    offloaded.update(model)
+    offloaded, expected = copied_behind_busy_work(model)
     model(torch.arange(100, device="cuda"))  # renormalizes every row in place
-    assert not torch.equal(model[0].weight.detach().cpu(), expected)
-    assert torch.equal(offloaded.state_dict()["averages"]["0.weight"], expected)
+    assert not torch.equal(model[0].weight.detach().cpu(), expected["0.weight"])
+    assert torch.equal(offloaded.state_dict()["averages"]["0.weight"], expected["0.weight"])
 
 
 def test_order_writes_orders_a_write_the_library_cannot_see():
     model = net()
-    offloaded = WeightAverage(model, swa_utils.get_ema_multi_avg_fn(0.0), device="cpu")
-    offloaded.update(model)
-    offloaded.synchronize()
-    expected = model[0].weight.detach().cpu().clone()
-    busy(200)
-    offloaded.update(model)
+    offloaded, expected = copied_behind_busy_work(model)
     offloaded.order_writes()  # non-blocking: the next write waits on the GPU
     assert not offloaded._set._offload._pending_all
     with torch.no_grad():
         model[0].weight.mul_(2.0)  # an in-place edit outside any optimizer or forward
-    assert torch.equal(offloaded.state_dict()["averages"]["0.weight"], expected)
+    assert torch.equal(offloaded.state_dict()["averages"]["0.weight"], expected["0.weight"])
 
 
 def test_the_worker_waits_on_blocking_events(monkeypatch):

@@ -13,16 +13,9 @@ from torch import nn
 
 from swa_fast import WeightAverage, swa_utils
 
-from helpers import bn_net, bn_net_inputs, free_port, train_with_updates
+from helpers import assert_bitwise, bn_net, bn_net_inputs, free_port, train_with_updates
 
 STEPS = 6
-
-
-def assert_bitwise(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        assert a[name].dtype == b[name].dtype, name
-        assert torch.equal(a[name], b[name]), name
 
 
 def trained_average(**kwargs):
@@ -196,6 +189,8 @@ def test_an_average_made_before_the_model_was_materialized_follows_it():
     for module in model:
         module.reset_parameters()
     model.double()
+    with pytest.raises(ValueError, match="hold no values yet"):
+        average.copy_to(model)
     average.update(model)
     for name, parameter in model.named_parameters():
         stored = average.state_dict()["averages"][name]

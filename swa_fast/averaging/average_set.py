@@ -114,10 +114,9 @@ class AverageSet:
         if self.skip_nonfinite:  # decided on the GPU (and across shards) here, staged with the copies
             sources = plan.current_sources()
             flag = skip_flag(plan, sources, next((t.device for t in sources if t.is_cuda), sources[0].device))
-        step_here = None if step is None else step.to("cpu")
-        self._offload.submit(plan, lambda currents, skip: fused_update(
-            plan, chosen, indices, self.skip_nonfinite, step_here, currents, skip),
-            f"update {self._updates} (the {_ordinal(self._updates)} call to update())", flag)
+        self._offload.submit(plan, lambda currents, scalars: fused_update(
+            plan, chosen, indices, self.skip_nonfinite, scalars[1], currents, scalars[0]),
+            f"update {self._updates} (the {_ordinal(self._updates)} call to update())", [flag, step])
         if self.synchronous:
             self._offload.wait()
 
@@ -230,12 +229,12 @@ class AverageSet:
         model = unwrap(model, who)
         reshard(model)
         averages = store.averages[index]
+        if store.from_meta and self._fresh:
+            raise ValueError(f"{who}.{action}: the averages were made from a model on the meta device and hold no "
+                             "values yet; update them from the materialized model first")
         targets = []
         for name, _, tensor in store.named_model_tensors(model):
             target, average = local_tensor(tensor), averages[name]
-            if average.device.type == "meta":
-                raise ValueError(f"{who}.{action}: the averages are on the meta device (made from a meta model "
-                                 "and never updated); update them from the materialized model first")
             if target.shape != average.shape:
                 raise ValueError(f"{who}.{action}: {name!r} has shape {tuple(target.shape)} in the model "
                                  f"but its average {tuple(average.shape)}")

@@ -200,11 +200,12 @@ class OffloadPipeline:
 
     # -- submitting -------------------------------------------------------------
 
-    def submit(self, plan: UpdatePlan, apply: Callable[[List[GroupCurrents], Optional[Tensor]], None],
-               label: str, flag: Optional[Tensor] = None) -> None:
-        """Stage ``plan``'s current tensors (and ``flag``, a 0-dim skip decision made on the device)
-        to the host and call ``apply(staged currents per group, staged flag)`` there, asynchronously.
-        ``label`` names the update in a failure's message."""
+    def submit(self, plan: UpdatePlan, apply: Callable[[List[GroupCurrents], List[Optional[Tensor]]], None],
+               label: str, scalars: Sequence[Optional[Tensor]] = ()) -> None:
+        """Stage ``plan``'s current tensors (and ``scalars``, 0-dim tensors made on the device: the skip
+        decision, the step) to the host and call ``apply(staged currents per group, staged scalars)``
+        there, asynchronously (a scalar's device-to-host copy is staged with the rest: reading it
+        directly would sync). ``label`` names the update in a failure's message."""
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 f"{self.owner}: an offloaded update (device='cpu' for a CUDA model) cannot be captured in a "
@@ -226,19 +227,22 @@ class OffloadPipeline:
         staged = [None] * len(sources)
         for position, i in enumerate(order):
             staged[i] = self._staging[index][position]
-        staged_flag = None
         copies = [(sources[i], staged[i]) for i in order]
         buffers_end = sum(buffer)
-        if flag is not None:
-            staged_flag = torch.empty((), dtype=flag.dtype, pin_memory=flag.is_cuda)
-            copies.append((flag, staged_flag))
+        staged_scalars: List[Optional[Tensor]] = []
+        for scalar in scalars:
+            if scalar is None or not scalar.is_cuda:
+                staged_scalars.append(scalar)
+                continue
+            staged_scalars.append(torch.empty((), dtype=scalar.dtype, pin_memory=True))
+            copies.append((scalar, staged_scalars[-1]))
         buffers_done, all_done = self._copy(copies, buffers_end)
         currents, start = [], 0
         for group in plan.groups:
             count = len(group.current_tensors())
             currents.append(group.split(staged[start:start + count]))
             start += count
-        future = self._worker.submit(_run_when_copied, all_done, apply, currents, staged_flag)
+        future = self._worker.submit(_run_when_copied, all_done, apply, currents, staged_scalars)
         failures = self._failures
         future.add_done_callback(lambda done, label=label: failures.record(label, done))
         self._in_flight[index] = future
@@ -339,7 +343,8 @@ def _recorded(stream: "torch.cuda.Stream") -> "torch.cuda.Event":
     return event
 
 
-def _run_when_copied(copied: List[CopyDone], apply, currents: List[GroupCurrents], flag: Optional[Tensor]) -> None:
+def _run_when_copied(copied: List[CopyDone], apply, currents: List[GroupCurrents],
+                     scalars: List[Optional[Tensor]]) -> None:
     for done in copied:
         done.wait()  # blocks this worker thread only (the GIL is released while it waits)
-    apply(currents, flag)
+    apply(currents, scalars)

@@ -85,6 +85,8 @@ class NamedStore:
                 if self.device is not None and self.device.type != layout.device_mesh.device_type:
                     host_mesh_like(layout.device_mesh)  # made now, on every rank, not in a later state_dict
             firsts[name] = local_tensor(tensor)
+        # Averages of a meta-device model hold no values until the first update copies the model.
+        self.from_meta = any(t.device.type == "meta" for t in firsts.values())
         self.averages: List[Dict[str, Tensor]] = [
             {name: new_average(firsts[name], self.avg_dtype, self.device) for name in self.names}
             for _ in range(self.members)
