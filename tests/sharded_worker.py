@@ -9,7 +9,8 @@ MASTER_PORT set. Modes:
   ``swapped_into``, and a ``torch.distributed.checkpoint`` save of both averages.
 * ``hsdp``: the same on a 2 x WORLD/2 (replicate, shard) mesh (HSDP).
 * ``load``: the same model sharded on this world size loads that checkpoint.
-* ``ddp``: a DDP model trained with a WeightAverage; averages and swap-in on every rank.
+* ``ddp``: a DDP model trained with a WeightAverage (and a MultiAverage beside separate averages);
+  averages and swap-in on every rank.
 * ``host_mesh``: the CPU twin of a GPU mesh, for host averages of a GPU-sharded model.
 
 Writes ``OUT_DIR/<mode>-rank<RANK>.pt``.
@@ -168,20 +169,25 @@ def load(out: Path, rank: int, world: int, dtype) -> dict:
 def ddp(out: Path, rank: int, world: int, dtype) -> dict:
     model = DistributedDataParallel(make_model(dtype))
     average = WeightAverage(model, swa_utils.get_ema_multi_avg_fn(EMA_DECAY))
+    swa = WeightAverage(model)
+    multi = MultiAverage(model, {"ema": swa_utils.get_ema_multi_avg_fn(EMA_DECAY), "swa": None})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     for x in batches(1, STEPS, rank, dtype):
         loss = model(x).square().mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        average.update(model)
+        for each in (average, swa, multi):
+            each.update(model)
+    multi_equal = all(torch.equal(multi[kind].state_dict()["averages"][name], separate.state_dict()["averages"][name])
+                      for kind, separate in (("ema", average), ("swa", swa)) for name in separate.state_dict()["averages"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with average.swapped_into(model):
         swa_utils.update_bn(batches(2, 3, rank, dtype), model)
         bn_inside = {k: v.clone() for k, v in model.module.named_buffers()}
     restored = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     return {"averages": average.state_dict()["averages"], "bn_inside": bn_inside, "restored": restored,
-            "n_averaged": average.n_averaged.item()}
+            "n_averaged": average.n_averaged.item(), "multi_equal": multi_equal}
 
 
 def host_mesh(out: Path, rank: int, world: int, dtype) -> dict:

@@ -167,6 +167,7 @@ def test_ddp_averages_identical_on_every_rank_and_restored(ddp_run):
     first, second = ddp_run
     assert first["n_averaged"] == second["n_averaged"] == worker.STEPS
     assert list(first["averages"]) == [name for name, _ in worker.make_model().named_parameters()]  # DDP unwrapped
+    assert first["multi_equal"] and second["multi_equal"]  # MultiAverage of a DDP model: bitwise separate averages
     for name, average in first["averages"].items():
         assert torch.equal(average, second["averages"][name]), name
     for name, buffer in first["bn_inside"].items():
