@@ -42,6 +42,7 @@ from __future__ import annotations
 import errno
 import io
 import math
+import numbers
 import os
 import pickle
 import re
@@ -147,6 +148,15 @@ def _load_error(path: str, error: Exception) -> CheckpointError:
             f"{path}: not a PyTorch checkpoint (torch.save file): cannot read it "
             f"({_short_reason(error)}; {_file_start(path)}). {ACCEPTED}"
         )
+    blocked = re.search(r"unsupported GLOBAL ([\w.]+) whose module ([\w.]+) is blocked", str(error))
+    if isinstance(error, pickle.UnpicklingError) and blocked:
+        # A module torch blocks outright (os, subprocess, builtins' eval...): the file's pickle would
+        # call it when loaded, i.e. it may contain code. Never suggest a way to load it.
+        return CheckpointError(
+            f"{path}: refused: its pickle references {blocked[1]}, a global that is not allowed (module "
+            f"{blocked[2]} is blocked: calling it could run commands or code). The file may contain code; it was "
+            "not loaded, and nothing in it ran. Do not load it in another way unless you know who made it and why"
+        )
     refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
     if isinstance(error, pickle.UnpicklingError) and refused:
         return CheckpointError(
@@ -231,6 +241,16 @@ def _check_entries(state: Dict[str, Tensor], prefix: Optional[str], source: str)
             )
 
 
+def _check_string_keys(state: Dict[Any, Tensor], prefix: Optional[str], source: str) -> None:
+    """--prefix selects keys by their start: every key must then be a string."""
+    if prefix is None:
+        return
+    for name in state:
+        if not isinstance(name, str):
+            raise CheckpointError(f"{source}: key {name!r} is a {type(name).__name__}, not a string: --prefix selects "
+                                  "string keys; leave --prefix out, or save the state_dict with string keys")
+
+
 def _select(state: Dict[str, Tensor], prefix: Optional[str], strip_prefix: bool, source: str) -> Dict[str, Tensor]:
     if not prefix:
         return state
@@ -243,6 +263,9 @@ def _select(state: Dict[str, Tensor], prefix: Optional[str], strip_prefix: bool,
 def _normalized_weights(weights: Optional[Sequence[float]], count: int) -> Optional[List[float]]:
     if weights is None:
         return None
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, numbers.Real):
+            raise CheckpointError(f"weights must be numbers, got {type(w).__name__} {w!r}")
     weights = [float(w) for w in weights]
     if len(weights) != count:
         raise CheckpointError(f"{len(weights)} weights given for {count} checkpoints")
@@ -354,7 +377,10 @@ def average_checkpoints(
             checkpoint = load(path)
         except Exception as error:  # any unreadable file: truncated, not a checkpoint, unsafe pickle
             raise _load_error(path, error) from error
-        state = extract_state_dict(checkpoint, key, source=path)
+        # Saved nn.Parameters (or tensors that required grad) come back as plain tensors: the average
+        # is data, with no grad_fn and no requires_grad.
+        state = {name: value.detach() for name, value in extract_state_dict(checkpoint, key, source=path).items()}
+        _check_string_keys(state, prefix, path)
         _check_entries(state, prefix, path)
         state = _select(state, prefix, strip_prefix, path)
         del checkpoint  # only `state`'s tensors stay alive, and only until the next file
@@ -471,7 +497,13 @@ def save_atomic(obj: Any, path: PathLike) -> None:
             if existing is not None:
                 # Writing in place keeps the mode; the kernel would clear set-id bits on the write.
                 os.fchmod(file.fileno(), stat.S_IMODE(existing.st_mode) & 0o777)
-            torch.save(obj, file)
+            try:
+                torch.save(obj, file)
+            except RuntimeError as error:
+                hidden = _os_error_behind(error)
+                if hidden is None:
+                    raise
+                raise OSError(hidden.errno, hidden.strerror or str(hidden), str(target)) from None
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, target)
@@ -481,6 +513,18 @@ def save_atomic(obj: Any, path: PathLike) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _os_error_behind(error: BaseException) -> Optional[OSError]:
+    """The OSError (a full disk, a quota, an I/O error) that a torch.save failure hides: torch's zip
+    writer reports it, then fails again closing the archive with a C++ ``enforce fail``, which is
+    what propagates; the OSError is in the exception's context."""
+    seen = error.__context__ or error.__cause__
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__context__ or seen.__cause__
+    return None
 
 
 def add_arguments(parser: Any) -> None:

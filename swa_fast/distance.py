@@ -28,6 +28,7 @@ from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from swa_fast._checks import check_number
 from swa_fast.ops.distance import Distances, combine_shard_norms, distance_norms
 from swa_fast.averaging.sharding import layout_of, local_part, local_tensor, reshard, shard_groups
 
@@ -88,10 +89,10 @@ def weight_distance(
     Args:
         a: a module (its parameters), a name -> tensor mapping, or an iterable
             of tensors. All on one device.
-        b: the same kind of thing, with the same number of tensors and the same
-            shapes in the same order, on ``a``'s device; dtypes may differ
-            (e.g. a bf16 model against an fp32 snapshot). When both are modules
-            their parameter names must match too.
+        b: the same kind of thing, on ``a``'s device, dtypes may differ (e.g. a bf16
+            model against an fp32 snapshot). When both are named (modules or
+            mappings) tensors are paired by name: the same names, in any order;
+            otherwise by position, with the same number of tensors and shapes.
         per_tensor: also return the distance of every tensor.
 
     Returns:
@@ -99,26 +100,40 @@ def weight_distance(
         ``(per_tensor, total)``.
 
     Raises:
-        ValueError: no tensors, or two modules whose parameter names differ.
+        ValueError: no tensors, or two named sets whose names differ.
         RuntimeError: (from the op) a length or shape mismatch naming the
             index, tensors on several devices, a non-floating tensor.
     """
-    names_a, tensors_a = _named_tensors(a, "a")
-    tensors_b = None
-    if b is not None:
-        names_b, tensors_b = _named_tensors(b, "b")
-        if isinstance(a, nn.Module) and isinstance(b, nn.Module) and names_a != names_b:
-            first = next((i for i, (x, y) in enumerate(zip(names_a, names_b)) if x != y), min(len(names_a), len(names_b)))
-            raise ValueError(
-                f"the two modules' parameters differ at index {first}: "
-                f"{_name_at(names_a, first)} vs {_name_at(names_b, first)}"
-            )
+    _, tensors_a, tensors_b = _paired(a, b, "a", "b")
     result = distance_norms(tensors_a, tensors_b)
     return result if per_tensor else result.total
 
 
-def _name_at(names: Sequence[str], index: int) -> str:
-    return repr(names[index]) if index < len(names) else f"(none: only {len(names)} parameters)"
+def _is_named(weights: Weights) -> bool:
+    return isinstance(weights, (nn.Module, Mapping))
+
+
+def _paired(a: Weights, b: Optional[Weights], what_a: str, what_b: str
+            ) -> Tuple[List[str], List[Tensor], Optional[List[Tensor]]]:
+    """``a``'s names and tensors and ``b``'s tensors paired with them: by name when both are named
+    (modules or mappings: the same names in any order, an error listing the difference
+    otherwise), by position when either is a plain sequence."""
+    names_a, tensors_a = _named_tensors(a, what_a)
+    if b is None:
+        return names_a, tensors_a, None
+    names_b, tensors_b = _named_tensors(b, what_b)
+    if not (_is_named(a) and _is_named(b)):
+        return names_a, tensors_a, tensors_b
+    by_name = dict(zip(names_b, tensors_b))
+    missing = [n for n in names_a if n not in by_name]
+    extra = [n for n in names_b if n not in set(names_a)]
+    if missing or extra:
+        raise ValueError(
+            f"{what_a} and {what_b} name different tensors: {what_b} lacks {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''} and has {extra[:5]}{' ...' if len(extra) > 5 else ''} "
+            f"that {what_a} does not (they are paired by name)"
+        )
+    return names_a, tensors_a, [by_name[n] for n in names_a]
 
 
 # ---------------------------------------------------------------------------
@@ -157,10 +172,16 @@ def fit_log(steps: Sequence[float], distances: Sequence[float]) -> LogFit:
     distance at step 0 is 0 by construction anyway).
 
     Raises:
-        ValueError: different lengths, or fewer than two distinct steps > 0.
+        ValueError: different lengths, a non-finite step or distance (named), or fewer than two
+            distinct steps > 0.
     """
     if len(steps) != len(distances):
         raise ValueError(f"fit_log: {len(steps)} steps but {len(distances)} distances")
+    for t, d in zip(steps, distances):
+        check_number("fit_log: a step", t)
+        if not math.isfinite(float(d)):
+            raise ValueError(f"fit_log: the distance at step {t} is {float(d)}: the weights diverged (or were not "
+                             "finite) there; a log fit needs finite distances (fit the steps before it)")
     points = [(math.log(float(t)), float(d)) for t, d in zip(steps, distances) if t > 0]
     if len({x for x, _ in points}) < 2:
         raise ValueError("fit_log needs distances at two or more distinct steps > 0")
@@ -180,6 +201,20 @@ def fit_log(steps: Sequence[float], distances: Sequence[float]) -> LogFit:
 # ---------------------------------------------------------------------------
 # The tracker
 # ---------------------------------------------------------------------------
+
+
+def _columns(names: Sequence[str]) -> List[str]:
+    """The per-parameter column names: each name, with ``param:`` in front until it collides neither
+    with ``step``/``total`` nor with a column before it."""
+    taken = {"step", "total"}
+    columns = []
+    for name in names:
+        column = name
+        while column in taken:
+            column = f"param:{column}"
+        taken.add(column)
+        columns.append(column)
+    return columns
 
 
 class _Record(NamedTuple):
@@ -232,8 +267,8 @@ class WeightDistanceTracker:
     dimension, so every rank must call :meth:`update` and all of them record
     the same distances. :attr:`reference` is then the local shards.
 
-    The per-parameter columns of the rows are the parameter names (a name
-    ``"step"`` or ``"total"`` becomes ``"param:step"``/``"param:total"``).
+    The per-parameter columns of the rows are the parameter names (a name that is
+    ``"step"``, ``"total"`` or already taken gets ``"param:"`` in front until it is unique).
     """
 
     def __init__(
@@ -245,11 +280,10 @@ class WeightDistanceTracker:
         *,
         bucket_bytes: int = 64 << 20,
     ) -> None:
-        names, params = _named_tensors(model, "model")
-        if reference is None:
+        names, params, ref = _paired(model, reference, "model", "reference")
+        if ref is None:
             ref = params
         else:
-            _, ref = _named_tensors(reference, "reference")
             if len(ref) != len(params):
                 raise ValueError(f"reference has {len(ref)} tensors but the model has {len(params)}")
             for i, (name, p, r) in enumerate(zip(names, params, ref)):
@@ -260,9 +294,8 @@ class WeightDistanceTracker:
                     )
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating dtype (or None), got {dtype}")
-        if bucket_bytes <= 0:
-            raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-        self.names: List[str] = [f"param:{n}" if n in ("step", "total") else n for n in names]
+        check_number("bucket_bytes", bucket_bytes, above=0, integer=True, owner="WeightDistanceTracker")
+        self.names: List[str] = _columns(names)
         self._params = params
         # DTensors (FSDP2): the snapshot holds this rank's shards of w_0 only, and each update
         # combines the shards' norms across ranks (one all-reduce per sharding mesh dimension).
@@ -299,12 +332,17 @@ class WeightDistanceTracker:
     def update(self, step: Optional[int] = None) -> Tensor:
         """Measure the distance now and record it under ``step``; returns the 0-dim total.
 
-        ``step`` defaults to the previous step + 1 (1 for the first update).
+        ``step`` defaults to the previous step + 1 (1 for the first update); given, it is an integer
+        >= 0 and greater than the previous one (the records are a curve over training time).
         No host sync: the total and per-parameter distances stay on the device
         until the history is read.
         """
         if step is None:
             step = (self._last.step + 1) if self._last is not None else 1
+        check_number("step", step, minimum=0, integer=True, owner="WeightDistanceTracker.update")
+        if self._last is not None and step <= self._last.step:
+            raise ValueError(f"WeightDistanceTracker.update: step {step} does not come after the last recorded step "
+                             f"{self._last.step}: steps must increase")
         with torch.no_grad():
             result = self._measure()
         record = _Record(int(step), result.total, result.per_tensor)

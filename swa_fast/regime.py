@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from swa_fast._checks import check_number
 from swa_fast.distance import WeightDistanceTracker
 
 __all__ = [
@@ -54,8 +55,7 @@ Number = Union[int, float]
 
 def _check_positive(**values: Number) -> None:
     for name, value in values.items():
-        if not value > 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+        check_number(name, value, above=0)
 
 
 def _plain(x: float) -> Number:
@@ -150,6 +150,7 @@ def adapt_regime(
     if mode not in ("epochs", "updates"):
         raise ValueError(f"mode must be 'epochs' or 'updates', got {mode!r}")
     for m in milestones:
+        check_number("milestone", m)
         if not 0 <= m <= epochs:
             raise ValueError(f"milestone {m} is outside the {epochs} epochs")
     if dataset_size is not None:
@@ -202,6 +203,9 @@ def swa_schedule_lr(step: Number, total_steps: Number, lr: float, swa_lr: Option
     baseline; with SWA, the paper's budget is the epoch SWA starts at.
     """
     _check_positive(total_steps=total_steps)
+    check_number("step", step)
+    if swa_lr is not None:
+        check_number("swa_lr", swa_lr, minimum=0)
     end = 0.01 * lr if swa_lr is None else swa_lr
     # 10 * step vs 5 * T and 9 * T: exact for integer steps, so the ends of
     # the ramp land exactly on lr and swa_lr.
@@ -246,8 +250,8 @@ class SWAScheduleLR(LRScheduler):
             if len(swa_lrs) != groups:
                 raise ValueError(f"swa_lr has {len(swa_lrs)} values but the optimizer has {groups} param groups")
         for value in swa_lrs:
-            if value is not None and value < 0:
-                raise ValueError(f"swa_lr must be >= 0, got {value}")
+            if value is not None:
+                check_number("swa_lr", value, minimum=0)
         self.total_steps = total_steps
         self.swa_lrs = swa_lrs
         super().__init__(optimizer, last_epoch)
@@ -295,10 +299,8 @@ class LinearWarmup(LRScheduler):
         start_factor: float = 0.1,
         last_epoch: int = -1,
     ) -> None:
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if not 0 <= start_factor <= 1:
-            raise ValueError(f"start_factor must be in [0, 1], got {start_factor}")
+        check_number("warmup_steps", warmup_steps, minimum=0)
+        check_number("start_factor", start_factor, minimum=0, maximum=1)
         if after is not None and after.optimizer is not optimizer:
             raise ValueError("after must schedule the same optimizer as the warm-up")
         self.warmup_steps = warmup_steps
@@ -389,11 +391,10 @@ class DistanceMilestoneLR(LRScheduler):
         gamma: float = 0.1,
         last_epoch: int = -1,
     ) -> None:
-        milestones = [float(m) for m in milestones]
+        milestones = [float(check_number("milestones", m, minimum=0)) for m in milestones]
         if any(b < a for a, b in zip(milestones, milestones[1:])):
             raise ValueError(f"milestones must be in increasing order, got {milestones}")
-        if not gamma > 0:
-            raise ValueError(f"gamma must be positive, got {gamma}")
+        check_number("gamma", gamma, above=0)
         self.tracker = tracker
         self.milestones = milestones
         self.gamma = gamma

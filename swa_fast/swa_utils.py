@@ -42,7 +42,7 @@ Beyond torch (all keyword-only, all off by default):
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Optional, Tuple, Union
+from typing import Any, Callable, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -62,6 +62,7 @@ from swa_fast.averaging.sharding import is_dtensor
 from swa_fast.averaging.update_bn import update_bn
 from swa_fast.averaging.step import any_nonfinite
 from swa_fast.averaging.average_set import check_avg_dtype, parse_device
+from swa_fast.averaging.state import check_count
 from swa_fast.averaging.weight_average import WeightAverage
 
 __all__ = [
@@ -147,6 +148,14 @@ class AveragedModel(_torch_swa_utils.AveragedModel):
         self.register_buffer("n_skipped", torch.zeros((), dtype=torch.long, device=home_device), persistent=False)
         self._average = WeightAverage._over_module(self.module, multi_avg_fn, use_buffers, skip_nonfinite,
                                                    self._counts)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """As ``nn.Module.load_state_dict``, after checking ``n_averaged`` (an integer >= 0, a Python int
+        or a 0-dim integer tensor): a negative, fractional or NaN count would load, then make every
+        later update fail (its weight ``1/(n+1)`` outside [0, 1])."""
+        if isinstance(state_dict, Mapping) and "n_averaged" in state_dict:
+            check_count(state_dict["n_averaged"], "n_averaged", "AveragedModel")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _counts(self) -> Tuple[Tensor, Tensor]:
         return self.n_averaged, self.n_skipped

@@ -67,7 +67,8 @@ def test_weight_distance_errors():
         weight_distance(nn.ReLU())
     with pytest.raises(TypeError, match="'1' is a float, not a tensor"):
         weight_distance([torch.zeros(2), 3.0])
-    with pytest.raises(ValueError, match=r"differ at index 0: '0.weight' vs 'weight'"):
+    with pytest.raises(ValueError, match=r"a and b name different tensors: b lacks \['0.weight', '0.bias', "
+                                         r"'2.weight', '2.bias'\] and has \['weight', 'bias'\]"):
         weight_distance(model, nn.Linear(8, 16))
     with pytest.raises(RuntimeError, match="a has 4 tensors but b has 2"):
         weight_distance(model, list(nn.Linear(8, 16).parameters()))

@@ -6,11 +6,15 @@ or pure-torch reference) or raise a clear error (a RuntimeError, ValueError or
 TypeError that names the op, never an internal assert) having modified
 nothing. The examples are derandomized: CI runs the same cases every time.
 ``CASES`` below is how many each test draws (the averaging ops' test, which
-draws three ops, twice as many).
+draws three ops, and the numeric-arguments test, which draws over every entry
+point, twice as many). Beside the ops: every numeric argument of the public API
+(negative, zero, fractional, huge, non-finite, bool) and named weights in any
+order.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import List
@@ -23,8 +27,8 @@ from torch import nn
 from torch.optim import swa_utils as torch_swa
 
 import swa_fast
-from swa_fast import swa_utils
-from swa_fast.distance import distance_norms
+from swa_fast import checkpoint_average, regime, swa_utils
+from swa_fast.distance import WeightDistanceTracker, distance_norms, fit_log, weight_distance
 from swa_fast.nn.functional import ghost_batch_norm
 
 from reference import ghost_chunk_loop
@@ -379,6 +383,139 @@ def test_averaged_model_matches_torch(shapes, dtypes, buffer_dtypes, use_buffers
             assert torch.equal(mine[key].cpu(), value.cpu()), key
 
 
+# ---------------------------------------------------------------------------
+# Numbers every public entry point takes: negative, zero, fractional, huge, non-finite, bool
+# ---------------------------------------------------------------------------
+
+
+def _real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _optimizer():
+    return torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1)
+
+
+def _tracker_update(step):
+    WeightDistanceTracker(nn.Linear(2, 2)).update(step)
+
+
+def _load_count(value, shell: bool):
+    model = nn.Linear(2, 2)
+    if shell:
+        averaged = swa_utils.AveragedModel(model)
+        averaged.load_state_dict({**averaged.state_dict(), "n_averaged": value})
+    else:
+        average = swa_fast.WeightAverage(model)
+        average.load_state_dict({**average.state_dict(), "n_averaged": value})
+
+
+# (entry point called with the drawn value, the name its error must give, whether the value is valid)
+NUMBER_ARGUMENTS = {
+    "sqrt_lr_scaling lr": (lambda v: regime.sqrt_lr_scaling(v, 256, 128), "lr", lambda v: _real(v) and v > 0),
+    "sqrt_lr_scaling batch_size": (lambda v: regime.sqrt_lr_scaling(0.1, v, 128), "batch_size",
+                                   lambda v: _real(v) and v > 0),
+    "adapt_regime epochs": (lambda v: regime.adapt_regime(v, [], 64, 32), "epochs", lambda v: _real(v) and v > 0),
+    "adapt_regime milestone": (lambda v: regime.adapt_regime(10, [v], 64, 32), "milestone",
+                               lambda v: _real(v) and 0 <= v <= 10),
+    "adapt_regime dataset_size": (lambda v: regime.adapt_regime(10, [], 64, 32, dataset_size=v), "dataset_size",
+                                  lambda v: _real(v) and v > 0),
+    "swa_schedule_lr step": (lambda v: regime.swa_schedule_lr(v, 10, 0.1), "step", _real),
+    "SWAScheduleLR total_steps": (lambda v: regime.SWAScheduleLR(_optimizer(), v), "total_steps",
+                                  lambda v: _real(v) and v > 0),
+    "SWAScheduleLR swa_lr": (lambda v: regime.SWAScheduleLR(_optimizer(), 10, swa_lr=v), "swa_lr",
+                             lambda v: _real(v) and v >= 0),
+    "LinearWarmup warmup_steps": (lambda v: regime.LinearWarmup(_optimizer(), v), "warmup_steps",
+                                  lambda v: _real(v) and v >= 0),
+    "LinearWarmup start_factor": (lambda v: regime.LinearWarmup(_optimizer(), 2, start_factor=v), "start_factor",
+                                  lambda v: _real(v) and 0 <= v <= 1),
+    "DistanceMilestoneLR gamma": (lambda v: regime.DistanceMilestoneLR(
+        _optimizer(), WeightDistanceTracker(nn.Linear(2, 2)), [1.0], gamma=v), "gamma", lambda v: _real(v) and v > 0),
+    "DistanceMilestoneLR milestone": (lambda v: regime.DistanceMilestoneLR(
+        _optimizer(), WeightDistanceTracker(nn.Linear(2, 2)), [v]), "milestones", lambda v: _real(v) and v >= 0),
+    "WeightDistanceTracker.update step": (_tracker_update, "step", lambda v: _integer(v) and v >= 0),
+    "WeightDistanceTracker bucket_bytes": (lambda v: WeightDistanceTracker(nn.Linear(2, 2), bucket_bytes=v),
+                                           "bucket_bytes", lambda v: _integer(v) and v > 0),
+    "fit_log distance": (lambda v: fit_log([1, 2, 3], [1.0, v, 2.0]), "distance", _real),
+    "get_ema_multi_avg_fn decay": (lambda v: swa_utils.get_ema_multi_avg_fn(v), "decay",
+                                   lambda v: _real(v) and 0 <= v <= 1),
+    "get_ema_multi_avg_fn warmup_gamma": (lambda v: swa_utils.get_ema_multi_avg_fn(0.9, warmup_gamma=v),
+                                          "warmup_gamma", lambda v: _real(v) and v > 0),
+    "get_ema_multi_avg_fn warmup_power": (lambda v: swa_utils.get_ema_multi_avg_fn(0.9, warmup_power=v),
+                                          "warmup_power", lambda v: _real(v) and v > 0),
+    "WeightAverage.update step": (lambda v: swa_fast.WeightAverage(nn.Linear(2, 2)).update(nn.Linear(2, 2), v),
+                                  "step", lambda v: _integer(v) and v >= 0),
+    "WeightAverage.load_state_dict n_averaged": (lambda v: _load_count(v, False), "n_averaged",
+                                                 lambda v: _integer(v) and v >= 0),
+    "AveragedModel.load_state_dict n_averaged": (lambda v: _load_count(v, True), "n_averaged",
+                                                 lambda v: _integer(v) and v >= 0),
+    "average_checkpoints weights": (lambda v: checkpoint_average._normalized_weights([v, 1.0], 2), "weights",
+                                    lambda v: _real(v) and v >= 0),
+    "average_ weight": (lambda v: swa_fast.average_([torch.zeros(3)], [torch.ones(3)], v), "weight",
+                        lambda v: _real(v) and 0 <= v <= 1),
+    "multi_average_ weights": (lambda v: swa_fast.multi_average_([[torch.zeros(3)]], [torch.ones(3)], [v]),
+                               "weight", lambda v: _real(v) and 0 <= v <= 1),
+}
+NUMBERS = st.one_of(
+    st.integers(-3, 3),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0, 1, -0.0, 0.5, 2.5, -2.5, 1e308, -1e-300, True, False, float("nan"), float("inf")]),
+)
+
+
+@settings(SETTINGS, max_examples=2 * CASES)
+@given(entry=st.sampled_from(sorted(NUMBER_ARGUMENTS)), value=NUMBERS)
+def test_every_numeric_argument_takes_its_range_or_names_itself(entry, value):
+    """Negative, zero, fractional, huge and non-finite numbers (and bools) for every numeric argument
+    of the public API: a value in range works; any other raises a clear error naming the argument."""
+    call, name, valid = NUMBER_ARGUMENTS[entry]
+    if valid(value):
+        event("in range")
+        try:
+            call(value)
+        except CLEAR_ERRORS as error:
+            # In range by itself but refused in combination (e.g. weights summing to 0): still named.
+            assert name in str(error) or "weights" in str(error), (entry, value, error)
+            event("refused in combination")
+        return
+    event("out of range")
+    try:
+        call(value)
+    except CLEAR_ERRORS as error:
+        assert name in str(error), (entry, value, str(error))
+    else:
+        raise AssertionError(f"{entry} took {value!r}")
+
+
+@SETTINGS
+@given(names=st.lists(st.sampled_from("abcdefgh"), min_size=1, max_size=6, unique=True), order=st.randoms(),
+       moved=st.booleans())
+def test_named_weights_pair_by_name_in_any_order(names, order, moved):
+    """Reordered mappings (a state dict saved in another order) pair by name: the distance to a
+    reordered copy of itself is 0 and to a moved copy is the same in any order; loading a reordered
+    state dict into an average gives the same averages."""
+    tensors = {n: torch.randn(i + 1, generator=torch.Generator().manual_seed(i)) for i, n in enumerate(names)}
+    shuffled = list(names)
+    order.shuffle(shuffled)
+    other = {n: tensors[n] + (1.0 if moved else 0.0) for n in shuffled}
+    expected = weight_distance(tensors, {n: other[n] for n in names}).item()
+    assert weight_distance(tensors, other).item() == expected
+    assert expected == 0.0 or moved
+    model = nn.ParameterDict({n: nn.Parameter(t.clone()) for n, t in tensors.items()})
+    average = swa_fast.WeightAverage(model)
+    state = average.state_dict()
+    reordered = {"averages": {k: state["averages"][k] + 1 for k in reversed(list(state["averages"]))},
+                 "n_averaged": 3}
+    fresh = swa_fast.WeightAverage(model)
+    fresh.load_state_dict(reordered)
+    for key, value in fresh.state_dict()["averages"].items():
+        assert torch.equal(value, state["averages"][key] + 1), key
+
+
 def test_the_suite_draws_many_cases():
-    # Five property tests x CASES examples each, the averaging ops' twice: the count the docs report.
-    assert CASES * 6 >= 900
+    # Six property tests x CASES examples each, the averaging ops' and the numbers' twice.
+    assert CASES * 9 >= 1350

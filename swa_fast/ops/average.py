@@ -10,6 +10,7 @@ kernels run the same C++ checks on metadata (``_C.validate_average_args``,
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -67,6 +68,8 @@ def weight_tensor(weight: Weight, device: torch.device) -> Tensor:
 
 
 def _checked_weight(weight: float, name: str) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):  # True would be weight 1, a copy
+        raise TypeError(f"{name} must be a number in [0, 1] (or a tensor), got {type(weight).__name__} {weight!r}")
     value = float(weight)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {weight}")
