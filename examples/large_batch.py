@@ -38,8 +38,8 @@ from torch.optim.lr_scheduler import LRScheduler, MultiStepLR  # noqa: E402
 from swa_fast.regime import LinearWarmup, adapt_regime, sqrt_lr_scaling  # noqa: E402
 
 from recipe_lib.recipe import (  # noqa: E402
-    Arm, ArmResult, ImageDataset, MeasuredSpread, RecipeSpec, check_epochs, parse_recipe_args, recipe_main,
-    recipe_parser,
+    COUNT, INTEGER, MOMENTUM, NON_NEGATIVE, RATE, Arm, ArmResult, ImageDataset, MeasuredSpread, RecipeSpec,
+    check_epochs, check_warmup, check_within_epochs, parse_recipe_args, recipe_main, recipe_parser,
 )
 
 
@@ -68,17 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     """The recipe's command line (every preset-controlled option defaults to None until :func:`apply_preset`)."""
     p, h = recipe_parser(__doc__, PRESETS, "large_batch")
     t = p.add_argument_group("regime (SGD, momentum 0.9, lr x0.1 at each milestone)")
-    t.add_argument("--epochs", type=int, default=None, help=h("epochs", "E: epochs of the small-batch regime"))
-    t.add_argument("--milestones", type=int, nargs="*", default=None, help=h("milestones", "lr decay epochs"))
-    t.add_argument("--small-batch", type=int, default=None, help=h("small_batch", "B_S (per process)"))
-    t.add_argument("--large-batch", type=int, default=None, help=h("large_batch", "B_L (per process)"))
-    t.add_argument("--lr", type=float, default=None, help=h("lr", "learning rate at B_S"))
-    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    t.add_argument("--weight-decay", type=float, default=None, help=h("weight_decay", "weight decay"))
-    t.add_argument("--ghost-batch-size", type=int, default=None, help="ghost batch size (default: B_S)")
-    t.add_argument("--warmup-epochs", type=float, default=0.0,
-                   help="linear lr warm-up of the large-batch arms, in epochs")
-    t.add_argument("--clip-grad-norm", type=float, default=None,
+    t.add_argument("--epochs", type=INTEGER, default=None,
+                   help=h("epochs", "E: epochs of the small-batch regime"))
+    t.add_argument("--milestones", type=COUNT, nargs="*", default=None,
+                   help=h("milestones", "lr decay epochs, increasing, each before the last epoch"))
+    t.add_argument("--small-batch", type=COUNT, default=None, help=h("small_batch", "B_S (per process)"))
+    t.add_argument("--large-batch", type=COUNT, default=None, help=h("large_batch", "B_L (per process)"))
+    t.add_argument("--lr", type=RATE, default=None, help=h("lr", "learning rate at B_S"))
+    t.add_argument("--momentum", type=MOMENTUM, default=0.9, help="SGD momentum")
+    t.add_argument("--weight-decay", type=NON_NEGATIVE, default=None, help=h("weight_decay", "weight decay"))
+    t.add_argument("--ghost-batch-size", type=COUNT, default=None,
+                   help="ghost batch size, at most B_L (default: B_S)")
+    t.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=0.0,
+                   help="linear lr warm-up of the large-batch arms, in epochs (at most --epochs)")
+    t.add_argument("--clip-grad-norm", type=RATE, default=None,
                    help="clip the large-batch arms' gradient norm to this value")
     t.add_argument("--arms", nargs="+", choices=ARM_ORDER, default=list(ARM_ORDER), help="which rows to train")
     return p
@@ -102,10 +105,18 @@ def _step_schedule(epochs: float, milestones: list[float], warmup_epochs: float)
 
 def make_arms(args: argparse.Namespace, train: ImageDataset) -> list[Arm]:
     check_epochs(args.epochs, 1, "every arm trains at least one epoch")
+    for milestone in args.milestones:
+        check_within_epochs("--milestones", milestone, args.epochs, "an lr decay after the last epoch changes nothing")
+    if sorted(set(args.milestones)) != args.milestones:
+        raise SystemExit(f"--milestones {' '.join(map(str, args.milestones))} must increase")
+    check_warmup("--warmup-epochs", args.warmup_epochs, args.epochs)
     b_s, b_l = args.small_batch, args.large_batch
     if b_l <= b_s:
         raise SystemExit(f"--large-batch ({b_l}) must be larger than --small-batch ({b_s})")
     ghost = args.ghost_batch_size or b_s
+    if ghost > b_l:
+        raise SystemExit(f"--ghost-batch-size {ghost} must not exceed --large-batch ({b_l}): a ghost batch is a "
+                         "part of the batch")
     scaled_lr = sqrt_lr_scaling(args.lr, b_l, b_s)
     adapted = adapt_regime(args.epochs, args.milestones, b_l, b_s)
     ra_epochs = int(round(adapted.epochs))

@@ -40,8 +40,8 @@ import torch  # noqa: E402
 from swa_fast.regime import SWAScheduleLR  # noqa: E402
 
 from recipe_lib.recipe import (  # noqa: E402
-    Arm, FGESettings, ImageDataset, MeasuredSpread, RecipeSpec, SWASettings, check_epochs, check_swa_start,
-    parse_recipe_args, recipe_main, recipe_parser,
+    COUNT, INTEGER, MOMENTUM, NON_NEGATIVE, RATE, Arm, FGESettings, ImageDataset, MeasuredSpread, Number, RecipeSpec,
+    SWASettings, check_epochs, check_swa_start, parse_recipe_args, recipe_main, recipe_parser,
 )
 
 
@@ -65,6 +65,8 @@ SWA_BUDGETS = (1.0, 1.25, 1.5)
 MEASURED_SPREAD = {"quick": MeasuredSpread({"SGD": 0.40, "SWA 1 budget": 0.44, "SWA 1.25 budgets": 0.35,
                                             "SWA 1.5 budgets": 0.36, "FGE 1.5 budgets": 0.40})}
 EPOCHS_OPTION = "--epochs (the budget B)"
+# 0: the average is evaluated only at the budgets (SWASettings.eval_every 0: only at report points).
+EVAL_EVERY = Number(int, 0, zero="only at the budgets")
 
 
 class FGECyclicLR(SWAScheduleLR):
@@ -104,21 +106,22 @@ def build_parser() -> argparse.ArgumentParser:
     p, h = recipe_parser(__doc__, PRESETS, "swa_paper")
     t = p.add_argument_group("training (SGD, momentum 0.9)")
     # One vocabulary across the recipes: --epochs; --budget (the paper's word) stays as an alias.
-    t.add_argument("--epochs", "--budget", dest="epochs", type=int, default=None,
+    t.add_argument("--epochs", "--budget", dest="epochs", type=INTEGER, default=None,
                    help=h("epochs", "the budget B: epochs of the SGD run; SWA is reported at B, 1.25 B and 1.5 B "
                                     "(--budget is an alias)"))
-    t.add_argument("--batch-size", type=int, default=None, help=h("batch_size", "per-process batch size"))
-    t.add_argument("--lr", type=float, default=None, help=h("lr", "initial learning rate"))
-    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    t.add_argument("--weight-decay", type=float, default=None, help=h("weight_decay", "weight decay"))
+    t.add_argument("--batch-size", type=COUNT, default=None, help=h("batch_size", "per-process batch size"))
+    t.add_argument("--lr", type=RATE, default=None, help=h("lr", "initial learning rate"))
+    t.add_argument("--momentum", type=MOMENTUM, default=0.9, help="SGD momentum")
+    t.add_argument("--weight-decay", type=NON_NEGATIVE, default=None, help=h("weight_decay", "weight decay"))
     s = p.add_argument_group("SWA and FGE")
-    s.add_argument("--swa-start", type=int, default=None,
+    s.add_argument("--swa-start", type=INTEGER, default=None,
                    help=h("swa_start", "epochs before averaging (the SWA schedule's own budget)"))
-    s.add_argument("--swa-lr", type=float, default=None, help=h("swa_lr", "the constant lr of the averaging phase"))
-    s.add_argument("--swa-eval-every", type=int, default=1,
-                   help="evaluate the average (update_bn + test) every this many epochs (budgets always)")
+    s.add_argument("--swa-lr", type=RATE, default=None, help=h("swa_lr", "the constant lr of the averaging phase"))
+    s.add_argument("--swa-eval-every", type=EVAL_EVERY, default=1,
+                   help=f"evaluate the average (update_bn + test) every this many epochs (budgets always; "
+                        f"{EVAL_EVERY.zero_note})")
     s.add_argument("--fge", action="store_true", help="add the FGE-style snapshot ensemble at the 1.5 budget")
-    s.add_argument("--fge-cycle", type=int, default=2, help="epochs per FGE cycle (one snapshot each)")
+    s.add_argument("--fge-cycle", type=COUNT, default=2, help="epochs per FGE cycle (one snapshot each)")
     return p
 
 

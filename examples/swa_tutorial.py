@@ -37,8 +37,8 @@ from swa_fast.regime import LinearWarmup  # noqa: E402
 from swa_fast.swa_utils import SWALR  # noqa: E402
 
 from recipe_lib.recipe import (  # noqa: E402
-    Arm, ImageDataset, MeasuredSpread, RecipeSpec, SWASettings, check_epochs, check_swa_start, parse_recipe_args,
-    recipe_main, recipe_parser,
+    COUNT, INTEGER, NON_NEGATIVE, NON_NEGATIVE_INT, RATE, Arm, ImageDataset, MeasuredSpread, RecipeSpec, SWASettings,
+    check_distinct, check_epochs, check_swa_start, check_warmup, parse_recipe_args, recipe_main, recipe_parser,
 )
 
 
@@ -68,26 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
     """The recipe's command line (every preset-controlled option defaults to None until :func:`apply_preset`)."""
     p, h = recipe_parser(__doc__, PRESETS, "swa_tutorial")
     t = p.add_argument_group("training (Adam, cosine with linear warm-up)")
-    t.add_argument("--epochs", type=int, default=None, help=h("epochs", "epochs of every arm"))
-    t.add_argument("--batch-size", type=int, default=None, help=h("batch_size", "per-process batch size"))
-    t.add_argument("--lr", type=float, default=None, help=h("lr", "Adam learning rate"))
-    t.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay (L2 added to the gradient)")
-    t.add_argument("--warmup-epochs", type=int, default=None, help=h("warmup_epochs", "linear warm-up epochs"))
+    t.add_argument("--epochs", type=INTEGER, default=None, help=h("epochs", "epochs of every arm"))
+    t.add_argument("--batch-size", type=COUNT, default=None, help=h("batch_size", "per-process batch size"))
+    t.add_argument("--lr", type=RATE, default=None, help=h("lr", "Adam learning rate"))
+    t.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0,
+                   help="Adam weight decay (L2 added to the gradient)")
+    t.add_argument("--warmup-epochs", type=NON_NEGATIVE_INT, default=None,
+                   help=h("warmup_epochs", "linear warm-up epochs (at most --epochs)"))
     s = p.add_argument_group("SWA")
-    s.add_argument("--swa-start", type=int, default=None,
+    s.add_argument("--swa-start", type=INTEGER, default=None,
                    help=h("swa_start", "epochs before averaging starts (average after every later epoch)"))
-    s.add_argument("--swa-lr", type=float, default=None, help=h("swa_lr", "SWALR's learning rate"))
-    s.add_argument("--swa-anneal-epochs", type=int, default=None,
+    s.add_argument("--swa-lr", type=RATE, default=None, help=h("swa_lr", "SWALR's learning rate"))
+    s.add_argument("--swa-anneal-epochs", type=NON_NEGATIVE_INT, default=None,
                    help=h("swa_anneal_epochs", "SWALR's cosine anneal from the current lr to swa_lr"))
     s.add_argument("--sweep", action="store_true",
                    help="an SWA arm for every --sweep-lrs x --sweep-starts (the tutorial's table)")
-    s.add_argument("--sweep-lrs", type=float, nargs="+", default=None,
+    s.add_argument("--sweep-lrs", type=RATE, nargs="+", default=None,
                    help="swa_lr values of the sweep (default: 500x, 5x, 1x, 0.5x and 0.1x --lr: the tutorial's "
                         "0.05, 5e-4, 1e-4, 5e-5, 1e-5 around its lr 1e-4)")
-    s.add_argument("--sweep-starts", type=int, nargs="+", default=None,
+    s.add_argument("--sweep-starts", type=COUNT, nargs="+", default=None,
                    help="swa_start values of the sweep (default: --swa-start, 1/8 and 1/4 of the epochs earlier: "
                         "the tutorial's 90, 75, 60 of 120)")
-    s.add_argument("--baseline-only", action="store_true", help="train the baseline arm only")
+    s.add_argument("--baseline-only", action="store_true", help="train the baseline arm only (not with --sweep)")
     return p
 
 
@@ -96,11 +98,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def validate(args: argparse.Namespace) -> None:
-    """The epochs first (every other check depends on them), then each SWA arm's start."""
-    if args.baseline_only and not args.sweep:
+    """The options that go together, the epochs (every other check depends on them), the warm-up, then each
+    SWA arm's start and the sweep's values."""
+    if args.sweep and args.baseline_only:
+        raise SystemExit("--baseline-only does not go with --sweep")
+    if not args.sweep and (args.sweep_lrs or args.sweep_starts):
+        raise SystemExit("--sweep-lrs and --sweep-starts go with --sweep")
+    if args.baseline_only:
         check_epochs(args.epochs, 1, "train at least one epoch")
-        return
-    check_epochs(args.epochs, 2, "SWA needs at least one epoch before --swa-start and one to average after it")
+    else:
+        check_epochs(args.epochs, 2, "SWA needs at least one epoch before --swa-start and one to average after it")
+    check_warmup("--warmup-epochs", args.warmup_epochs, args.epochs)
+    if args.sweep:
+        for start in args.sweep_starts or []:
+            check_swa_start(start, args.epochs, name="--sweep-starts")
+        check_distinct("--sweep-starts", args.sweep_starts or [])
+        check_distinct("--sweep-lrs", args.sweep_lrs or [], shown=lambda lr: f"{lr:g}")  # as the row labels
     for start, _ in sweep_grid(args):
         check_swa_start(start, args.epochs)
 

@@ -1,4 +1,5 @@
-"""The recipes' command line, presets, option checks, verdict and averaging table, without training
+"""The recipes' command line, presets, option checks (every numeric option against negative, zero, non-finite
+and out-of-range values; --out), verdict and averaging table, without training
 (fast), and examples/swap_the_import.py on a few steps."""
 
 from __future__ import annotations
@@ -240,3 +241,191 @@ def test_swap_the_import_learns_and_the_averages_agree(capsys):
     assert got["accuracy"]["model"] > 0.5  # ten classes: chance is 0.1
     assert re.search(r"step +40: loss", printed) and "max |torch - swa_fast|" in printed
     assert "ms (torch) vs" in printed
+
+
+# ------------------------------------------------------------------------------------ hostile inputs (issue 19)
+# Every bad option is refused by the option checks: a SystemExit whose message names the option and the bad
+# value, before any data loads or a process group starts, with no output folder created.
+
+class WorkStarted(Exception):
+    """Raised by the stand-ins of load_dataset and init_distributed: the option checks were passed."""
+
+
+@pytest.fixture
+def started(monkeypatch) -> list[str]:
+    """What began after the option checks (a data load, a process group): nothing, for a bad option."""
+    began: list[str] = []
+
+    def begin(what: str):
+        def stand_in(*args, **kwargs):
+            began.append(what)
+            raise WorkStarted(what)
+        return stand_in
+
+    monkeypatch.setattr("recipe_lib.cli.load_dataset", begin("load_dataset"))
+    monkeypatch.setattr("recipe_lib.cli.init_distributed", begin("init_distributed"))
+    return began
+
+
+def refusal(name: str, argv: list[str], tmp_path: Path, started: list[str], out: Path | None = None) -> str:
+    """The message ``name``'s refusal of ``argv`` gives; checks that nothing started and nothing was written."""
+    out = out or tmp_path / "out"
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as raised:
+        RECIPES[name].main([*argv, "--out", str(out), "--data-dir", str(tmp_path / "data")])
+    assert started == [], f"{argv}: {started} began before the refusal"
+    assert sorted(tmp_path.rglob("*")) == before, f"{argv}: files were written"
+    assert out.parts[:2] == ("/", "proc") or out.exists() == (out in before)
+    assert not (tmp_path / "data").exists()
+    return str(raised.value)
+
+
+def accepted(name: str, argv: list[str], tmp_path: Path, started: list[str]) -> None:
+    """``argv`` passes the option checks (the run gets as far as starting its work)."""
+    with pytest.raises(WorkStarted):
+        RECIPES[name].main([*argv, "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data")])
+    assert started
+
+
+def numeric_options(name: str) -> list[tuple[str, str, type]]:
+    """(option, dest, int or float) of every option of recipe ``name`` whose value is a number."""
+    found = []
+    for action in RECIPES[name].build_parser()._actions:
+        if not action.option_strings or action.type is None:
+            continue
+        kinds = set()
+        for probe in ("1", "0.5", "0"):  # the first value in range tells the kind
+            try:
+                kinds.add(type(action.type(probe)))
+                break
+            except (argparse.ArgumentTypeError, ValueError):
+                continue
+        if kinds and (kind := kinds.pop()) in (int, float):
+            found.append((action.option_strings[0], action.dest, kind))
+    return found
+
+
+# The numeric options for which 0 is a valid value (what 0 means is in each option's help), and values above
+# each option's range. Every other option refuses 0; every option refuses negative and non-finite values.
+ZERO_IS_VALID = {"train_subset": "0 = all", "test_subset": "0 = all", "weight_decay": None, "momentum": None,
+                 "warmup_epochs": None, "swa_anneal_epochs": None, "swa_eval_every": "0 = only at the budgets",
+                 "seeds": None}
+ABOVE_RANGE = {"momentum": ["1", "1.5"], "seeds": [str(2**32)]}
+
+
+def hostile_values() -> list:
+    cases = []
+    for name in RECIPES:
+        for option, dest, kind in numeric_options(name):
+            values = ["-1"] + ([] if dest in ZERO_IS_VALID else ["0"]) + ABOVE_RANGE.get(dest, [])
+            if kind is float:
+                values += ["nan", "inf", "-inf", "-0.5"]
+            cases += [pytest.param(name, option, value, id=f"{name}{option}={value}") for value in values]
+    return cases
+
+
+def test_the_walk_finds_every_numeric_option():
+    """The parametrized walk below sees the options the recipes document (a renamed option would hide)."""
+    found = {name: {option for option, _, _ in numeric_options(name)} for name in RECIPES}
+    shared = {"--image-size", "--train-subset", "--test-subset", "--seeds", "--threads", "--eval-batch-size",
+              "--stop-after"}
+    assert found["swa_tutorial"] == shared | {"--epochs", "--batch-size", "--lr", "--weight-decay",
+                                              "--warmup-epochs", "--swa-start", "--swa-lr", "--swa-anneal-epochs",
+                                              "--sweep-lrs", "--sweep-starts"}
+    assert found["swa_paper"] == shared | {"--epochs", "--batch-size", "--lr", "--momentum", "--weight-decay",
+                                           "--swa-start", "--swa-lr", "--swa-eval-every", "--fge-cycle"}
+    assert found["large_batch"] == shared | {"--epochs", "--milestones", "--small-batch", "--large-batch", "--lr",
+                                             "--momentum", "--weight-decay", "--ghost-batch-size",
+                                             "--warmup-epochs", "--clip-grad-norm"}
+
+
+@pytest.mark.parametrize("name, option, value", hostile_values())
+def test_every_numeric_option_refuses_negative_zero_non_finite_and_out_of_range(name, option, value, tmp_path,
+                                                                                 started):
+    message = refusal(name, [f"{option}={value}"], tmp_path, started)
+    assert option in message, message
+    assert value in message, message
+
+
+@pytest.mark.parametrize("name, dest", [(name, dest) for name in RECIPES for _, dest, _ in numeric_options(name)
+                                        if dest in ZERO_IS_VALID])
+def test_zero_is_accepted_where_it_means_something_and_help_says_what(name, dest, tmp_path, started):
+    option = "--" + dest.replace("_", "-")
+    accepted(name, [f"{option}=0"], tmp_path, started)
+    if ZERO_IS_VALID[dest]:
+        action = next(a for a in RECIPES[name].build_parser()._actions if a.dest == dest)
+        assert ZERO_IS_VALID[dest] in action.help
+
+
+@pytest.mark.parametrize("name, argv, message", [
+    # The cases of issue 19, with the exact message each now gives.
+    ("swa_tutorial", ["--swa-anneal-epochs", "-1"],
+     "argument --swa-anneal-epochs: must be an integer >= 0, got -1"),
+    ("swa_tutorial", ["--eval-batch-size", "0"], "argument --eval-batch-size: must be an integer >= 1, got 0"),
+    ("swa_tutorial", ["--eval-batch-size", "-3"], "argument --eval-batch-size: must be an integer >= 1, got -3"),
+    ("swa_paper", ["--fge", "--fge-cycle", "0"], "argument --fge-cycle: must be an integer >= 1, got 0"),
+    ("swa_tutorial", ["--swa-lr", "-1"], "argument --swa-lr: must be a finite number > 0, got -1"),
+    ("swa_tutorial", ["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+    ("swa_paper", ["--swa-eval-every", "-1"],
+     "argument --swa-eval-every: must be an integer >= 0 (0 = only at the budgets), got -1"),
+    ("swa_tutorial", ["--image-size", "-3"], "argument --image-size: must be an integer >= 1, got -3"),
+    ("swa_tutorial", ["--preset", "smoke", "--train-subset", "-5"],
+     "argument --train-subset: must be an integer >= 0 (0 = all), got -5"),
+    ("swa_tutorial", ["--test-subset", "-5"], "argument --test-subset: must be an integer >= 0 (0 = all), got -5"),
+    ("swa_paper", ["--momentum", "1"], "argument --momentum: must be a number >= 0 and < 1, got 1"),
+    ("swa_paper", ["--weight-decay", "inf"], "argument --weight-decay: must be a finite number >= 0, got inf"),
+    ("large_batch", ["--clip-grad-norm", "0"], "argument --clip-grad-norm: must be a finite number > 0, got 0"),
+    ("swa_tutorial", ["--seeds", "0", "-1"], "argument --seeds: must be an integer from 0 to 4294967295, got -1"),
+    # Out of range by another option's value.
+    ("swa_tutorial", ["--seeds", "0", "1", "0"], "--seeds: 0 is given twice"),
+    ("large_batch", ["--milestones", "3", "5"],
+     "--milestones 5 must be between 1 and --epochs - 1 = 4 (an lr decay after the last epoch changes nothing)"),
+    ("large_batch", ["--milestones", "4", "3"], "--milestones 4 3 must increase"),
+    ("large_batch", ["--warmup-epochs", "5.5"],
+     "--warmup-epochs 5.5 must not exceed --epochs (5): the warm-up is a part of the run"),
+    ("swa_tutorial", ["--warmup-epochs", "13"], "--warmup-epochs 13 must not exceed --epochs (12)"),
+    ("large_batch", ["--ghost-batch-size", "2048"],
+     "--ghost-batch-size 2048 must not exceed --large-batch (1024): a ghost batch is a part of the batch"),
+    ("swa_tutorial", ["--sweep", "--sweep-starts", "2", "-1"], "argument --sweep-starts: must be an integer >= 1"),
+    ("swa_tutorial", ["--sweep", "--sweep-starts", "12"], "--sweep-starts 12 must be between 1 and --epochs - 1"),
+    ("swa_tutorial", ["--sweep", "--sweep-starts", "2", "2"], "--sweep-starts: 2 is given twice"),
+    ("swa_tutorial", ["--sweep", "--sweep-lrs", "0.05", "5e-2"], "--sweep-lrs: 0.05 is given twice"),
+    ("swa_tutorial", ["--sweep-lrs", "0.05"], "--sweep-lrs and --sweep-starts go with --sweep"),
+    ("swa_tutorial", ["--sweep", "--baseline-only"], "--baseline-only does not go with --sweep"),
+    ("swa_tutorial", ["--resume", "--restart"], "argument --restart: not allowed with argument --resume"),
+])
+def test_hostile_inputs_are_refused_naming_the_option(name, argv, message, tmp_path, started):
+    assert message in refusal(name, argv, tmp_path, started)
+
+
+@pytest.mark.parametrize("out", ["/proc/x", "/proc/x/y", "file", "file/below"])
+def test_an_output_folder_that_cannot_be_written_is_refused_at_once(out, tmp_path, started):
+    (tmp_path / "file").write_text("not a folder")
+    target = out if out.startswith("/") else str(tmp_path / out)
+    message = refusal("swa_tutorial", ["--preset", "smoke"], tmp_path, started, out=Path(target))
+    assert message.startswith(f"--out {target}: ") and "cannot be" in message, message
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+@pytest.mark.parametrize("preset", ["smoke", "quick", "paper"])
+def test_every_preset_passes_the_option_checks(name, preset, tmp_path, started):
+    accepted(name, ["--preset", preset], tmp_path, started)
+
+
+def test_report_files_are_written_whole_or_not_at_all(tmp_path):
+    from recipe_lib.outputs import write_atomic
+
+    path = tmp_path / "results.md"
+    write_atomic(path, "the first run's report")
+    with pytest.raises(TypeError):
+        write_atomic(path, 42)  # fails mid-write
+    assert path.read_text() == "the first run's report" and list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("device, message", [("foo", "must be auto, cpu, cuda or cuda:N, got foo"),
+                                             ("mps", "must be auto, cpu, cuda or cuda:N, got mps"),
+                                             ("cpu:3", "must be auto, cpu, cuda or cuda:N, got cpu:3")])
+def test_a_bad_device_is_refused_naming_the_option(device, message):
+    with pytest.raises(SystemExit, match=f"argument --device: {message}"):
+        RECIPES["swa_tutorial"].parse_args(["--device", device])

@@ -203,6 +203,93 @@ def test_resume_refuses_another_world_size(fashion, tmp_path):
         paper.main(argv + ["--resume"])
 
 
+# ------------------------------------------------------------------------------------ reruns (issue 19)
+
+REPORT = ("results.md", "results.json", "metrics.csv", "accuracy.png")
+
+
+def checkpoint_files(out: Path) -> list[str]:
+    return sorted(str(p.relative_to(out / "checkpoints")) for p in (out / "checkpoints").rglob("*.pt"))
+
+
+def test_resume_refuses_options_that_contradict_the_checkpoints(fashion, tmp_path, monkeypatch):
+    """--resume into a finished run with another --lr and --epochs: refused before the data loads, naming
+    both with their values; options that do not change the results may differ; --restart starts over."""
+    out = tmp_path / "run"
+    argv = common(fashion, out, "--epochs", "2", "--swa-start", "1", "--batch-size", "64")
+    tutorial.main(argv)
+    report = {name: (out / name).read_bytes() for name in REPORT}
+    first = finals(out)
+    loads = []
+    with monkeypatch.context() as patched:
+        patched.setattr("recipe_lib.cli.load_dataset", lambda *a: loads.append(a))
+        with pytest.raises(SystemExit) as raised:
+            tutorial.main(argv + ["--resume", "--lr", "0.5", "--epochs", "5"])
+    assert str(raised.value).splitlines() == [
+        f"--resume: the checkpoints in {out} were trained with other options:",
+        "  --epochs: 2 in the checkpoints, 5 now",
+        "  --lr: 0.002 in the checkpoints, 0.5 now",
+        ("Resume with the checkpoints' values, or pass --restart instead of --resume to delete them and start over "
+         "with these options.")]
+    assert loads == [] and {name: (out / name).read_bytes() for name in REPORT} == report
+
+    # Where the files go, how fast, progress, the torch comparison and more seeds do not change the results.
+    tutorial.main(argv + ["--resume", "--device", "cpu", "--threads", "1", "--eval-batch-size", "50",
+                          "--no-compare-torch", "--seeds", "0", "1"])
+    resumed = finals(out)
+    assert {key: value for key, value in resumed.items() if key[1] == 0} == first  # seed 0 loaded, not retrained
+    assert {seed for _, seed in resumed} == {0, 1}
+
+    tutorial.main(argv + ["--restart", "--lr", "0.5", "--epochs", "3"])
+    result = json.loads((out / "results.json").read_text())
+    assert result["config"]["lr"] == 0.5 and result["config"]["epochs"] == 3
+    assert [row["epoch"] for row in result["epochs"] if row["arm"] == "baseline"] == [1, 2, 3]
+    assert {run["seed"] for run in result["runs"]} == {0}
+    assert checkpoint_files(out) == ["seed0/SWA_1_0.0005.pt", "seed0/baseline-epoch1.pt", "seed0/baseline.pt"]
+    assert load_checkpoint(checkpoint_path(out, 0, "baseline"))["epoch"] == 3
+
+
+def test_a_rerun_never_mixes_two_runs(fashion, tmp_path):
+    """A new run into the --out of a finished one, interrupted after an epoch: no report of the first run is
+    left beside its checkpoint, nor the first run's other checkpoints; it is not taken for finished (a new
+    run refuses to replace it), and --resume completes it as if it had never stopped."""
+    out = tmp_path / "run"
+    tutorial.main(common(fashion, out, "--epochs", "2", "--swa-start", "1", "--batch-size", "64"))
+    assert checkpoint_files(out) == ["seed0/SWA_1_0.0005.pt", "seed0/baseline-epoch1.pt", "seed0/baseline.pt"]
+    options = ("--epochs", "3", "--swa-start", "2", "--batch-size", "64", "--lr", "0.004")
+    second = common(fashion, out, *options)
+    tutorial.main(second + ["--stop-after", "1"])
+    assert [name for name in REPORT if (out / name).exists()] == []
+    assert checkpoint_files(out) == ["seed0/baseline.pt"]
+    assert load_checkpoint(checkpoint_path(out, 0, "baseline"))["epoch"] == 1
+    with pytest.raises(SystemExit) as raised:
+        tutorial.main(second)
+    assert str(raised.value) == (f"--out {out} holds an unfinished run (1 checkpoint file(s), no results.json: "
+                                 "stopped by --stop-after, interrupted or failed): --resume continues it, --restart "
+                                 "deletes it and starts over, or choose another --out")
+    tutorial.main(second + ["--resume"])
+    tutorial.main(common(fashion, tmp_path / "whole", *options))
+    assert run_metrics(out) == run_metrics(tmp_path / "whole")
+
+
+def test_an_interrupted_report_is_not_a_finished_run(fashion, tmp_path, monkeypatch):
+    """The report is written at the end, results.json last, each file atomically: a run interrupted while
+    writing it has no results.json, and --resume writes the whole report."""
+    out = tmp_path / "run"
+    argv = common(fashion, out, "--epochs", "2", "--swa-start", "1", "--batch-size", "64")
+    with monkeypatch.context() as patched:
+        def interrupted(*args):
+            raise KeyboardInterrupt
+        patched.setattr("recipe_lib.cli.write_metrics", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            tutorial.main(argv)
+    assert not (out / "results.json").exists() and not list(out.glob(".*.tmp"))
+    with pytest.raises(SystemExit, match="holds an unfinished run"):
+        tutorial.main(argv)
+    tutorial.main(argv + ["--resume"])
+    assert all((out / name).stat().st_size > 0 for name in REPORT)
+
+
 # ------------------------------------------------------------------------------------ swa_paper
 
 def test_swa_paper_budgets_and_fge(fashion, tmp_path):
@@ -429,7 +516,7 @@ def test_fsdp_without_torchrun_runs_on_one_rank_with_no_torch_comparison(fashion
     assert result["config"]["fsdp"] is True and result["config"]["no_compare_torch"] is True
     timing = next(run for run in result["runs"] if run["arm"] == "SWA_1_0.0005")["averaging"]
     assert timing["sharded"] is True and timing["compared"] is False and timing["torch_seconds"] == 0
-    with pytest.raises(SystemExit, match="written with --fsdp"):
+    with pytest.raises(SystemExit, match="--fsdp: on in the checkpoints, off now"):
         tutorial.main(argv + ["--resume"])
 
 

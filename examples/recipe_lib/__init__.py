@@ -3,9 +3,10 @@
 Data (``datasets``, ``transforms``, ``loader``), networks (``models``), one
 epoch of training and evaluation (``training``), the epoch loop with
 averaging, checkpoints and resume (``engine``), torchrun support
-(``distributed``), atomic checkpoint files (``checkpoint``), metrics, tables,
-plots and the list of outputs (``reporting``), the plain-language verdict that
-ends a run (``verdict``) and the shared command line and presets (``cli``).
+(``distributed``), atomic checkpoint files (``checkpoint``), the output folder
+of a run (``outputs``), metrics, tables, plots and the list of outputs
+(``reporting``), the plain-language verdict that ends a run (``verdict``) and
+the shared command line, presets and option checks (``cli``).
 
 The recipes (``examples/*.py``) put ``examples/`` on ``sys.path`` by being run
 from there, so they ``import recipe_lib``. The data side keeps whole data sets

@@ -11,6 +11,14 @@ on small subsets; ``quick``, the default: minutes, the runs docs/RESULTS.md
 measured; ``paper``: the papers' epochs and sizes, meant for a GPU). Any
 option given explicitly wins.
 
+Option checks, all before any data loads or a process group starts, so a bad
+option fails at once, names itself and leaves nothing behind: every numeric
+option has an argparse ``type`` with its range (:class:`Number`, also applied
+to the preset's values), the checks that involve several options are the
+``check_*`` functions here (the recipes' ``make_arms`` call them; it runs once
+without data first), and :func:`recipe_lib.outputs.check_out` checks ``--out``,
+``--resume`` and ``--restart``.
+
 A run ends with its tables, the list of files it wrote (sizes, checkpoints
 included) and a plain-language verdict (:mod:`recipe_lib.verdict`) as the
 last lines printed.
@@ -19,6 +27,7 @@ last lines printed.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import shlex
 import sys
@@ -26,14 +35,15 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from recipe_lib.datasets import DATASET_NAMES, DatasetError, ImageDataset, load_dataset
-from recipe_lib.distributed import DistContext, init_distributed, shutdown
+from recipe_lib.distributed import DistContext, barrier, init_distributed, shutdown
 from recipe_lib.engine import Arm, ArmResult, RunSettings, StopRequested, run_all
 from recipe_lib.models import MODEL_NAMES, build_model
+from recipe_lib.outputs import check_out, start_run, write_atomic
 from recipe_lib.reporting import (
     averaging_table,
     distance_fits,
@@ -84,6 +94,111 @@ def preset_help(presets: Presets, key: str, text: str, zero: str | None = None) 
     return f"{text} ({'; '.join(parts)})"
 
 
+@dataclass(frozen=True)
+class Number:
+    """The argparse ``type`` of a numeric option, with its range: ``kind`` (int or float) at least
+    ``low`` (more than it when ``low_open``) and below ``high`` (at most it unless ``high_open``);
+    floats must be finite. ``zero`` says what 0 means where it is allowed (``"all"``).
+
+    A value out of range is refused with the option's name, the rule and the value, e.g.
+    ``argument --lr: must be a finite number > 0, got -1``. Options whose range depends on other
+    options (``--epochs``, ``--swa-start``) are plain ``INTEGER``\\ s and the ``check_*`` functions
+    below check them.
+    """
+
+    kind: type
+    low: float | None = None
+    low_open: bool = False
+    high: float | None = None
+    high_open: bool = False
+    zero: str | None = None
+
+    def rule(self) -> str:
+        """The range in words: ``an integer >= 1``, ``a finite number > 0``, ``a number >= 0 and < 1``."""
+        noun = "an integer" if self.kind is int else "a finite number"
+        if self.high is not None and not self.high_open and self.kind is int:
+            return f"{noun} from {self.low} to {self.high}"
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high}")
+            noun = noun.replace("finite ", "")
+        text = " ".join([noun, " and ".join(parts)]).strip()
+        return f"{text} ({self.zero_note})" if self.zero else text
+
+    @property
+    def zero_note(self) -> str:
+        return f"0 = {self.zero}"
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (self.kind is int and not isinstance(value, int)) or not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __call__(self, text: str) -> int | float:
+        try:
+            value = self.kind(text)
+        except ValueError:
+            value = None
+        if not self.accepts(value):
+            raise argparse.ArgumentTypeError(f"must be {self.rule()}, got {text}")
+        return value
+
+
+INTEGER = Number(int)  # range checked with other options (check_epochs, check_swa_start, ...)
+COUNT = Number(int, 1)  # sizes, batch sizes, cycles, threads
+SUBSET = Number(int, 0, zero="all")
+SEED = Number(int, 0, high=2**32 - 1)  # seed + epoch still seeds a generator
+RATE = Number(float, 0, low_open=True)  # learning rates, a gradient-norm bound
+NON_NEGATIVE = Number(float, 0)  # weight decay, warm-up epochs
+NON_NEGATIVE_INT = Number(int, 0)  # anneal or warm-up epochs
+MOMENTUM = Number(float, 0, high=1, high_open=True)
+
+
+def device_option(text: str) -> str:
+    """``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` with N a device this machine has."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s)")
+    return text
+
+
+class RecipeArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors raise ``SystemExit(message)`` (printed, exit status 1) after the
+    usage, like every other option check of the recipes, so callers and tests see the message."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        raise SystemExit(f"{self.prog}: error: {message}")
+
+
+def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every :class:`Number` option's value, the presets' and the defaults included, within its range."""
+    for action in parser._actions:
+        if not isinstance(action.type, Number):
+            continue
+        value = getattr(args, action.dest, None)
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and not action.type.accepts(item):
+                parser.error(f"argument {'/'.join(action.option_strings)}: must be {action.type.rule()}, got "
+                             f"{item} (the {args.preset} preset's value)")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows ``(default: X)`` only where there is a default to show.
 
@@ -103,7 +218,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def base_parser(description: str, presets: Presets, default_out: str) -> argparse.ArgumentParser:
     """The options every recipe has. Preset-controlled options default to ``None`` (filled by :func:`apply_preset`)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p = RecipeArgumentParser(description=description, formatter_class=HelpFormatter)
     h = partial(preset_help, presets)
     p.add_argument("--preset", choices=list(presets), default=DEFAULT_PRESET, help=PRESET_HELP)
     data = p.add_argument_group("data")
@@ -112,19 +227,20 @@ def base_parser(description: str, presets: Presets, default_out: str) -> argpars
                            "(or --data-dir); cifar10/100 read the python pickle batches; folder reads "
                            "DIR/train and DIR/test class folders")
     data.add_argument("--data-dir", type=Path, default=None, help="where the data set's files are")
-    data.add_argument("--image-size", type=int, default=None,
+    data.add_argument("--image-size", type=COUNT, default=None,
                       help=h("image_size", "resize folder images to this (other data sets keep their size)"))
-    data.add_argument("--train-subset", type=int, default=None,
-                      help=h("train_subset", "train on this many samples drawn from the training split",
-                             zero="all"))
-    data.add_argument("--test-subset", type=int, default=None,
-                      help=h("test_subset", "evaluate on this many test samples", zero="all"))
+    data.add_argument("--train-subset", type=SUBSET, default=None,
+                      help=h("train_subset", "train on this many samples drawn from the training split "
+                                             f"({SUBSET.zero_note})", zero="all"))
+    data.add_argument("--test-subset", type=SUBSET, default=None,
+                      help=h("test_subset", f"evaluate on this many test samples ({SUBSET.zero_note})", zero="all"))
     data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                       help=h("augment", "random crop with padding and horizontal flip of training batches"))
     run = p.add_argument_group("run")
     run.add_argument("--model", choices=MODEL_NAMES, default=None, help=h("model", "network"))
-    run.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; the table gives mean ± std")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)")
+    run.add_argument("--seeds", type=SEED, nargs="+", default=[0], help="one run per seed; the table gives mean ± std")
+    run.add_argument("--device", default="auto", type=device_option,
+                     help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)")
     run.add_argument("--fsdp", action="store_true",
                      help="shard the model with FSDP2 (fully_shard) instead of replicating it with DDP; meant "
                           "for torchrun (gloo on CPU, nccl on GPU), without it a one-rank group. SWA then "
@@ -133,14 +249,23 @@ def base_parser(description: str, presets: Presets, default_out: str) -> argpars
                           "checkpoints hold full tensors gathered on rank 0; --resume needs --fsdp again")
     run.add_argument("--amp", choices=sorted(AMP_DTYPES), default="none", help="autocast dtype (bf16/fp16 on GPU)")
     run.add_argument("--channels-last", action="store_true", help="channels_last memory format for model and input")
-    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    run.add_argument("--eval-batch-size", type=int, default=1000,
+    run.add_argument("--threads", type=COUNT, default=None, help="torch CPU threads (default: torch's choice)")
+    run.add_argument("--eval-batch-size", type=COUNT, default=1000,
                      help="batch size of the test-set evaluations (the model is in eval mode: no effect on results)")
     out = p.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=Path("runs") / default_out, help="output directory")
-    out.add_argument("--resume", action="store_true",
-                     help="continue from the checkpoints in --out (finished arms are loaded, not retrained)")
-    out.add_argument("--stop-after", type=int, default=None,
+    out.add_argument("--out", type=Path, default=Path("runs") / default_out,
+                     help="output directory (a new run replaces a finished run there)")
+    start = out.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the checkpoints in --out (finished arms are loaded, not retrained); "
+                            "refused, naming them, where options that change the results differ from the "
+                            "checkpoints' (--out, --device, --threads, --eval-batch-size, --seeds, --stop-after, "
+                            "--no-progress and --no-compare-torch may change)")
+    start.add_argument("--restart", action="store_true",
+                       help="start over: delete the run in --out (its checkpoints and report) and train from "
+                            "scratch; needed where --out holds an unfinished run (a run without --resume or "
+                            "--restart refuses to replace one)")
+    out.add_argument("--stop-after", type=COUNT, default=None,
                      help="stop after this many epochs of this invocation (checkpoints kept; go on with --resume)")
     out.add_argument("--no-progress", action="store_true", help="no tqdm bars (one line per epoch is printed)")
     out.add_argument("--no-compare-torch", action="store_true",
@@ -154,11 +279,32 @@ def check_epochs(epochs: int, minimum: int, why: str, option: str = "--epochs") 
         raise SystemExit(f"{option} {epochs} is too few: {why} (at least {minimum})")
 
 
-def check_swa_start(start: int, epochs: int, option: str = "--epochs") -> None:
+def check_within_epochs(name: str, value: float, epochs: int, why: str, option: str = "--epochs") -> None:
+    """``value`` (an epoch of the run) must lie inside it: from 1 to ``epochs - 1``."""
+    if not 0 < value < epochs:
+        raise SystemExit(f"{name} {value} must be between 1 and {option} - 1 = {epochs - 1} ({why})")
+
+
+def check_swa_start(start: int, epochs: int, option: str = "--epochs", name: str = "--swa-start") -> None:
     """``--swa-start`` must leave at least one epoch before it and one to average after it."""
-    if not 0 < start < epochs:
-        raise SystemExit(f"--swa-start {start} must be between 1 and {option} - 1 = {epochs - 1} "
-                         f"({option} is {epochs}: averaging takes the weights after every epoch past --swa-start)")
+    check_within_epochs(name, start, epochs, f"{option} is {epochs}: averaging takes the weights after every "
+                                             f"epoch past {name}", option)
+
+
+def check_warmup(name: str, value: float, epochs: int, option: str = "--epochs") -> None:
+    """A warm-up is a part of the run: at most its epochs."""
+    if value > epochs:
+        raise SystemExit(f"{name} {value:g} must not exceed {option} ({epochs}): the warm-up is a part of the run")
+
+
+def check_distinct(name: str, values: Iterable[Any], shown: Callable[[Any], str] = str) -> None:
+    """No value given twice (as the run would show it: ``0.05`` and ``5e-2`` are one arm)."""
+    seen: set[str] = set()
+    for value in values:
+        text = shown(value)
+        if text in seen:
+            raise SystemExit(f"{name}: {text} is given twice")
+        seen.add(text)
 
 
 def apply_preset(args: argparse.Namespace, presets: Presets) -> argparse.Namespace:
@@ -238,9 +384,11 @@ def run_recipe(spec: RecipeSpec, args: argparse.Namespace) -> list[ArmResult] | 
     if args.fsdp and args.channels_last:
         raise SystemExit("--channels-last does not go with --fsdp: FSDP2 shards contiguous parameters only "
                          "(it refuses channels_last convolution weights)")
+    check_distinct("--seeds", args.seeds)
     # Arms are data and need no dataset to be built: building them once here checks every option before the
     # data loads or a process group starts, so a bad option fails at once, not after a minute of loading.
     spec.make_arms(args, None)  # type: ignore[arg-type]
+    check_out(args)  # --out writable, --resume consistent with the checkpoints: reads only
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx = init_distributed(args.device, fsdp=args.fsdp)
@@ -262,6 +410,9 @@ def _run(spec: RecipeSpec, args: argparse.Namespace, ctx: DistContext) -> list[A
     skip_torch = ctx.fsdp and not args.no_compare_torch
     args.no_compare_torch = args.no_compare_torch or ctx.fsdp
     train, test = _load_data(args)
+    if ctx.is_main:  # the previous run's files go (or a resumed run's stale report) only now the data is there
+        start_run(args, log)
+    barrier(ctx)
     mean, std = DEFAULT_STATS.get(train.name) or channel_stats(train.images)
     in_channels, image_size = train.images.shape[1], train.images.shape[-1]
     arms = spec.make_arms(args, train)
@@ -329,7 +480,7 @@ def _report(spec: RecipeSpec, args: argparse.Namespace, results: list[ArmResult]
                             args.preset, args.dataset, spec.measured_spread, spec.describe)
     # results.md is Markdown: it keeps the plot links; the terminal gets the same text without them.
     images = [f"![{p.stem}]({p.name})" for p in plots]
-    (out / "results.md").write_text("\n".join(lines + [""] + verdict + [""] + images) + "\n")
+    write_atomic(out / "results.md", "\n".join(lines + [""] + verdict + [""] + images) + "\n")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     summary = {"wall_seconds": wall, "machine": machine, "command": command, "processes": ctx.world_size,
                "table": table, "distance_fits": fits, "verdict": verdict[1:]}

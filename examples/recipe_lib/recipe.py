@@ -1,6 +1,7 @@
 """What a recipe script (``examples/*.py``) imports: the pieces every recipe uses, in one place.
 
-A recipe declares its presets, its command line (:func:`recipe_parser`) and its arms, then hands
+A recipe declares its presets, its command line (:func:`recipe_parser`, numeric options typed with
+the ranges of :class:`~recipe_lib.cli.Number`: ``COUNT``, ``RATE``, ...) and its arms, then hands
 them to :func:`recipe_main`; everything else (data, the epoch loop, checkpoints, resume, the report
 and the verdict) is ``recipe_lib``'s.
 """
@@ -12,12 +13,23 @@ from functools import partial
 from typing import Callable
 
 from recipe_lib.cli import (
+    COUNT,
+    INTEGER,
+    MOMENTUM,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    RATE,
+    Number,
     Presets,
     RecipeSpec,
     apply_preset,
     base_parser,
+    check_distinct,
     check_epochs,
+    check_numbers,
     check_swa_start,
+    check_warmup,
+    check_within_epochs,
     preset_help,
     run_recipe,
 )
@@ -26,15 +38,25 @@ from recipe_lib.engine import Arm, ArmResult, FGESettings, SWASettings
 from recipe_lib.verdict import MeasuredSpread
 
 __all__ = [
+    "COUNT",
+    "INTEGER",
+    "MOMENTUM",
+    "NON_NEGATIVE",
+    "NON_NEGATIVE_INT",
+    "RATE",
     "Arm",
     "ArmResult",
     "FGESettings",
     "ImageDataset",
     "MeasuredSpread",
+    "Number",
     "RecipeSpec",
     "SWASettings",
+    "check_distinct",
     "check_epochs",
     "check_swa_start",
+    "check_warmup",
+    "check_within_epochs",
     "parse_recipe_args",
     "recipe_main",
     "recipe_parser",
@@ -49,8 +71,11 @@ def recipe_parser(doc: str, presets: Presets, name: str) -> tuple[argparse.Argum
 
 def parse_recipe_args(parser: argparse.ArgumentParser, presets: Presets,
                       argv: list[str] | None = None) -> argparse.Namespace:
-    """``argv`` parsed, with the chosen preset filling every option not given."""
-    return apply_preset(parser.parse_args(argv), presets)
+    """``argv`` parsed, with the chosen preset filling every option not given; every numeric value checked
+    against its option's range (the preset's too)."""
+    args = apply_preset(parser.parse_args(argv), presets)
+    check_numbers(parser, args)
+    return args
 
 
 def recipe_main(spec: RecipeSpec, args: argparse.Namespace) -> int:

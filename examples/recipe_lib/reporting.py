@@ -6,14 +6,16 @@ Written by rank 0 into the run's output directory:
 (the tables and the verdict, printed at the end without the plot links),
 ``accuracy.png`` (test accuracy and error per epoch, mean over seeds, one
 curve per arm and one per average) and, for
-runs that track it, ``distance.png`` (``||w_t - w_0||`` against log t). After
-writing, :func:`outputs_lines` lists every output with its size (checkpoints
-included) for the end of the run.
+runs that track it, ``distance.png`` (``||w_t - w_0||`` against log t). Each
+file is written atomically (:func:`recipe_lib.outputs.write_atomic`), once the
+run has finished, ``results.json`` last. After writing, :func:`outputs_lines`
+lists every output with its size (checkpoints included) for the end of the run.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import statistics
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from recipe_lib.engine import ArmResult
+from recipe_lib.outputs import write_atomic
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -155,10 +158,11 @@ def write_metrics(results: Sequence[ArmResult], out_dir: Path, config: dict[str,
     columns: list[str] = []
     for row in rows:
         columns += [key for key in row if key not in columns]
-    with open(out_dir / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(out_dir / "metrics.csv", table.getvalue())
     payload = {
         "config": config,
         "summary": summary,
@@ -166,7 +170,7 @@ def write_metrics(results: Sequence[ArmResult], out_dir: Path, config: dict[str,
                   "averaging": r.averaging, "distances": r.distances} for r in results],
         "epochs": rows,
     }
-    (out_dir / "results.json").write_text(json.dumps(payload, indent=1, default=str))
+    write_atomic(out_dir / "results.json", json.dumps(payload, indent=1, default=str))
 
 
 def _mean_curve(results: Sequence[ArmResult], arm: str, key: str,
@@ -230,9 +234,15 @@ def plot_accuracy(results: Sequence[ArmResult], arm_labels: dict[str, str], path
     for ax in (ax_acc, ax_err):
         ax.grid(alpha=0.3)
     ax_acc.legend(fontsize=8)
+    return _save_figure(plt, fig, path)
+
+
+def _save_figure(plt: Any, fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
+    write_atomic(path, image.getvalue())
     return path
 
 
@@ -260,10 +270,7 @@ def plot_distance(results: Sequence[ArmResult], arm_labels: dict[str, str], path
            title=f"distance from initialization (seed {first_seed})")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path)
 
 
 def distance_fits(results: Sequence[ArmResult]) -> dict[str, dict[str, float]]:
