@@ -7,6 +7,7 @@ The kernels themselves are ``torch.ops.swa_fast.*``, wrapped here as
 model), :func:`average_moments_` and :func:`nonfinite_flag`.
 :class:`WeightAverage` is the averaging core for every model (plain, DDP,
 FSDP2-sharded, offloaded to host memory), with ``swapped_into`` for evaluation.
+``swa_fast.posthoc`` is post-hoc EMA (``PowerFunctionEMA``, ``reconstruct``).
 ``swa_fast.nn`` has ghost batch normalization (``GhostBatchNorm1d/2d/3d``,
 ``convert_ghost_batchnorm``). ``swa_fast.checkpoint_average.average_checkpoints``
 (``python -m swa_fast average``) averages saved checkpoints.
@@ -14,7 +15,7 @@ FSDP2-sharded, offloaded to host memory), with ``swapped_into`` for evaluation.
 
 __version__ = "0.1.0"
 
-from swa_fast import checkpoint_average, distance, nn, regime, swa_utils  # noqa: E402
+from swa_fast import checkpoint_average, distance, nn, posthoc, regime, swa_utils  # noqa: E402
 from swa_fast.ops.average import average_, average_moments_, multi_average_, nonfinite_flag  # noqa: E402
 from swa_fast.ops import BUILD_INFO  # noqa: E402  (loads _C and registers every op)
 from swa_fast.averaging import MultiAverage, WeightAverage  # noqa: E402
@@ -30,6 +31,7 @@ __all__ = [
     "multi_average_",
     "nn",
     "nonfinite_flag",
+    "posthoc",
     "regime",
     "swa_utils",
     "__version__",

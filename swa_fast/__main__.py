@@ -1,4 +1,4 @@
-"""``python -m swa_fast info``, ``python -m swa_fast bench`` and ``python -m swa_fast average``."""
+"""``python -m swa_fast info``, ``bench``, ``average`` and ``posthoc-ema``."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import List, Optional
 
 from swa_fast import checkpoint_average
+from swa_fast.posthoc import cli as posthoc_cli
 
 # The parser's description is plain text: argparse prints it as is, so the module docstring's
 # reST markup (double backticks) would show in --help.
 DESCRIPTION = (
     "swa_fast's command line: info (versions, compiled kernels, the GPU seen), bench (the side-by-side "
-    "benchmark runner of a source checkout) and average (average the weights of saved checkpoints)."
+    "benchmark runner of a source checkout), average (average the weights of saved checkpoints) and posthoc-ema "
+    "(reconstruct the EMA of any length from PowerFunctionEMA snapshots)."
 )
 BENCH_PROG = "python -m swa_fast bench"
 
@@ -78,11 +80,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         "integer/bool entries are taken from the last checkpoint. The output is written atomically.",
     )
     checkpoint_average.add_arguments(average)
+    posthoc = sub.add_parser(
+        "posthoc-ema",
+        help="reconstruct the EMA of any length from PowerFunctionEMA snapshots",
+        description="Reconstruct the power-function EMA of a relative std (--std) or of several (--sweep) "
+        "from the snapshots swa_fast.posthoc.PowerFunctionEMA wrote: least-squares coefficients in float64, "
+        "then one weighted sum of the snapshots, one at a time. The output is a state_dict that "
+        "model.load_state_dict accepts, written atomically; every target is checked before anything is written.",
+    )
+    posthoc_cli.add_arguments(posthoc)
     args, rest = parser.parse_known_args(argv)
-    if args.command == "average":
+    if args.command in ("average", "posthoc-ema"):
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return checkpoint_average.run(args)
+        return (checkpoint_average if args.command == "average" else posthoc_cli).run(args)
     if args.command == "info":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

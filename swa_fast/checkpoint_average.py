@@ -260,8 +260,10 @@ def _select(state: Dict[str, Tensor], prefix: Optional[str], strip_prefix: bool,
     return kept
 
 
-def _normalized_weights(weights: Optional[Sequence[float]], count: int) -> Optional[List[float]]:
+def _normalized_weights(weights: Optional[Sequence[float]], count: int, signed: bool = False) -> Optional[List[float]]:
     if weights is None:
+        if signed:
+            raise CheckpointError("signed=True needs the weights: the coefficients of the weighted sum")
         return None
     for w in weights:
         if isinstance(w, bool) or not isinstance(w, numbers.Real):
@@ -272,6 +274,8 @@ def _normalized_weights(weights: Optional[Sequence[float]], count: int) -> Optio
     # inf/NaN would give lerp weights inf/inf (NaN) or w/inf (0): one checkpoint would silently be the "average".
     if not all(math.isfinite(w) for w in weights):
         raise CheckpointError(f"weights must be finite numbers, got {weights}")
+    if signed:  # the caller's coefficients, used as they are: any finite sign and sum
+        return weights
     # Negative weights are refused: a running sum W_k could reach 0 or go negative mid-way.
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise CheckpointError(f"weights must be >= 0 with a positive sum, got {weights}")
@@ -301,6 +305,19 @@ def _check_same_layout(reference: Dict[str, Tensor], state: Dict[str, Tensor], f
             raise CheckpointError(f"{source}: key {name!r} has dtype {value.dtype}, {first} has {ref.dtype}")
 
 
+def _fold_signed(accumulators: Dict[str, Tensor], state: Dict[str, Tensor], *, first: bool, weight: float) -> None:
+    """Add ``weight`` times one checkpoint to the accumulators (a weighted sum, not an average):
+    floating entries in fp32 (fp64 for fp64), integer ones the last checkpoint's."""
+    for name, value in state.items():
+        if not (value.is_floating_point() or value.is_complex()):
+            accumulators[name] = value.clone()
+        elif first:
+            dtype = value.dtype if value.is_complex() else _accumulator_dtype(value.dtype)
+            accumulators[name] = torch.mul(value.to(dtype, memory_format=torch.contiguous_format), weight)
+        else:
+            accumulators[name].add_(value, alpha=weight)
+
+
 def _fold(accumulators: Dict[str, Tensor], state: Dict[str, Tensor], *, first: bool, lerp_weight: float) -> None:
     """Fold one checkpoint into the accumulators. A function of its own so that no
     loop variable keeps one of the checkpoint's tensors alive after it returns."""
@@ -327,10 +344,11 @@ def _fold(accumulators: Dict[str, Tensor], state: Dict[str, Tensor], *, first: b
 def average_checkpoints(
     paths: Sequence[PathLike],
     *,
-    key: Optional[str] = None,
+    key: Union[None, str, Sequence[str]] = None,
     prefix: Optional[str] = None,
     strip_prefix: bool = False,
     weights: Optional[Sequence[float]] = None,
+    signed: bool = False,
     progress: bool = False,
     load: Optional[Callable[[PathLike], Any]] = None,
 ) -> Dict[str, Tensor]:
@@ -339,12 +357,16 @@ def average_checkpoints(
     Args:
         paths: the checkpoint files (``torch.save`` outputs), at least one.
         key: take the state_dict from ``checkpoint[key]``; default: auto-detect
-            (see :func:`extract_state_dict`).
+            (see :func:`extract_state_dict`). A sequence gives one key per path (a path may
+            then come more than once, e.g. for several state_dicts stored in one file).
         prefix: keep only the entries whose name starts with it.
         strip_prefix: remove ``prefix`` from the kept names (e.g. ``module.``
             of a DDP or ``AveragedModel`` state_dict).
         weights: one finite non-negative weight per checkpoint (normalized; their
             sum must be positive and finite); default equal.
+        signed: the weights are the coefficients of a weighted sum, used as they are: any
+            finite sign, not normalized (post-hoc EMA reconstruction's least-squares
+            coefficients). The sum is accumulated in fp32 (fp64 for fp64 entries).
         progress: show a tqdm bar.
         load: reads one file (default ``torch.load(path, map_location="cpu", weights_only=True)``).
 
@@ -361,7 +383,10 @@ def average_checkpoints(
     paths = [os.fspath(p) for p in paths]
     if not paths:
         raise CheckpointError("no checkpoints to average: give at least one")
-    weights = _normalized_weights(weights, len(paths))
+    weights = _normalized_weights(weights, len(paths), signed)
+    keys = [key] * len(paths) if key is None or isinstance(key, str) else list(key)
+    if len(keys) != len(paths):
+        raise CheckpointError(f"{len(keys)} keys given for {len(paths)} checkpoints")
     load = load or _load
     iterator: Any = paths
     if progress:
@@ -379,7 +404,7 @@ def average_checkpoints(
             raise _load_error(path, error) from error
         # Saved nn.Parameters (or tensors that required grad) come back as plain tensors: the average
         # is data, with no grad_fn and no requires_grad.
-        state = {name: value.detach() for name, value in extract_state_dict(checkpoint, key, source=path).items()}
+        state = {name: value.detach() for name, value in extract_state_dict(checkpoint, keys[index], source=path).items()}
         _check_string_keys(state, prefix, path)
         _check_entries(state, prefix, path)
         state = _select(state, prefix, strip_prefix, path)
@@ -394,7 +419,10 @@ def average_checkpoints(
         # lerp weight w_k / W_k; while all weights so far are 0 any value is right: copy.
         lerp_weight = weight_k / seen_weight if seen_weight > 0 else 1.0
         try:
-            _fold(accumulators, state, first=index == 0, lerp_weight=lerp_weight)
+            if signed:
+                _fold_signed(accumulators, state, first=index == 0, weight=weight_k)
+            else:
+                _fold(accumulators, state, first=index == 0, lerp_weight=lerp_weight)
         except (RuntimeError, TypeError) as error:  # e.g. a dtype torch has no lerp for (complex32)
             raise CheckpointError(f"{path}: cannot average ({type(error).__name__}: {error})") from error
         del state  # the last reference to this checkpoint's tensors

@@ -179,10 +179,14 @@ def fit_log(steps: Sequence[float], distances: Sequence[float]) -> LogFit:
         raise ValueError(f"fit_log: {len(steps)} steps but {len(distances)} distances")
     for t, d in zip(steps, distances):
         check_number("fit_log: a step", t)
+        if isinstance(d, bool) or not isinstance(d, numbers.Real):
+            raise TypeError(f"fit_log: the distance at step {t} must be a number, got {type(d).__name__} {d!r}")
         if not math.isfinite(float(d)):
             raise ValueError(f"fit_log: the distance at step {t} is {float(d)}: the weights diverged (or were not "
                              "finite) there; a log fit needs finite distances (fit the steps before it)")
-    points = [(math.log(float(t)), float(d)) for t, d in zip(steps, distances) if t > 0]
+    # Fitted on distances scaled to at most 1 (the squares of huge distances would overflow), then scaled back.
+    scale = max((abs(float(d)) for d in distances), default=1.0) or 1.0
+    points = [(math.log(float(t)), float(d) / scale) for t, d in zip(steps, distances) if t > 0]
     if len({x for x, _ in points}) < 2:
         raise ValueError("fit_log needs distances at two or more distinct steps > 0")
     n = len(points)
@@ -195,7 +199,7 @@ def fit_log(steps: Sequence[float], distances: Sequence[float]) -> LogFit:
     ss_res = math.fsum((y - (a + b * x)) ** 2 for x, y in points)
     ss_tot = math.fsum((y - mean_y) ** 2 for _, y in points)
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
-    return LogFit(a=a, b=b, r2=r2, n=n)
+    return LogFit(a=a * scale, b=b * scale, r2=r2, n=n)
 
 
 # ---------------------------------------------------------------------------

@@ -158,8 +158,7 @@ class AverageSet:
                 store.relayout(model)
                 home = store.home()
                 for member in self.members:
-                    member.n_averaged = member.n_averaged.to(home)
-                    member.n_skipped = member.n_skipped.to(home)
+                    member.move_to(home)
             return
         reason = store.layout_differs(model, exact=False)
         if reason is not None:
@@ -270,12 +269,17 @@ class AverageSet:
         averages = {name: dtensor_like(average, store.layouts[name]) if name in store.layouts else average
                     for name, average in store.averages[index].items()}
         n_averaged, n_skipped = self.counts(index)
-        return {"averages": averages, "n_averaged": n_averaged, "n_skipped": n_skipped}
+        state = {"averages": averages, "n_averaged": n_averaged, "n_skipped": n_skipped}
+        last_step = self.members[index].last_step
+        if last_step is not None:
+            state["last_step"] = last_step
+        return state
 
     def check_member_state(self, index: int, state: Any, strict: bool, who: str, where: str = "") -> Writes:
         self.ready(index, "load_state_dict", who)
         store = self._named("load_state_dict")
-        return check_member_state(state, store.averages[index], store.layouts, self.counts(index), strict, who, where)
+        return check_member_state(state, store.averages[index], store.layouts, self.counts(index), strict, who, where,
+                                  last_step=self.members[index].last_step)
 
     def loaded(self) -> None:
         """After a load: the averages hold values now, so their layout is fixed."""
@@ -303,8 +307,7 @@ class AverageSet:
         store.to(parsed, dtype)
         home = store.home()
         for member in self.members:
-            member.n_averaged = member.n_averaged.to(home)
-            member.n_skipped = member.n_skipped.to(home)
+            member.move_to(home)
         self._plan = None
 
     def _named(self, action: str) -> NamedStore:

@@ -32,6 +32,10 @@ class FusedMultiAvgFn:
     average (float64 for fp64 averages, float32 otherwise), so fp64 averages get fp64 weights.
     """
 
+    #: Whether :meth:`weight` takes the step of the member's previous update as a third argument
+    #: (the set then keeps it: ``last_step`` in the average's state dict).
+    uses_last_step = False
+
     def weight(self, num_averaged: Tensor, step: Optional[Tensor] = None) -> Tensor:
         """The float64 lerp weight of an update after ``num_averaged`` > 0 others (a long tensor, any
         shape); ``step``, when the caller gives one, is the optimizer step of the update."""

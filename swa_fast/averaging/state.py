@@ -109,8 +109,10 @@ def check_averages(saved: Any, averages: Dict[str, Tensor], layouts: Mapping[str
 
 
 def check_member_state(state: Any, averages: Dict[str, Tensor], layouts: Mapping[str, ShardLayout],
-                       counts: Tuple[Tensor, Tensor], strict: bool, owner: str, where: str = "") -> Writes:
-    """Every write of one average's state (``{"averages", "n_averaged", "n_skipped"?}``)."""
+                       counts: Tuple[Tensor, Tensor], strict: bool, owner: str, where: str = "",
+                       last_step: Optional[Tensor] = None) -> Writes:
+    """Every write of one average's state (``{"averages", "n_averaged", "n_skipped"?, "last_step"?}``;
+    ``last_step`` for an average whose function keeps the step of its previous update)."""
     if not isinstance(state, Mapping) or "averages" not in state or "n_averaged" not in state:
         raise TypeError(f"{owner}.load_state_dict: {where}expected a dict with 'averages' (a dict of tensors) and "
                         "'n_averaged', as WeightAverage.state_dict() returns")
@@ -119,6 +121,8 @@ def check_member_state(state: Any, averages: Dict[str, Tensor], layouts: Mapping
     writes.counts.append((n_averaged, check_count(state["n_averaged"], f"{where}n_averaged", owner)))
     if "n_skipped" in state:
         writes.counts.append((n_skipped, check_count(state["n_skipped"], f"{where}n_skipped", owner)))
+    if last_step is not None and "last_step" in state:
+        writes.counts.append((last_step, check_count(state["last_step"], f"{where}last_step", owner)))
     return writes
 
 

@@ -22,15 +22,32 @@ MultiAvgFn = Callable[[List[Tensor], List[Tensor], Tensor], None]
 
 @dataclass
 class Member:
-    """One average of a set: its averaging function and its counts (0-dim long tensors)."""
+    """One average of a set: its averaging function and its counts (0-dim long tensors), and for a
+    function whose weight depends on the step of the previous update (``uses_last_step``, the
+    power-function EMA) that step, 0 before the first update."""
 
     fn: Optional[MultiAvgFn]
     n_averaged: Tensor
     n_skipped: Tensor
+    last_step: Optional[Tensor] = None
 
     @property
     def fused(self) -> Optional[FusedMultiAvgFn]:
         return fused_fn(self.fn)
+
+    @classmethod
+    def new(cls, fn: Optional[MultiAvgFn], home: torch.device) -> "Member":
+        """A member that has averaged nothing yet, its counts on ``home``."""
+        zero = lambda: torch.zeros((), dtype=torch.long, device=home)  # noqa: E731
+        keeps_step = getattr(fused_fn(fn), "uses_last_step", False)
+        return cls(fn, zero(), zero(), zero() if keeps_step else None)
+
+    def move_to(self, home: torch.device) -> None:
+        """Move the counts (with the averages' new home)."""
+        self.n_averaged = self.n_averaged.to(home)
+        self.n_skipped = self.n_skipped.to(home)
+        if self.last_step is not None:
+            self.last_step = self.last_step.to(home)
 
 
 def fused_fn(multi_avg_fn: Optional[MultiAvgFn]) -> Optional[FusedMultiAvgFn]:
@@ -61,14 +78,38 @@ def skip_flag(plan: UpdatePlan, tensors: Sequence[Tensor], device: torch.device)
 
 def member_weights(members: Sequence[Member], device: torch.device, step: Optional[Tensor]) -> Tensor:
     """The float64 weights of ``members`` on ``device``, each from its own count (and the step,
-    when given); a member's first update copies (weight 1), as torch's does. No host sync."""
+    when given, and the step of its previous update, for a function that asks for it); a member's
+    first update copies (weight 1), as torch's does. No host sync."""
     weights = []
+    step_here = None if step is None else step.to(device)
     for member in members:
         count = member.n_averaged.to(device)
         fn = member.fused
-        weight = fn.weight(count) if step is None else fn.weight(count, step.to(device))
+        if member.last_step is not None:
+            weight = fn.weight(count, _this_step(member, step_here, device), member.last_step.to(device))
+        elif step_here is None:
+            weight = fn.weight(count)
+        else:
+            weight = fn.weight(count, step_here)
         weights.append(weight.to(torch.float64).masked_fill(count == 0, 1.0))
     return torch.stack(weights)
+
+
+def _this_step(member: Member, step: Optional[Tensor], device: torch.device) -> Tensor:
+    """The step of this update for a member that keeps its last one: the given step, else the last + 1."""
+    return step if step is not None else member.last_step.to(device) + 1
+
+
+def advance_last_steps(members: Sequence[Member], step: Optional[Tensor], skip: Optional[Tensor]) -> None:
+    """After an update: each member that keeps its last step records this one (not when skipped)."""
+    for member in members:
+        if member.last_step is None:
+            continue
+        here = _this_step(member, None if step is None else step.to(member.last_step.device),
+                          member.last_step.device)
+        if skip is not None:
+            here = torch.where(skip.to(here.device), member.last_step, here)
+        member.last_step.copy_(here)
 
 
 @torch.no_grad()
@@ -104,6 +145,7 @@ def fused_update(
         commits.append(group.prepare(group_currents, weights, indices, skip_here))
     for commit in commits:
         commit()
+    advance_last_steps(members, step, skip)
     for member in members:
         if skip is None:
             member.n_averaged.add_(1)

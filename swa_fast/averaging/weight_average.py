@@ -45,8 +45,7 @@ def new_named_set(model: Module, fns: Sequence[Optional[MultiAvgFn]], use_buffer
         reshard(model)  # after an evaluation forward FSDP2's root holds gathered tensors, not its shards
         store = NamedStore(model, len(fns), use_buffers, avg_dtype, parsed, include, owner)
     home = store.home()
-    members = [Member(fn, torch.zeros((), dtype=torch.long, device=home), torch.zeros((), dtype=torch.long, device=home))
-               for fn in fns]
+    members = [Member.new(fn, home) for fn in fns]
     return AverageSet(store, members, skip_nonfinite, owner)
 
 
@@ -187,6 +186,13 @@ class WeightAverage:
         """0-dim long tensor: how many models have been averaged (skipped updates not counted)."""
         self._set.synchronize()
         return self._set.counts(self._index)[0]
+
+    @property
+    def last_step(self) -> Optional[Tensor]:
+        """0-dim long tensor: the step of the last update, for a function that keeps it (a
+        power-function profile, ``swa_fast.posthoc``); None for the others."""
+        self._set.synchronize()
+        return self._set.members[self._index].last_step
 
     @property
     def n_skipped(self) -> Tensor:
