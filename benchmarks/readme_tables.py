@@ -6,7 +6,7 @@ Usage (from the repository root)::
     python benchmarks/readme_tables.py --write    # rewrite README.md's table blocks in place
     python benchmarks/readme_tables.py --check    # exit 1 with a diff when README.md differs
 
-One table per suite (``averaging``, ``multi``, ``ghost_bn``, ``distance``) per results file,
+One table per suite (``averaging``, ``multi``, ``posthoc``, ``ghost_bn``, ``distance``) per results file,
 each followed by a line naming the device, torch, commit and date of its run.
 In README.md a table lives between two marker comments named by the suite and
 the results file's stem::
@@ -283,8 +283,20 @@ MULTI = SuiteTable(
     ],
 )
 
+POSTHOC = SuiteTable(
+    "parameter set",
+    lambda case: f"{model_name(case)} ({param_count(case['num_params'])} {short_dtype(case['model_dtype'])}), two profiles",
+    [
+        Column("ema-pytorch `PostHocEMA.update()`", ms_cell("ema_pytorch_posthoc")),
+        Column("swa_fast `PowerFunctionEMA.update(model, step)`", ms_cell("swa_fast_power_ema")),
+        Column("speedup", lambda case: format_ratio(ratio(case, "swa_fast_power_ema", "ema_pytorch_posthoc"), 2)),
+        Column("memcpy of the model", ms_cell("copy")),
+    ],
+)
+
 # In README order; a suite of run.py without an entry here gets no table.
-TABLES: Dict[str, SuiteTable] = {"multi": MULTI, "averaging": AVERAGING, "ghost_bn": GHOST_BN, "distance": DISTANCE}
+TABLES: Dict[str, SuiteTable] = {"multi": MULTI, "posthoc": POSTHOC, "averaging": AVERAGING, "ghost_bn": GHOST_BN,
+                                  "distance": DISTANCE}
 
 
 # ---------------------------------------------------------------------------

@@ -56,7 +56,7 @@ import torch
 import swa_fast
 from swa_fast.ops.build_facts import build_summary
 
-from benchmarks import averaging, distance, ghost_bn, multi
+from benchmarks import averaging, distance, ghost_bn, multi, posthoc
 from benchmarks.harness import (
     MIN_REPEATS,
     device_info,
@@ -77,6 +77,7 @@ from benchmarks.harness import (
 SUITES: Dict[str, ModuleType] = {
     "averaging": averaging,
     "multi": multi,
+    "posthoc": posthoc,
     "ghost_bn": ghost_bn,
     "distance": distance,
 }

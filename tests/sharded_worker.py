@@ -4,7 +4,7 @@
 MASTER_PORT set. Modes:
 
 * ``fsdp``: an FSDP2 (``fully_shard``) model trained a few steps with SWA and EMA averages
-  (fp32 averages), the same two as one MultiAverage, and an EMA made before ``fully_shard``; records the full parameters after every step (the test replays them in one
+  (fp32 averages), the same two as one MultiAverage, an EMA made before ``fully_shard`` and two power-function profiles (a post-hoc snapshot at the end); records the full parameters after every step (the test replays them in one
   process as the reference), the averages (full and local), swap-in checks, ``update_bn`` inside
   ``swapped_into``, and a ``torch.distributed.checkpoint`` save of both averages.
 * ``hsdp``: the same on a 2 x WORLD/2 (replicate, shard) mesh (HSDP).
@@ -31,11 +31,13 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from swa_fast import MultiAverage, WeightAverage, swa_utils
+from swa_fast.posthoc import PowerFunctionEMA
 
 STEPS = 5
 EMA_DECAY = 0.8
 POISONED_STEP = 2  # the skip_nonfinite average sees a NaN in rank 1's shard only, at this step
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+POSTHOC_STDS = (0.05, 0.10)
 
 
 def make_model(dtype=torch.float32) -> nn.Module:
@@ -82,6 +84,7 @@ def fsdp(out: Path, rank: int, world: int, dtype, hsdp: bool = False) -> dict:
     skipping = WeightAverage(model, skip_nonfinite=True, **averages(dtype)["ema"])
     multi = MultiAverage(model, {kind: kwargs.get("multi_avg_fn") for kind, kwargs in averages(dtype).items()},
                          avg_dtype=torch.float32)
+    power = PowerFunctionEMA(model, stds=POSTHOC_STDS, use_buffers=False, avg_dtype=torch.float32)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     trajectory = []
     for step, x in enumerate(batches(1, STEPS, rank, dtype)):
@@ -91,6 +94,7 @@ def fsdp(out: Path, rank: int, world: int, dtype, hsdp: bool = False) -> dict:
         optimizer.step()
         for average in (*made.values(), multi, early):
             average.update(model)
+        power.update(model, step + 1)
         trajectory.append({name: p.full_tensor() for name, p in model.named_parameters()})
         poisoned = model[0].weight.to_local()
         if step == POISONED_STEP and rank == 1:
@@ -101,7 +105,9 @@ def fsdp(out: Path, rank: int, world: int, dtype, hsdp: bool = False) -> dict:
         if step == POISONED_STEP and rank == 1:
             with torch.no_grad():
                 poisoned[0, 0] = kept
-    result = {"trajectory": trajectory, "replicas": 2 if hsdp else 1}
+    # A snapshot of a sharded model: every rank gathers, rank 0 writes.
+    written = power.snapshot(out / "posthoc-snapshot.pt")
+    result = {"trajectory": trajectory, "replicas": 2 if hsdp else 1, "snapshot_written": written is not None}
     made["ema_skip"] = skipping
     made["early"] = early
     for kind in ("swa", "ema"):

@@ -197,3 +197,16 @@ def test_multi_suite_candidates_on_a_tiny_set():
     assert found["multi_average"].bytes_per_update == params + 2 * 3 * params
     assert [round(multi.byte_ratio(k), 3) for k in (1, 2, 3, 4)] == [1.0, 1.2, 1.286, 1.333]
     assert set(multi.CASES) == {f"multi_{s}_k{k}" for s in ("resnet50", "transformer") for k in (1, 2, 3, 4)}
+
+
+def test_posthoc_suite_candidates_on_a_tiny_set():
+    """The post-hoc EMA suite's candidates run (ema-pytorch's too: a development dependency)."""
+    from benchmarks import posthoc
+
+    case = posthoc.PosthocCase("tiny", ((3, 4), (5,)))
+    found = {c.key: c for c in posthoc.build_candidates(case, "cpu")}
+    assert list(found) == ["swa_fast_power_ema", "ema_pytorch_posthoc", "copy"]
+    for candidate in found.values():
+        candidate.fn()
+    assert found["swa_fast_power_ema"].bytes_per_update == 17 * 4 * 5
+    assert found["ema_pytorch_posthoc"].bytes_per_update == 17 * 4 * 6

@@ -75,6 +75,27 @@ def test_an_average_made_before_fully_shard_follows_the_shards(fsdp_run):
             assert torch.equal(result["early"][name], full), name
 
 
+def test_a_post_hoc_snapshot_of_shards_is_the_one_process_snapshot(fsdp_run):
+    """PowerFunctionEMA on the shards; the snapshot gathers every shard and only rank 0 writes it."""
+    from swa_fast.posthoc import PowerFunctionEMA
+
+    _, dtype, out, ranks = fsdp_run
+    assert [r["snapshot_written"] for r in ranks] == [True] + [False] * (len(ranks) - 1)
+    model = worker.make_model(worker.DTYPES[dtype])
+    reference = PowerFunctionEMA(model, stds=worker.POSTHOC_STDS, use_buffers=False, avg_dtype=torch.float32)
+    for step, full in enumerate(ranks[0]["trajectory"], start=1):
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                parameter.copy_(full[name])
+        reference.update(model, step)
+    expected = reference.snapshot_state()
+    written = torch.load(out / "posthoc-snapshot.pt", weights_only=True)
+    assert written["swa_fast.posthoc"] == expected["swa_fast.posthoc"]
+    for index in range(len(worker.POSTHOC_STDS)):
+        for key, value in expected[f"profile_{index}"].items():
+            assert torch.equal(written[f"profile_{index}"][key], value), (index, key)
+
+
 def test_a_nan_in_one_ranks_shard_makes_every_rank_skip(fsdp_run):
     _, dtype, _, ranks = fsdp_run
     kept = [full for step, full in enumerate(ranks[0]["trajectory"]) if step != worker.POISONED_STEP]
