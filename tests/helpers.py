@@ -6,6 +6,7 @@ from each other."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pickle
 import sys
@@ -158,6 +159,22 @@ def make_folder(root: Path, train_split: str = "train", test_split: str = "test"
 
 
 # ----------------------------------------------------------------- recipe scripts
+
+
+def ending(printed: str) -> tuple[list[str], list[str]]:
+    """What a recipe run printed, its end: the verdict's bullets (the last lines printed) and the outputs list
+    just before them."""
+    lines = printed.rstrip().splitlines()
+    start = len(lines) - 1 - lines[::-1].index("Verdict:")
+    listed = next(i for i in range(start, -1, -1) if lines[i].startswith("Outputs written to "))
+    assert all(line.startswith("- ") for line in lines[start + 1:])  # nothing printed after the verdict
+    return lines[start + 1:], lines[listed:start]
+
+
+def finals(out: Path) -> dict[tuple[str, int], dict]:
+    """(row label, seed) -> the final metrics of that row, from the results.json a recipe run wrote to ``out``."""
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    return {(label, run["seed"]): metrics for run in runs for label, metrics in run["finals"].items()}
 
 
 def load_recipe(name: str) -> ModuleType:

@@ -1,6 +1,7 @@
 """The recipes' command line, presets, option checks (every numeric option against negative, zero, non-finite
 and out-of-range values; --out), verdict and averaging table, without training
-(fast), and examples/swap_the_import.py on a few steps."""
+(fast), and examples/swap_the_import.py on a few steps. examples/posthoc_ema.py's
+training, sweep and report are tests/test_recipe_posthoc.py's."""
 
 from __future__ import annotations
 
@@ -17,8 +18,12 @@ from recipe_lib.reporting import averaging_table, human_size, outputs_lines
 from recipe_lib.verdict import MeasuredSpread, verdict_lines
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = {name: load_recipe(name) for name in ("swa_tutorial", "swa_paper", "large_batch")}
-tutorial, paper, large_batch = RECIPES.values()
+RECIPES = {name: load_recipe(name) for name in ("swa_tutorial", "swa_paper", "large_batch", "posthoc_ema")}
+tutorial, paper, large_batch = (RECIPES[name] for name in ("swa_tutorial", "swa_paper", "large_batch"))
+# A real default each recipe's help shows (0.0 included: argparse's formatter compares it with False).
+SHOWN_DEFAULT = {"swa_tutorial": "Adam weight decay (L2 added to the gradient) (default: 0.0)",
+                 "swa_paper": "SGD momentum (default: 0.9)", "large_batch": "SGD momentum (default: 0.9)",
+                 "posthoc_ema": "(the model is in eval mode: no effect on results) (default: 1000)"}
 
 
 # ------------------------------------------------------------------------------------ --help
@@ -34,10 +39,7 @@ def test_help_every_option_has_help_and_no_none_default(name):
     assert "(presets:" not in text
     threads = text[text.index("\n  --threads"):text.index("\n  --eval-batch-size")]
     assert threads.count("default") == 1  # one default, in words
-    # A real default is still shown, 0.0 included (argparse's formatter compares it with False).
-    shown = "Adam weight decay (L2 added to the gradient) (default: 0.0)" if name == "swa_tutorial" else \
-        "SGD momentum (default: 0.9)"
-    assert shown in " ".join(text.split())
+    assert SHOWN_DEFAULT[name] in " ".join(text.split())  # a real default is still shown
 
 
 def test_help_reads_quick_preset_first_and_names_zero():
@@ -98,7 +100,8 @@ def test_epochs_are_checked_before_swa_start(recipe, argv, message):
 
 
 @pytest.mark.parametrize("recipe, argv", [("swa_tutorial", ["--epochs", "0"]), ("swa_paper", ["--budget", "1"]),
-                                          ("large_batch", ["--large-batch", "8", "--small-batch", "64"])])
+                                          ("large_batch", ["--large-batch", "8", "--small-batch", "64"]),
+                                          ("posthoc_ema", ["--epochs", "0"])])
 def test_bad_options_fail_before_the_data_loads(recipe, argv, tmp_path, monkeypatch):
     """A bad option is reported before the dataset is read (here it does not exist) or a process group starts."""
     module = RECIPES[recipe]
@@ -127,7 +130,8 @@ def results_md_std(label: str) -> list[float]:
     return found
 
 
-@pytest.mark.parametrize("name", list(RECIPES))
+# posthoc_ema's table is by std and source, not by row label: tests/test_recipe_posthoc.py checks its spread.
+@pytest.mark.parametrize("name", [name for name in RECIPES if name != "posthoc_ema"])
 def test_measured_spread_is_results_md(name):
     spread = RECIPES[name].MEASURED_SPREAD
     assert list(spread) == ["quick"]  # RESULTS.md measured the quick presets only
@@ -294,7 +298,7 @@ def numeric_options(name: str) -> list[tuple[str, str, type]]:
         if not action.option_strings or action.type is None:
             continue
         kinds = set()
-        for probe in ("1", "0.5", "0"):  # the first value in range tells the kind
+        for probe in ("1", "0.5", "0.1", "0"):  # the first value in range tells the kind
             try:
                 kinds.add(type(action.type(probe)))
                 break
@@ -309,8 +313,8 @@ def numeric_options(name: str) -> list[tuple[str, str, type]]:
 # each option's range. Every other option refuses 0; every option refuses negative and non-finite values.
 ZERO_IS_VALID = {"train_subset": "0 = all", "test_subset": "0 = all", "weight_decay": None, "momentum": None,
                  "warmup_epochs": None, "swa_anneal_epochs": None, "swa_eval_every": "0 = only at the budgets",
-                 "seeds": None}
-ABOVE_RANGE = {"momentum": ["1", "1.5"], "seeds": [str(2**32)]}
+                 "seeds": None, "snapshot_every": "0 = about 20 snapshots a run"}
+ABOVE_RANGE = {"momentum": ["1", "1.5"], "seeds": [str(2**32)], "stds": ["0.5"]}
 
 
 def hostile_values() -> list:
@@ -337,6 +341,7 @@ def test_the_walk_finds_every_numeric_option():
     assert found["large_batch"] == shared | {"--epochs", "--milestones", "--small-batch", "--large-batch", "--lr",
                                              "--momentum", "--weight-decay", "--ghost-batch-size",
                                              "--warmup-epochs", "--clip-grad-norm"}
+    assert found["posthoc_ema"] == shared | {"--epochs", "--batch-size", "--lr", "--stds", "--snapshot-every"}
 
 
 @pytest.mark.parametrize("name, option, value", hostile_values())
@@ -393,6 +398,29 @@ def test_zero_is_accepted_where_it_means_something_and_help_says_what(name, dest
     ("swa_tutorial", ["--sweep-lrs", "0.05"], "--sweep-lrs and --sweep-starts go with --sweep"),
     ("swa_tutorial", ["--sweep", "--baseline-only"], "--baseline-only does not go with --sweep"),
     ("swa_tutorial", ["--resume", "--restart"], "argument --restart: not allowed with argument --resume"),
+    # posthoc_ema: the tracked stds, the sweep (parsed as swa_fast's posthoc-ema CLI parses it), the snapshots.
+    ("posthoc_ema", ["--stds", "0.05"], "--stds 0.05: give two or more stds"),
+    ("posthoc_ema", ["--stds", "0.05", "0.1", "5e-2"], "--stds: 0.05 is given twice"),
+    ("posthoc_ema", ["--stds", "0.05", "0.31"], "argument --stds: must be a number > 0 and <= 0.3, got 0.31"),
+    ("posthoc_ema", ["--sweep", "0:0.1:3"], "argument --sweep: expected 0 < LOW <= HIGH <= 0.3003"),
+    ("posthoc_ema", ["--sweep", "0.1:0.05:3"], "argument --sweep: expected 0 < LOW <= HIGH <= 0.3003"),
+    ("posthoc_ema", ["--sweep", "0.03:0.5:3"], "argument --sweep: expected 0 < LOW <= HIGH <= 0.3003"),
+    ("posthoc_ema", ["--sweep", "nan:0.1:3"], "argument --sweep: expected 0 < LOW <= HIGH <= 0.3003"),
+    ("posthoc_ema", ["--sweep", "0.03:0.15:0"], "argument --sweep: expected 0 < LOW <= HIGH <= 0.3003"),
+    ("posthoc_ema", ["--sweep", "0.03:0.15"], "argument --sweep: expected LOW:HIGH:COUNT (e.g. 0.03:0.15:13)"),
+    ("posthoc_ema", ["--sweep", "0.03:0.15:2.5"], "argument --sweep: expected LOW:HIGH:COUNT"),
+    ("posthoc_ema", ["--sweep", "0.03:0.15:101"], "argument --sweep: COUNT must be at most 100"),
+    ("posthoc_ema", ["--sweep", "0.03:0.0301:20"], "argument --sweep: its stds are closer than the report's 4 "
+                                                   "significant digits"),
+    ("posthoc_ema", ["--snapshot-every", "-1"],
+     "argument --snapshot-every: must be an integer >= 0 (0 = about 20 snapshots a run), got -1"),
+    ("posthoc_ema", ["--train-subset", "100", "--batch-size", "128"],
+     "--batch-size 128 is more than the 100 training samples"),
+    ("posthoc_ema", ["--train-subset", "256", "--batch-size", "128", "--epochs", "1", "--snapshot-every", "5"],
+     "--snapshot-every 5 leaves 1 snapshot in the run's 2 steps (1 epoch(s) of 2): the reconstruction needs at "
+     "least 2"),
+    ("posthoc_ema", ["--fsdp"], "--fsdp does not go with posthoc_ema.py"),
+    ("posthoc_ema", ["--seeds", "1", "1"], "--seeds: 1 is given twice"),
 ])
 def test_hostile_inputs_are_refused_naming_the_option(name, argv, message, tmp_path, started):
     assert message in refusal(name, argv, tmp_path, started)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import EXAMPLES, free_port, load_recipe, make_cifar10, make_folder
+from helpers import EXAMPLES, ending, finals, free_port, load_recipe, make_cifar10, make_folder
 from recipe_lib.checkpoint import load_checkpoint, save_atomic, tensors_digest
 from recipe_lib.cli import _load_data
 from recipe_lib.datasets import write_synthetic_fashion_mnist
@@ -45,15 +45,6 @@ def common(data: Path, out: Path, *extra: str) -> list[str]:
             "--test-subset", "0", *extra]
 
 
-def ending(printed: str) -> tuple[list[str], list[str]]:
-    """The verdict's bullets (the last lines printed) and the outputs list just before them."""
-    lines = printed.rstrip().splitlines()
-    start = len(lines) - 1 - lines[::-1].index("Verdict:")
-    listed = next(i for i in range(start, -1, -1) if lines[i].startswith("Outputs written to "))
-    assert all(line.startswith("- ") for line in lines[start + 1:])  # nothing printed after the verdict
-    return lines[start + 1:], lines[listed:start]
-
-
 def table_rows(out: Path) -> dict[str, str]:
     """Row label -> line of the results table (the first table of results.md)."""
     lines = (out / "results.md").read_text().splitlines()
@@ -64,11 +55,6 @@ def table_rows(out: Path) -> dict[str, str]:
             break
         rows[line.strip("|").split("|")[0].strip()] = line
     return rows
-
-
-def finals(out: Path) -> dict[tuple[str, int], dict]:
-    runs = json.loads((out / "results.json").read_text())["runs"]
-    return {(label, run["seed"]): metrics for run in runs for label, metrics in run["finals"].items()}
 
 
 def assert_same_weights(a: dict, b: dict) -> None:

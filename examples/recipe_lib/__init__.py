@@ -2,7 +2,8 @@
 
 Data (``datasets``, ``transforms``, ``loader``), networks (``models``), one
 epoch of training and evaluation (``training``), the epoch loop with
-averaging, checkpoints and resume (``engine``), torchrun support
+averaging, checkpoints and resume (``engine``), the post-hoc EMA recipe's
+per-step EMA, snapshots, sweep and report (``posthoc``), torchrun support
 (``distributed``), atomic checkpoint files (``checkpoint``), the output folder
 of a run (``outputs``), metrics, tables, plots and the list of outputs
 (``reporting``), the plain-language verdict that ends a run (``verdict``) and

@@ -379,6 +379,36 @@ def _load_data(args: argparse.Namespace) -> tuple[ImageDataset, ImageDataset]:
     return train, test
 
 
+@dataclass(frozen=True)
+class RunData:
+    """The data of a run, loaded: the splits (subsets taken), their normalization, the image shape and the
+    training augmentation (None without ``--augment``)."""
+
+    train: ImageDataset
+    test: ImageDataset
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    in_channels: int
+    image_size: int
+    augment: Callable[[torch.Tensor], torch.Tensor] | None
+
+
+def load_run_data(args: argparse.Namespace, ctx: DistContext, log: Callable[[str], None],
+                  check: Callable[[ImageDataset], None] | None = None) -> RunData:
+    """Load the data set, then (rank 0) clear ``--out`` for this run (:func:`~recipe_lib.outputs.start_run`):
+    the previous run's files go, or a resumed run's stale report, only once the data is there. ``check``:
+    the options that depend on the training split's size, checked before anything in ``--out`` is removed."""
+    train, test = _load_data(args)
+    if check is not None:
+        check(train)
+    if ctx.is_main:
+        start_run(args, log)
+    barrier(ctx)
+    mean, std = DEFAULT_STATS.get(train.name) or channel_stats(train.images)
+    augment = default_augment(train.name, train) if args.augment is not False else None
+    return RunData(train, test, tuple(mean), tuple(std), train.images.shape[1], train.images.shape[-1], augment)
+
+
 def run_recipe(spec: RecipeSpec, args: argparse.Namespace) -> list[ArmResult] | None:
     """Train every arm for every seed and write the report; returns the results (None when stopped early)."""
     if args.fsdp and args.channels_last:
@@ -409,12 +439,8 @@ def _run(spec: RecipeSpec, args: argparse.Namespace, ctx: DistContext) -> list[A
     # SWASettings take it from args.
     skip_torch = ctx.fsdp and not args.no_compare_torch
     args.no_compare_torch = args.no_compare_torch or ctx.fsdp
-    train, test = _load_data(args)
-    if ctx.is_main:  # the previous run's files go (or a resumed run's stale report) only now the data is there
-        start_run(args, log)
-    barrier(ctx)
-    mean, std = DEFAULT_STATS.get(train.name) or channel_stats(train.images)
-    in_channels, image_size = train.images.shape[1], train.images.shape[-1]
+    data = load_run_data(args, ctx, log)
+    train, test, in_channels, image_size = data.train, data.test, data.in_channels, data.image_size
     arms = spec.make_arms(args, train)
     if skip_torch and any(arm.swa is not None for arm in arms):
         log("--fsdp: no comparison with torch.optim.swa_utils (its AveragedModel deep-copies the model, which "
@@ -424,9 +450,8 @@ def _run(spec: RecipeSpec, args: argparse.Namespace, ctx: DistContext) -> list[A
         return build_model(args.model, train.num_classes, in_channels, image_size)
 
     precision = Precision(args.amp, args.channels_last)
-    run = RunSettings(build_model=model_for, train_set=train, test_set=test,
-                      augment=default_augment(train.name, train) if args.augment is not False else None,
-                      mean=tuple(mean), std=tuple(std), ctx=ctx, precision=precision, out_dir=args.out,
+    run = RunSettings(build_model=model_for, train_set=train, test_set=test, augment=data.augment,
+                      mean=data.mean, std=data.std, ctx=ctx, precision=precision, out_dir=args.out,
                       resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress,
                       eval_batch_size=args.eval_batch_size, log=log)
     log(f"{spec.name}: {len(train)} train / {len(test)} test samples of {train.name} "
@@ -444,6 +469,19 @@ def _run(spec: RecipeSpec, args: argparse.Namespace, ctx: DistContext) -> list[A
     return results
 
 
+def report_header(title: str, args: argparse.Namespace, ctx: DistContext, wall: float) -> tuple[list[str], str, str]:
+    """The head of results.md (title, command, machine, processes, wall time, seeds, then a blank line),
+    the command line as given and the machine in words."""
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    if ctx.enabled:
+        command = f"torchrun --nproc_per_node={ctx.world_size} " + command[len("python "):]
+    machine = machine_description(ctx.device)
+    lines = [f"# {title}", "", f"- command: `{command}`", f"- machine: {machine}",
+             f"- processes: {ctx.world_size}" + (" (model sharded with FSDP2)" if ctx.fsdp else ""),
+             f"- wall time: {wall:.0f} s", f"- seeds: {list(args.seeds)}", ""]
+    return lines, command, machine
+
+
 def _report(spec: RecipeSpec, args: argparse.Namespace, results: list[ArmResult], arms: list[Arm],
             ctx: DistContext, wall: float) -> None:
     """Write results.md/json, metrics.csv and the plots; print the tables, the outputs and, last, the verdict."""
@@ -457,14 +495,8 @@ def _report(spec: RecipeSpec, args: argparse.Namespace, results: list[ArmResult]
     if fits:
         plots.append(plot_distance(results, arm_labels, out / "distance.png", fits))
     plots = [p for p in plots if p is not None]
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    if ctx.enabled:
-        command = f"torchrun --nproc_per_node={ctx.world_size} " + command[len("python "):]
-    machine = machine_description(ctx.device)
-    lines = [f"# {spec.title}", "", f"- command: `{command}`", f"- machine: {machine}",
-             f"- processes: {ctx.world_size}" + (" (model sharded with FSDP2)" if ctx.fsdp else ""),
-             f"- wall time: {wall:.0f} s", f"- seeds: {list(args.seeds)}", "",
-             table]
+    lines, command, machine = report_header(spec.title, args, ctx, wall)
+    lines += [table]
     if timing:
         what = ("Weight averaging (`WeightAverage.update` of each rank's shards):" if ctx.fsdp else
                 "Weight averaging (`update_parameters`), the same calls on the same model:")

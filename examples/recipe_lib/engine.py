@@ -342,7 +342,12 @@ class _ArmState:
 
 
 def _progress(run: RunSettings, desc: str, total: int) -> Callable[[Iterator], Iterator] | None:
-    if not (run.progress and run.ctx.is_main):
+    return progress_bar(run.progress and run.ctx.is_main, desc, total)
+
+
+def progress_bar(show: bool, desc: str, total: int) -> Callable[[Iterator], Iterator] | None:
+    """A wrapper of a batch iterator in a tqdm bar (``train_epoch``'s ``progress``), or None when not shown."""
+    if not show:
         return None
     from tqdm.auto import tqdm
 

@@ -131,6 +131,7 @@ OUTPUT_NOTES = {
     "metrics.csv": "one row per seed, arm and epoch",
     "accuracy.png": "test accuracy and error per epoch",
     "distance.png": "||w_t - w_0|| against log t",
+    "accuracy_vs_std.png": "test accuracy against the EMA's std, the tracked stds marked",
     "checkpoints": "--resume continues or reloads from them; delete the folder to free the space",
 }
 

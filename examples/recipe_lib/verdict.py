@@ -130,13 +130,14 @@ def spread_line(spread: MeasuredSpread | None, preset: str, labels: Sequence[str
 
 def verdict_lines(rows: Mapping[str, PerSeed], baseline: str, candidates: Sequence[str], preset: str,
                   dataset: str, measured: Mapping[str, MeasuredSpread],
-                  describe: Callable[[str], str] = str) -> list[str]:
+                  describe: Callable[[str], str] = str, findings: Sequence[str] = ()) -> list[str]:
     """The verdict block: a title line, then one ``- `` bullet per sentence (plain text and Markdown alike).
 
     ``measured``: preset -> its spread from docs/RESULTS.md (Fashion-MNIST runs, so used for that data only).
+    ``findings``: the recipe's own sentences about what came out, right after the comparison.
     """
     candidates = [label for label in candidates if label != baseline]  # e.g. large_batch --arms sb
-    sentences = comparison_lines(rows, baseline, candidates, describe)
+    sentences = comparison_lines(rows, baseline, candidates, describe) + list(findings)
     headline, _ = pick_headline(rows, candidates)
     seeds = max((len(per_seed) for per_seed in rows.values()), default=0)
     spread = measured.get(preset) if dataset == "fashion_mnist" else None
