@@ -202,7 +202,7 @@ def host_mesh(out: Path, rank: int, world: int, dtype) -> dict:
     own groups, and with new gloo groups when they have no CPU backend."""
     import copy
 
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import Shard
 
     from swa_fast.averaging import sharding
 

@@ -6,7 +6,6 @@ hooks. Its CUDA copies, streams and events run in tests/test_weight_average_cuda
 import gc
 import threading
 import time
-import warnings
 
 import pytest
 import torch

@@ -23,7 +23,7 @@ from swa_fast.averaging.slots import unwrap
 from swa_fast.averaging.state import Writes, check_member_state
 from swa_fast.averaging.step import Member, fused_update, skip_flag, unfused_update
 from swa_fast.averaging.stores import ModuleStore, NamedStore
-from swa_fast.averaging.swap import holder_of, swapped
+from swa_fast.averaging.swap import holder_of, refuse_if_held_by_another, swapped
 
 Device = Union[int, str, torch.device]
 Step = Union[None, int, Tensor]
@@ -170,16 +170,12 @@ class AverageSet:
         self._plan = None
 
     def _refuse_if_model_holds_averages(self, model: Module, indices: Sequence[int], who: str) -> None:
-        holder = holder_of(model)
-        if holder is None:
-            return
         members = self.members
-        if any(holder is members[i] for i in range(len(members))):
+        holder = holder_of(model)
+        if any(holder is member for member in members):
             raise RuntimeError(f"{who}.update: not inside swapped_into(): the model holds the averages there "
                                "and the averages the model's values; call it after the block")
-        raise RuntimeError(f"{who}.update: the model holds the averages of another average now (inside its "
-                           "swapped_into block); update would average those. Call it after that block, or on "
-                           "another model")
+        refuse_if_held_by_another(model, members, "update", who)
 
     # -- waiting, ordering, closing ------------------------------------------------
 
@@ -253,12 +249,7 @@ class AverageSet:
                 self._swapped.discard(index)
 
     def copy_to(self, model: Module, index: int, who: str) -> None:
-        inner = unwrap(model, who)
-        holder = holder_of(inner)
-        if holder is not None and holder is not self.members[index]:
-            raise RuntimeError(f"{who}.copy_to: the model holds the averages of another average now (inside its "
-                               "swapped_into block); copy_to would write into them. Call it after that block, "
-                               "or on another model")
+        refuse_if_held_by_another(unwrap(model, who), [self.members[index]], "copy_to", who)
         with torch.no_grad():
             for _, target, average in self.targets(model, index, "copy_to", who):
                 target.copy_(average)

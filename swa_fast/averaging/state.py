@@ -124,7 +124,3 @@ def check_member_state(state: Any, averages: Dict[str, Tensor], layouts: Mapping
     if last_step is not None and "last_step" in state:
         writes.counts.append((last_step, check_count(state["last_step"], f"{where}last_step", owner)))
     return writes
-
-
-def prefixed(where: Optional[str]) -> str:
-    return f"{where!r}: " if where else ""

@@ -13,7 +13,7 @@ One update engine (``average_set.py``) serves two stores:
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -187,8 +187,3 @@ class ModuleStore:
             buffers |= {id(t) for _, t in tensor_slots(model, "_buffers")}
         return PlanEntries([averaged], current, [copied_averaged], copied_current,
                            module_dicts(self.module) + module_dicts(model), buffers)
-
-
-def members_of(store, selected: Optional[Sequence[int]]) -> List[int]:
-    """The member indices an update writes: all of them by default."""
-    return list(range(store.members)) if selected is None else list(selected)

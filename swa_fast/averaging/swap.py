@@ -44,9 +44,11 @@ def holder_of(model: Module) -> Optional[object]:
     return holders[-1] if holders else None
 
 
-def refuse_if_held_by_another(model: Module, owner: object, action: str, name: str) -> None:
+def refuse_if_held_by_another(model: Module, own: Sequence[object], action: str, name: str) -> None:
+    """Refuse ``action`` on ``model`` while it holds the averages of an average not in ``own``:
+    updating from it would average those averages, copying into it would write into them."""
     holder = holder_of(model)
-    if holder is not None and holder is not owner:
+    if holder is not None and not any(holder is mine for mine in own):
         raise RuntimeError(
             f"{name}.{action}: the model holds the averages of another average now (inside its swapped_into "
             f"block); {action} would {'average those' if action == 'update' else 'write into them'}. Call it "

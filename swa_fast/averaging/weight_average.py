@@ -284,9 +284,6 @@ class WeightAverage:
 
     # -- the rest -------------------------------------------------------------------
 
-    def _refuse_while_swapped(self, action: str) -> None:
-        self._set.ready(self._index, action, self._name)
-
     def __repr__(self) -> str:
         store = self._set.store
         held = len(store.names) if isinstance(store, NamedStore) else "module"
