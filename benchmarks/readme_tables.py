@@ -6,7 +6,7 @@ Usage (from the repository root)::
     python benchmarks/readme_tables.py --write    # rewrite README.md's table blocks in place
     python benchmarks/readme_tables.py --check    # exit 1 with a diff when README.md differs
 
-One table per suite (``averaging``, ``multi``, ``posthoc``, ``ghost_bn``, ``distance``) per results file,
+One table per suite (``averaging``, ``multi``, ``posthoc``, ``swag``, ``ghost_bn``, ``distance``) per results file,
 each followed by a line naming the device, torch, commit and date of its run.
 In README.md a table lives between two marker comments named by the suite and
 the results file's stem::
@@ -294,8 +294,23 @@ POSTHOC = SuiteTable(
     ],
 )
 
+SWAG = SuiteTable(
+    "parameter set",
+    lambda case: (f"{model_name(case)} ({param_count(case['num_params'])} {short_dtype(case['model_dtype'])}), "
+                  f"max_rank {case.get('max_rank', '?')}"),
+    [
+        Column("reference `collect_model` (per tensor, `torch.cat` ring)", ms_cell("reference_swag")),
+        Column("torch foreach (raw moments, preallocated ring)", ms_cell("torch_foreach_swag")),
+        Column("swa_fast `SWAG.collect(model)`", ms_cell("swa_fast_swag")),
+        Column("speedup vs reference / vs foreach", lambda case: " / ".join(
+            format_ratio(ratio(case, "swa_fast_swag", other), 1) for other in ("reference_swag", "torch_foreach_swag"))),
+        Column("memcpy of the model", ms_cell("copy")),
+    ],
+)
+
 # In README order; a suite of run.py without an entry here gets no table.
-TABLES: Dict[str, SuiteTable] = {"multi": MULTI, "posthoc": POSTHOC, "averaging": AVERAGING, "ghost_bn": GHOST_BN,
+TABLES: Dict[str, SuiteTable] = {"multi": MULTI, "posthoc": POSTHOC, "swag": SWAG, "averaging": AVERAGING,
+                                  "ghost_bn": GHOST_BN,
                                   "distance": DISTANCE}
 
 

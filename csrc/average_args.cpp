@@ -42,6 +42,37 @@ TORCH_LIBRARY_FRAGMENT(swa_fast, m) {
   m.def(
       "average_moments_(Tensor(a!)[] mean, Tensor(b!)[] sq_mean, Tensor[] current, Tensor weight, "
       "Tensor? skip=None) -> ()");
+  // SWAG's collection step (Maddox et al. 2019) with a centred variance, in one
+  // pass over current: for every element, in the arithmetic type T (fp64 for
+  // fp64 averages, else fp32), with x = current, m = mean, v = variance and
+  // w = weight,
+  //     d     = x - m
+  //     m'    = lerp(m, x, w)        exactly average_'s (bitwise average_(mean, current, w))
+  //     v'    = (1 - w) * fma(w * d, d, v)
+  //     dev   = x - m'
+  // each rounded in T (w * d too; the fma once; 1 - w once), then each result
+  // rounded once to the averages' dtype: mean <- m', variance <- v',
+  // deviation <- dev. The recurrence is Welford's, weighted: for w = 1/(n+1)
+  // it is the exact population-variance update of n+1 values,
+  // var_{n+1} = (1-w)(var_n + w d^2) (Welford: S_{n+1} = S_n + d (x - m') with
+  // S = n var and x - m' = (1-w) d), and for any w in [0, 1] it is the
+  // exponentially weighted variance recurrence (West 1979; Finch 2009,
+  // "Incremental calculation of weighted mean and variance"). It never forms
+  // E[x^2] - E[x]^2, whose cancellation loses every digit of a small spread
+  // around a large mean in fp32 (average_moments_'s second moment). Since
+  // w * d * d >= 0, the variance stays >= 0 given a variance >= 0. With
+  // w == 1 (the first collection) the mean is average_'s exact copy of x and,
+  // for finite values, variance = 0 and deviation = 0 (the old buffers must be
+  // finite: 0 * NaN is NaN). deviation: one tensor per mean tensor, or an
+  // empty list (diagonal SWAG: no deviation written); variance[i] and
+  // deviation[i] match mean[i] in shape, strides, dtype and device (deviation
+  // columns may be non-overlapping views of one ring buffer). mean: fp16,
+  // bf16, fp32 or fp64 (integer, bool and complex tensors are refused);
+  // current: its dtype or a lower-precision floating one. weight and skip as
+  // for average_.
+  m.def(
+      "swag_moments_(Tensor(a!)[] mean, Tensor(b!)[] variance, Tensor(c!)[] deviation, Tensor[] current, "
+      "Tensor weight, Tensor? skip=None) -> ()");
   // 0-dim bool on the tensors' device: true when any element of any floating
   // tensor is NaN or +-Inf. Pair with the skip argument above.
   m.def("nonfinite_flag(Tensor[] tensors) -> Tensor");
@@ -52,19 +83,28 @@ TORCH_LIBRARY_IMPL(swa_fast, Autograd, m) {
   m.impl("average_", inplace::autograd_kernel());
   m.impl("multi_average_", inplace::autograd_kernel());
   m.impl("average_moments_", inplace::autograd_kernel());
+  m.impl("swag_moments_", inplace::autograd_kernel());
 }
 
 TORCH_LIBRARY_IMPL(swa_fast, ADInplaceOrView, m) {
   m.impl("average_", inplace::inplace_or_view_kernel());
   m.impl("multi_average_", inplace::inplace_or_view_kernel());
   m.impl("average_moments_", inplace::inplace_or_view_kernel());
+  m.impl("swag_moments_", inplace::inplace_or_view_kernel());
 }
 
 namespace {
 
-void check_same_device(const char* op, const at::Tensor& t, const char* list, size_t i, c10::Device device) {
+// `first` names the list whose tensor 0 set the device ("averaged"; "mean" for swag_moments_).
+void check_same_device(
+    const char* op,
+    const at::Tensor& t,
+    const char* list,
+    size_t i,
+    c10::Device device,
+    const char* first = "averaged") {
   TORCH_CHECK(
-      t.device() == device, op, ": ", list, "[", i, "] is on ", t.device(), " but averaged[0] is on ", device,
+      t.device() == device, op, ": ", list, "[", i, "] is on ", t.device(), " but ", first, "[0] is on ", device,
       "; all tensors of one call must be on one device");
 }
 
@@ -115,33 +155,66 @@ void check_skip(const char* op, const std::optional<at::Tensor>& skip, c10::Devi
 }
 
 // The checks of one (averaged[i], current[i]) pair, shared by every averaging op.
-void check_pair(const char* op, const at::Tensor& avg, const at::Tensor& cur, size_t i, c10::Device device) {
-  check_same_device(op, avg, "averaged", i, device);
-  check_same_device(op, cur, "current", i, device);
+// `name` is the averaged list's argument name ("mean" for swag_moments_).
+void check_pair(
+    const char* op,
+    const at::Tensor& avg,
+    const at::Tensor& cur,
+    size_t i,
+    c10::Device device,
+    const char* name = "averaged") {
+  check_same_device(op, avg, name, i, device, name);
+  check_same_device(op, cur, "current", i, device, name);
   TORCH_CHECK(
-      avg.sizes() == cur.sizes(), op, ": shape mismatch at index ", i, ": averaged[", i, "] has shape ",
+      avg.sizes() == cur.sizes(), op, ": shape mismatch at index ", i, ": ", name, "[", i, "] has shape ",
       avg.sizes(), " but current[", i, "] has shape ", cur.sizes());
   TORCH_CHECK(
-      !at::isComplexType(avg.scalar_type()), op, ": averaged[", i, "] is complex (", avg.scalar_type(),
+      !at::isComplexType(avg.scalar_type()), op, ": ", name, "[", i, "] is complex (", avg.scalar_type(),
       "), which swa_fast does not average");
   TORCH_CHECK(
-      has_average_kernel(avg.scalar_type()) && has_average_kernel(cur.scalar_type()), op, ": averaged[", i,
+      has_average_kernel(avg.scalar_type()) && has_average_kernel(cur.scalar_type()), op, ": ", name, "[", i,
       "] is ", avg.scalar_type(), " and current[", i, "] is ", cur.scalar_type(),
       "; swa_fast averages float16, bfloat16, float32 and float64 tensors and copies integer and bool ones "
       "(AveragedModel sends other dtypes through torch's own lerp)");
   const bool avg_floating = at::isFloatingType(avg.scalar_type());
   TORCH_CHECK(
-      avg_floating || !at::isFloatingType(cur.scalar_type()), op, ": averaged[", i, "] has non-floating dtype ",
+      avg_floating || !at::isFloatingType(cur.scalar_type()), op, ": ", name, "[", i, "] has non-floating dtype ",
       avg.scalar_type(), " but current[", i, "] is ", cur.scalar_type(),
       "; a running average needs a floating averaged tensor (integer/bool tensors are only copied, "
       "from a tensor of the same dtype)");
   TORCH_CHECK(
-      is_supported_dtype_pair(avg.scalar_type(), cur.scalar_type()), op, ": averaged[", i, "] has dtype ",
+      is_supported_dtype_pair(avg.scalar_type(), cur.scalar_type()), op, ": ", name, "[", i, "] has dtype ",
       avg.scalar_type(), " but current[", i, "] has dtype ", cur.scalar_type(),
       "; current must have the averaged dtype or a lower-precision floating dtype");
   TORCH_CHECK(
-      avg.is_non_overlapping_and_dense(), op, ": averaged[", i,
+      avg.is_non_overlapping_and_dense(), op, ": ", name, "[", i,
       "] is a strided view (not dense); averages must be whole tensors, e.g. parameters or .contiguous() copies");
+}
+
+// swag_moments_ averages floating parameters only: `list`[i] must have a
+// kernel float dtype (float16, bfloat16, float32, float64).
+void check_swag_floating(const char* op, const char* list, const at::Tensor& t, size_t i) {
+  TORCH_CHECK(
+      is_kernel_float(t.scalar_type()), op, ": ", list, "[", i, "] has dtype ", t.scalar_type(),
+      "; SWAG averages floating parameters only: mean, variance, deviation and current must be float16, "
+      "bfloat16, float32 or float64 (leave integer, bool and complex tensors, e.g. BatchNorm's "
+      "num_batches_tracked, out of the lists)");
+}
+
+// variance[i] / deviation[i] (`list`) against mean[i]: same device, shape, strides and dtype.
+void check_like_mean(
+    const char* op,
+    const char* list,
+    const at::Tensor& t,
+    const at::Tensor& mean,
+    size_t i,
+    c10::Device device) {
+  check_same_device(op, t, list, i, device, "mean");
+  TORCH_CHECK(
+      t.sizes() == mean.sizes() && t.strides() == mean.strides() && t.scalar_type() == mean.scalar_type(), op, ": ",
+      list, "[", i, "] has shape ", t.sizes(), ", strides ", t.strides(), " and dtype ", t.scalar_type(), " but mean[",
+      i, "] has shape ", mean.sizes(), ", strides ", mean.strides(), " and dtype ", mean.scalar_type(), "; ", list,
+      "[", i, "] must match mean[", i, "] in shape, strides, dtype and device");
 }
 
 }  // namespace
@@ -222,6 +295,51 @@ void validate_average_args(
         op, {{"averaged", averaged, true, true}, {"current", current, false, true},
              {"weight", weight, false, false, false}, {"skip", skip_list, false, false, false}});
   }
+}
+
+void validate_swag_args(
+    const char* op,
+    at::TensorList mean,
+    at::TensorList variance,
+    at::TensorList deviation,
+    at::TensorList current,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& skip,
+    bool read_weight_value) {
+  TORCH_CHECK(
+      mean.size() == current.size(), op, ": mean has ", mean.size(), " tensors but current has ", current.size());
+  TORCH_CHECK(
+      variance.size() == mean.size(), op, ": mean has ", mean.size(), " tensors but variance has ",
+      variance.size());
+  TORCH_CHECK(
+      deviation.empty() || deviation.size() == mean.size(), op, ": mean has ", mean.size(),
+      " tensors but deviation has ", deviation.size(),
+      "; pass one deviation tensor per mean tensor, or an empty list (no deviation written)");
+  if (mean.empty()) {
+    return;  // an empty update is a no-op, not an error
+  }
+  const c10::Device device = mean[0].device();
+  check_weight(op, weight, device, read_weight_value);
+  check_skip(op, skip, device);
+  for (size_t i = 0; i < mean.size(); ++i) {
+    check_swag_floating(op, "mean", mean[i], i);
+    check_swag_floating(op, "current", current[i], i);
+    check_pair(op, mean[i], current[i], i, device, "mean");
+    check_like_mean(op, "variance", variance[i], mean[i], i, device);
+    if (!deviation.empty()) {
+      check_like_mean(op, "deviation", deviation[i], mean[i], i, device);
+    }
+  }
+  // No written tensor may share memory with another tensor of the call, the
+  // weight and skip flags included; unlike average_, not even mean[i] being
+  // current[i] (as for average_moments_: nothing written is read). Views of
+  // one storage (a ring buffer's deviation columns) are compared by their
+  // byte ranges: distinct columns pass, overlapping ones are refused.
+  const at::TensorList skip_list = skip.has_value() ? at::TensorList(*skip) : at::TensorList();
+  check_no_overlap(
+      op, {{"mean", mean, true}, {"variance", variance, true}, {"deviation", deviation, true},
+           {"current", current, false}, {"weight", weight, false, false, false},
+           {"skip", skip_list, false, false, false}});
 }
 
 namespace {
@@ -322,6 +440,18 @@ std::vector<at::Tensor> check_multi_average_args(
   return laid_out_like(averaged, current);
 }
 
+std::vector<at::Tensor> check_swag_args(
+    const char* op,
+    at::TensorList mean,
+    at::TensorList variance,
+    at::TensorList deviation,
+    at::TensorList current,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& skip) {
+  validate_swag_args(op, mean, variance, deviation, current, weight, skip, /*read_weight_value=*/true);
+  return laid_out_like(mean, current);
+}
+
 std::vector<double> read_weights(const at::Tensor& weights) {
   TORCH_CHECK(weights.is_cpu(), "read_weights: the weights are on ", weights.device(), ", not the CPU");
   std::vector<double> values(static_cast<size_t>(weights.numel()));
@@ -396,6 +526,15 @@ void bind_average(pybind11::module_& m) {
         validate_multi_average_args(op.c_str(), averaged, current, weights, skip, /*read_weight_value=*/false);
       },
       "multi_average_'s argument checks on metadata only (for its fake kernel)");
+  m.def(
+      "validate_swag_args",
+      [](const std::string& op, const std::vector<at::Tensor>& mean, const std::vector<at::Tensor>& variance,
+         const std::vector<at::Tensor>& deviation, const std::vector<at::Tensor>& current, const at::Tensor& weight,
+         const std::optional<at::Tensor>& skip) {
+        validate_swag_args(
+            op.c_str(), mean, variance, deviation, current, weight, skip, /*read_weight_value=*/false);
+      },
+      "swag_moments_'s argument checks on metadata only (for its fake kernel)");
   m.def(
       "check_nonfinite_args", [](const std::vector<at::Tensor>& tensors) { check_nonfinite_args(tensors); },
       "nonfinite_flag's argument checks (for its fake kernel)");

@@ -77,6 +77,36 @@ std::vector<at::Tensor> check_multi_average_args(
     const at::Tensor& weights,
     const std::optional<at::Tensor>& skip);
 
+// Every check of swag_moments_: mean, variance and current have one tensor
+// per index, deviation one per index or none (an empty list); mean[i] and
+// current[i] pass average_'s pair checks and are floating (integer, bool,
+// complex and float8 tensors are refused: SWAG averages floating parameters);
+// variance[i] and deviation[i] match mean[i] in shape, strides, dtype and
+// device; weight and skip as for average_; no written tensor shares memory
+// with another tensor of the call (distinct, non-overlapping views of one
+// storage, e.g. the columns of a deviation ring buffer, are fine). Reads
+// nothing but metadata unless `read_weight_value`.
+void validate_swag_args(
+    const char* op,
+    at::TensorList mean,
+    at::TensorList variance,
+    at::TensorList deviation,
+    at::TensorList current,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& skip,
+    bool read_weight_value);
+
+// validate_swag_args, then current laid out like mean (as check_average_args
+// does).
+std::vector<at::Tensor> check_swag_args(
+    const char* op,
+    at::TensorList mean,
+    at::TensorList variance,
+    at::TensorList deviation,
+    at::TensorList current,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& skip);
+
 // The values of a CPU float32/float64 weight tensor (0-dim or 1-D, any
 // stride), each read as double.
 std::vector<double> read_weights(const at::Tensor& weights);

@@ -4,7 +4,8 @@
 whose averaging runs as fused multi-tensor kernels (C++ on CPU, CUDA on GPU).
 The kernels themselves are ``torch.ops.swa_fast.*``, wrapped here as
 :func:`average_`, :func:`multi_average_` (K averages from one read of the
-model), :func:`average_moments_` and :func:`nonfinite_flag`.
+model), :func:`average_moments_`, :func:`swag_moments_` (SWAG's mean, centred
+variance and deviation in one pass) and :func:`nonfinite_flag`.
 :class:`WeightAverage` is the averaging core for every model (plain, DDP,
 FSDP2-sharded, offloaded to host memory), with ``swapped_into`` for evaluation.
 ``swa_fast.posthoc`` is post-hoc EMA (``PowerFunctionEMA``, ``reconstruct``).
@@ -16,7 +17,7 @@ FSDP2-sharded, offloaded to host memory), with ``swapped_into`` for evaluation.
 __version__ = "0.1.0"
 
 from swa_fast import checkpoint_average, distance, nn, posthoc, regime, swa_utils  # noqa: E402
-from swa_fast.ops.average import average_, average_moments_, multi_average_, nonfinite_flag  # noqa: E402
+from swa_fast.ops.average import average_, average_moments_, multi_average_, nonfinite_flag, swag_moments_  # noqa: E402
 from swa_fast.ops import BUILD_INFO  # noqa: E402  (loads _C and registers every op)
 from swa_fast.averaging import MultiAverage, WeightAverage  # noqa: E402
 
@@ -26,6 +27,7 @@ __all__ = [
     "WeightAverage",
     "average_",
     "average_moments_",
+    "swag_moments_",
     "checkpoint_average",
     "distance",
     "multi_average_",

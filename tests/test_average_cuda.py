@@ -778,3 +778,251 @@ def test_opcheck_multi_average(count):
             averaged += avg + [torch.zeros((), dtype=torch.long, device=DEVICE)]
         current = current + [torch.tensor(7, device=DEVICE)]
         torch.library.opcheck(torch.ops.swa_fast.multi_average_.default, (averaged, current, weights, skip))
+
+
+# ---------------------------------------------------------------------------
+# swag_moments_: SwagFunctor (depth 4 with deviation, depth 3 without), the same
+# per-element arithmetic as the CPU kernel (explicit fma and products)
+# ---------------------------------------------------------------------------
+
+SWAG_WEIGHTS = [1e-3, 0.3, 0.49999997, 0.5, 0.7, 1.0]
+# The CPU kernel rounds its multiply-adds with fma only in an AVX2+FMA build: then it is the
+# reference bit for bit.
+CPU_HAS_FMA = swa_fast.BUILD_INFO["cpu_capability"] == "avx2"
+needs_cpu_fma = pytest.mark.skipif(not CPU_HAS_FMA, reason="the CPU kernel rounds like the GPU one only with FMA")
+
+
+def swag_lists(avg_dtype, cur_dtype, sizes=SIZES, seed=0, device=DEVICE):
+    """mean, variance (>= 0), deviation (stale values, overwritten) and current lists."""
+    mean = [make(n, avg_dtype, seed=seed + i, device=device) for i, n in enumerate(sizes)]
+    variance = [make(n, avg_dtype, seed=seed + 100 + i, device=device).abs() for i, n in enumerate(sizes)]
+    deviation = [make(n, avg_dtype, seed=seed + 200 + i, device=device) for i, n in enumerate(sizes)]
+    current = [make(n, cur_dtype, seed=seed + 300 + i, device=device) for i, n in enumerate(sizes)]
+    return mean, variance, deviation, current
+
+
+def swag_on_cpu(mean, variance, deviation, current, weight, skip=None):
+    """swag_moments_'s CPU kernel on host copies: (mean, variance, deviation)."""
+    m, v, d, c = ([t.cpu() for t in ts] for ts in (mean, variance, deviation, current))
+    w = weight.cpu() if isinstance(weight, torch.Tensor) else weight
+    swa_fast.swag_moments_(m, v, d, c, w, None if skip is None else skip.cpu())
+    return m, v, d
+
+
+def swag_reference(mean, variance, current, weight):
+    """The formulas in float64, unrounded (weight as the kernel rounds it; w == 1 copies x)."""
+    opmath = torch.float64 if mean.dtype == torch.float64 else torch.float32
+    w = float(torch.tensor(weight, dtype=opmath))
+    m, v, x = (t.double() for t in (mean, variance, current))
+    d = x - m
+    new_mean = x.clone() if weight == 1.0 else m + w * d
+    return new_mean, (1 - w) * (v + w * d * d), x - new_mean
+
+
+def assert_bitwise_lists(got, want):
+    """Bitwise, NaNs and signed zeros included."""
+    assert_equal_multi([got], [want])
+
+
+@needs_cpu_fma
+@pytest.mark.parametrize("avg_dtype,cur_dtype", MULTI_PAIRS)
+@pytest.mark.parametrize("weight", SWAG_WEIGHTS)
+def test_swag_moments_bitwise_equal_to_the_cpu_kernel(avg_dtype, cur_dtype, weight):
+    for with_deviation in (True, False):
+        mean, variance, deviation, current = swag_lists(avg_dtype, cur_dtype, seed=7)
+        deviation = deviation if with_deviation else []
+        want = swag_on_cpu(mean, variance, deviation, current, weight)
+        swa_fast.swag_moments_(mean, variance, deviation, current, weight)
+        for got, expected in zip((mean, variance, deviation), want):
+            assert_bitwise_lists([t.cpu() for t in got], expected)
+
+
+@pytest.mark.parametrize("avg_dtype,cur_dtype", MULTI_PAIRS)
+@pytest.mark.parametrize("weight", SWAG_WEIGHTS)
+def test_swag_moments_mean_is_average_and_the_rest_float64(avg_dtype, cur_dtype, weight):
+    mean, variance, deviation, current = swag_lists(avg_dtype, cur_dtype, seed=3)
+    old_mean, old_variance = [m.clone() for m in mean], [v.clone() for v in variance]
+    expected_mean = [m.clone() for m in mean]
+    swa_fast.average_(expected_mean, current, weight)
+    swa_fast.swag_moments_(mean, variance, deviation, current, weight)
+    assert_bitwise_lists(mean, expected_mean)
+    opmath = torch.float64 if avg_dtype == torch.float64 else torch.float32
+    eps_t, eps_s = torch.finfo(opmath).eps, torch.finfo(avg_dtype).eps
+    spacing = torch.finfo(avg_dtype).tiny * eps_s
+    for v, e, m, s, x in zip(variance, deviation, old_mean, old_variance, current):
+        _, ref_var, ref_dev = swag_reference(m, s, x, weight)
+        scale = torch.maximum(m.double().abs(), x.double().abs())
+        assert bool(((v.double() - ref_var).abs() <= (6 * eps_t + eps_s) * ref_var + spacing).all())
+        assert bool(((e.double() - ref_dev).abs() <= 3 * eps_t * scale + eps_s * ref_dev.abs() + spacing).all())
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float64])
+def test_swag_moments_device_weight_tensor(weight_dtype):
+    w = torch.tensor(0.3, dtype=weight_dtype, device=DEVICE)
+    lists = swag_lists(torch.float32, torch.bfloat16, seed=11)
+    floats = [[t.clone() for t in ts] for ts in lists]
+    swa_fast.swag_moments_(*lists, w)
+    swa_fast.swag_moments_(*floats, float(w.cpu()))  # the same value as a Python float
+    assert_equal_multi(lists[:3], floats[:3])
+
+
+@pytest.mark.parametrize("offset", [1, 3])
+@pytest.mark.parametrize("which", ["current", "mean", "deviation", "all"])
+def test_swag_moments_misaligned_views(offset, which):
+    # The scalar path (any pointer misaligned) gives the same bits as the vector path.
+    sizes = [1, 5, 1023, 65537, 200003]
+    aligned = swag_lists(torch.float32, torch.bfloat16, sizes=sizes, seed=13)
+    shifted = []
+    for k, ts in enumerate(aligned):
+        shift = which == "all" or (which, k) in (("mean", 0), ("deviation", 2), ("current", 3))
+        shifted.append([shifted_view(t, offset) if shift else t.clone() for t in ts])
+    swa_fast.swag_moments_(*aligned, 0.3)
+    swa_fast.swag_moments_(*shifted, 0.3)
+    assert_equal_multi(shifted[:3], aligned[:3])
+
+
+def shifted_view(t, offset):
+    """t's values in a fresh storage, `offset` elements in (misaligned for 16-byte accesses)."""
+    storage = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = storage[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def test_swag_moments_more_tensors_than_one_launch_holds():
+    # More tensors than a depth-4 launch holds (53 at 4 KB, 462 at 32 KB), and one tensor with more
+    # chunks than a launch has blocks (carried into the next launch): the same bits as one call per tensor.
+    from swa_fast.ops.launch_plan import launch_limits
+
+    limits = launch_limits()
+    sizes = [1 + (i * 37) % 300 for i in range(limits["max_tensors"][3] + 20)]
+    sizes[10] = (limits["max_blocks"] + 3) * limits["chunk_size"] + 17
+    sizes[11] = 0
+    lists = swag_lists(torch.float32, torch.float32, sizes=sizes, seed=17)
+    one_by_one = [[t.clone() for t in ts] for ts in lists]
+    swa_fast.swag_moments_(*lists, 0.05)
+    for i in range(len(sizes)):
+        swa_fast.swag_moments_(*([ts[i]] for ts in one_by_one), 0.05)
+    assert_equal_multi(lists[:3], one_by_one[:3])
+
+
+def test_swag_moments_mixed_dtypes_in_one_call():
+    pairs = MULTI_PAIRS
+    sizes = [100, 65537, 1, 9, 3, 1023, 5, 17]
+    mean = [make(n, avg, seed=i) for i, ((avg, _), n) in enumerate(zip(pairs, sizes))]
+    variance = [m.abs() for m in mean]
+    deviation = [torch.zeros_like(m) for m in mean]
+    current = [make(n, cur, seed=50 + i) for i, ((_, cur), n) in enumerate(zip(pairs, sizes))]
+    separate = [[t.clone() for t in ts] for ts in (mean, variance, deviation)]
+    swa_fast.swag_moments_(mean, variance, deviation, current, 0.2)
+    for i in range(len(sizes)):
+        swa_fast.swag_moments_([separate[0][i]], [separate[1][i]], [separate[2][i]], [current[i]], 0.2)
+    assert_equal_multi([mean, variance, deviation], separate)
+
+
+def test_swag_moments_ring_buffer_columns():
+    shapes = [(4, 3), (), (70001,), (2, 3, 4, 5)]
+    mean = [helpers.make(s, torch.float32, DEVICE, i) for i, s in enumerate(shapes)]
+    mean[3] = mean[3].to(memory_format=torch.channels_last)
+    variance = [m.abs() for m in mean]
+    total = sum(m.numel() for m in mean)
+    block = torch.zeros(2 * total, device=DEVICE)
+    columns, offset = [], 0
+    for _ in range(2):
+        column = []
+        for m in mean:
+            column.append(block.as_strided(m.shape, m.stride(), offset))
+            offset += m.numel()
+        columns.append(column)
+    separate = [torch.empty_like(m) for m in mean]
+    reference = [[m.clone() for m in mean], [v.clone() for v in variance]]
+    for n in range(4):
+        current = [helpers.make(m.shape, torch.float32, DEVICE, 30 * n + i) for i, m in enumerate(mean)]
+        swa_fast.swag_moments_(mean, variance, columns[n % 2], current, 1 / (n + 1))
+        swa_fast.swag_moments_(*reference, separate, current, 1 / (n + 1))
+        assert_equal_multi([mean, variance, [c.contiguous() for c in columns[n % 2]]],
+                           reference + [[s.contiguous() for s in separate]])
+
+
+def test_swag_moments_trajectory_is_the_population_variance():
+    size = 5000
+    mean, variance, deviation = (torch.zeros(size, device=DEVICE) for _ in range(3))
+    collected = []
+    eps = torch.finfo(torch.float32).eps
+    for n in range(50):
+        x = make(size, torch.float32, seed=900 + n)
+        collected.append(x.double())
+        swa_fast.swag_moments_([mean], [variance], [deviation], [x], 1 / (n + 1))
+    values = torch.stack(collected)
+    truth, largest = values.var(0, unbiased=False), values.abs().max(0).values
+    assert bool(((variance.double() - truth).abs() <= 10 * eps * (truth + largest * truth.sqrt())).all())
+    assert bool(((deviation.double() - (x.double() - values.mean(0))).abs() <= 4 * eps * largest).all())
+
+
+def test_swag_moments_skip_and_no_host_sync():
+    mean, variance, deviation, current = swag_lists(torch.float32, torch.bfloat16, seed=19)
+    before = [[t.clone() for t in ts] for ts in (mean, variance, deviation)]
+    weight = torch.tensor(0.25, device=DEVICE)  # made before the sync check: a blocking copy
+    yes, no = torch.tensor(True, device=DEVICE), torch.tensor(False, device=DEVICE)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        swa_fast.swag_moments_(mean, variance, deviation, current, weight, yes)
+        swa_fast.swag_moments_(mean, variance, [], current, 1.0, skip=yes)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_equal_multi([mean, variance, deviation], before)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        swa_fast.swag_moments_(mean, variance, deviation, current, weight, no)
+        swa_fast.swag_moments_(mean, variance, deviation, current, 0.5)  # a float becomes a device tensor by a fill
+        swa_fast.swag_moments_(mean, variance, [], current, weight, swa_fast.nonfinite_flag(current))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert not swa_fast.nonfinite_flag(mean + variance + deviation).item()
+
+
+def test_swag_moments_cuda_graph_replay_matches_eager():
+    sizes = [3, 1023, 65537, 1]
+    graph_lists = swag_lists(torch.float32, torch.bfloat16, sizes=sizes, seed=23)
+    static_cur = graph_lists[3]
+    graph_lists = graph_lists[:3]
+    eager_lists = [[t.clone() for t in ts] for ts in graph_lists]
+    weight = torch.tensor(1.0, device=DEVICE)
+
+    def step(lists, cur):
+        swa_fast.swag_moments_(*lists, cur, weight, swa_fast.nonfinite_flag(cur))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step([[t.clone() for t in ts] for ts in graph_lists], static_cur)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(graph_lists, static_cur)
+    for n in range(5):
+        for i, c in enumerate(static_cur):
+            c.copy_(make(c.numel(), c.dtype, seed=400 * (n + 1) + i))
+        if n == 2:
+            static_cur[2][5] = float("nan")  # skipped in the graph as in eager
+        weight.fill_(1.0 / (n + 1))
+        graph.replay()
+        step(eager_lists, static_cur)
+        torch.cuda.synchronize()
+        assert_equal_multi(graph_lists, eager_lists)
+    assert not swa_fast.nonfinite_flag(graph_lists[0] + graph_lists[1]).item()
+
+
+@pytest.mark.parametrize("with_deviation", [True, False])
+def test_opcheck_swag_moments(with_deviation):
+    mean, current = _opcheck_lists()
+    variance = [m.abs() for m in mean]
+    deviation = [torch.zeros_like(m) for m in mean] if with_deviation else []
+    for weight_dtype in (torch.float32, torch.float64):
+        weight = torch.tensor(0.25, dtype=weight_dtype, device=DEVICE)
+        for skip in (None, torch.tensor(False, device=DEVICE)):
+            torch.library.opcheck(torch.ops.swa_fast.swag_moments_.default,
+                                  (mean, variance, deviation, current, weight, skip))

@@ -1,5 +1,8 @@
 """torch.ops.swa_fast.average_ / average_moments_ / nonfinite_flag against pure-torch references."""
 
+import math
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -670,3 +673,371 @@ def test_multi_average_in_place_rules():
     before = leaf.detach().clone()
     swa_fast.multi_average_([averaged[0], [averaged[1][0], leaf]], current, [0.5, 0.5])
     assert torch.equal(leaf.detach(), torch_lerp(before, current[1], 0.5))
+
+
+# ---------------------------------------------------------------------------
+# swag_moments_: SWAG's mean (average_'s lerp), centred variance and deviation
+# ---------------------------------------------------------------------------
+
+SWAG_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float16),
+    (torch.float64, torch.float32),
+]
+# 0-dim, empty, around the vector widths (4 and 8 lanes), the 512-element conversion
+# blocks, the 32k-element CPU chunks, and several chunks with a ragged end.
+SWAG_SHAPES = [(), (0,), (1,), (3,), (7,), (8,), (9,), (17,), (511,), (513,), (5, 7, 3), (32_767,), (32_769,),
+               (70_001,)]
+SWAG_WEIGHTS = [1e-3, 0.25, 1 / 3, 0.5, 0.75, 0.999, 1.0]
+
+
+def opmath_of(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def swag_reference(mean, variance, current, weight):
+    """The formulas of swag_moments_ in float64, unrounded: (mean, variance, deviation). The weight is
+    the one the kernel computes with (rounded to the arithmetic type); w == 1 copies x into the mean."""
+    w = float(torch.tensor(weight, dtype=opmath_of(mean.dtype)))
+    m, v, x = (t.double() for t in (mean, variance, current))
+    d = x - m
+    new_mean = x.clone() if weight == 1.0 else m + w * d
+    return new_mean, (1 - w) * (v + w * d * d), x - new_mean
+
+
+def swag_lists(avg_dtype, cur_dtype, device, shapes=SWAG_SHAPES, seed=0):
+    """mean, variance (>= 0), deviation (garbage, to be overwritten) and current lists."""
+    mean = [make(s, avg_dtype, device, seed + i) for i, s in enumerate(shapes)]
+    variance = [make(s, avg_dtype, device, seed + 100 + i).abs() for i, s in enumerate(shapes)]
+    deviation = [make(s, avg_dtype, device, seed + 200 + i) for i, s in enumerate(shapes)]
+    current = [make(s, cur_dtype, device, seed + 300 + i) for i, s in enumerate(shapes)]
+    return mean, variance, deviation, current
+
+
+def assert_swag_close(got, old, current, weight):
+    """got = (mean, variance, deviation) after one step from old = (mean, variance) against the
+    float64 formulas: each operation rounds once in the arithmetic type, each result once more to the
+    averages' dtype, so the errors are a few units in the last place of the operands' scale."""
+    mean, variance, deviation = got
+    ref_mean, ref_var, ref_dev = swag_reference(old[0], old[1], current, weight)
+    eps_t = torch.finfo(opmath_of(mean.dtype)).eps
+    eps_s = torch.finfo(mean.dtype).eps
+    scale = torch.maximum(old[0].double().abs(), current.double().abs())
+    spacing = torch.finfo(mean.dtype).tiny * eps_s  # of subnormals (fp16: results near 0)
+    assert bool(((mean.double() - ref_mean).abs() <= 2 * eps_t * scale + eps_s * ref_mean.abs() + spacing).all())
+    # Every term of the variance is >= 0: a relative bound (d, w*d, the fma, the product: 4 roundings,
+    # d counted twice), plus the rounding to the storage dtype.
+    assert bool(((variance.double() - ref_var).abs() <= 6 * eps_t * ref_var + eps_s * ref_var + spacing).all())
+    assert bool((variance >= 0).all())
+    if deviation is not None:
+        assert bool(((deviation.double() - ref_dev).abs() <= 3 * eps_t * scale + eps_s * ref_dev.abs() + spacing).all())
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("avg_dtype,cur_dtype", SWAG_PAIRS)
+@pytest.mark.parametrize("weight", SWAG_WEIGHTS)
+def test_swag_moments_against_float64_and_average_(device, avg_dtype, cur_dtype, weight):
+    mean, variance, deviation, current = swag_lists(avg_dtype, cur_dtype, device)
+    old = [(m.clone(), v.clone()) for m, v in zip(mean, variance)]
+    # The mean is bitwise what average_ gives on the same inputs (the same lerp code).
+    expected_mean = [m.clone() for m in mean]
+    swa_fast.average_(expected_mean, current, weight)
+    # Without deviation: the same mean and variance, bit for bit.
+    diagonal = [[m.clone() for m in mean], [v.clone() for v in variance]]
+    swa_fast.swag_moments_(mean, variance, deviation, current, weight)
+    swa_fast.swag_moments_(diagonal[0], diagonal[1], [], current, weight)
+    assert_lists_equal([mean, diagonal[0], diagonal[1]], [expected_mean, mean, variance])
+    for m, v, e, (old_m, old_v), x in zip(mean, variance, deviation, old, current):
+        assert m.dtype == v.dtype == e.dtype == avg_dtype
+        assert_swag_close((m, v, e), (old_m, old_v), x, weight)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_swag_moments_first_collection_resets(device, dtype):
+    # w == 1: mean = x exactly (average_'s copy), variance = 0 and deviation = 0 for finite values.
+    mean, variance, deviation, current = swag_lists(dtype, dtype, device, shapes=[(37,), (1025,)], seed=4)
+    swa_fast.swag_moments_(mean, variance, deviation, current, 1.0)
+    zeros = [torch.zeros_like(c) for c in current]
+    assert_lists_equal([mean, variance, deviation], [current, zeros, zeros])
+
+
+@pytest.mark.parametrize("device", devices())
+def test_swag_moments_layouts(device):
+    shape = (2, 3, 4, 5)
+    n = 2 * 3 * 4 * 5
+
+    def run(layout_mean, current):
+        mean = make(n, torch.float32, device, 1).reshape(shape)
+        variance = make(n, torch.float32, device, 2).abs().reshape(shape)
+        if layout_mean == "channels_last":
+            mean, variance = (t.to(memory_format=torch.channels_last) for t in (mean, variance))
+        elif layout_mean == "transposed":  # dense, not contiguous
+            mean, variance = (t.transpose(1, 3).contiguous().transpose(1, 3) for t in (mean, variance))
+        deviation = torch.empty_like(mean)
+        assert deviation.stride() == mean.stride()
+        old = mean.clone(), variance.clone()
+        swa_fast.swag_moments_([mean], [variance], [deviation], [current], 0.3)
+        assert_swag_close((mean, variance, deviation), old, current, 0.3)
+        assert mean.stride() == variance.stride() == deviation.stride()
+        return mean.contiguous(), variance.contiguous(), deviation.contiguous()
+
+    contiguous = make(n, torch.float32, device, 3).reshape(shape)
+    currents = [
+        contiguous,
+        contiguous.to(memory_format=torch.channels_last),
+        make(2 * n, torch.float32, device, 3)[::2].reshape(shape),  # not dense: copied once
+        make(n + 1, torch.float32, device, 4)[1:].reshape(shape),  # storage offset, misaligned
+        contiguous.to(torch.bfloat16).to(memory_format=torch.channels_last),
+    ]
+    for layout in ("contiguous", "channels_last", "transposed"):
+        results = [run(layout, c) for c in currents[:2]]
+        assert all(torch.equal(a, b) for a, b in zip(*results))  # the values do not depend on the layouts
+        for c in currents[2:]:
+            run(layout, c)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_swag_moments_trajectory_is_the_population_variance(device, dtype):
+    # 50 collections with w = 1/(n+1) (the first weight 1): the mean is average_'s SWA mean bit for
+    # bit, the variance the population variance of the collected values, the deviation x_n - mean_n.
+    size = 1000
+    mean, variance, deviation = (torch.zeros(size, dtype=dtype, device=device) for _ in range(3))
+    swa_mean = torch.zeros(size, dtype=dtype, device=device)
+    eps = torch.finfo(dtype).eps
+    collected = []
+    for n in range(50):
+        x = make(size, dtype, device, 1000 + n)
+        collected.append(x.double())
+        swa_fast.swag_moments_([mean], [variance], [deviation], [x], 1 / (n + 1))
+        swa_fast.average_([swa_mean], [x], 1 / (n + 1))
+        assert torch.equal(bits(mean), bits(swa_mean))
+        values = torch.stack(collected)
+        truth, truth_mean = values.var(0, unbiased=False), values.mean(0)
+        largest = values.abs().max(0).values
+        # Rounding errors of the running mean reach the variance through d: relative to
+        # |x| * sqrt(var), not var alone (a tiny spread after two close values).
+        bound = 10 * eps * (truth + largest * truth.sqrt())
+        assert bool(((variance.double() - truth).abs() <= bound).all()), n
+        assert bool(((deviation.double() - (x.double() - truth_mean)).abs() <= 4 * eps * largest).all()), n
+
+
+@pytest.mark.parametrize("spread,worst", [(1e-2, 0.05), (1e-3, 0.15)])
+def test_swag_moments_centred_variance_survives_a_large_mean(spread, worst):
+    # fp32 weights 1000 + spread * randn: the centred recurrence keeps the variance within a few
+    # percent of the float64 truth (of the fp32 values collected), while E[x^2] - E[x]^2 from
+    # average_moments_'s fp32 moments loses it to cancellation (ulp(1e6) = 0.0625 >> spread^2).
+    # At spread 1e-3 the fp32 mean itself (ulp(1000) = 6e-5) is off by up to a quarter of the
+    # spread, which bounds any fp32 running estimate; the median stays within a percent.
+    size = 4096
+    mean, variance, deviation, moment_mean, sq_mean = (torch.zeros(size) for _ in range(5))
+    collected = []
+    for n in range(50):
+        x = (1000 + spread * make(size, torch.float64, "cpu", 2000 + n)).float()
+        collected.append(x.double())
+        swa_fast.swag_moments_([mean], [variance], [deviation], [x], 1 / (n + 1))
+        swa_fast.average_moments_([moment_mean], [sq_mean], [x], 1 / (n + 1))
+    truth = torch.stack(collected).var(0, unbiased=False)
+    centred = (variance.double() - truth).abs() / truth
+    cancelled = (sq_mean.double() - moment_mean.double() ** 2 - truth).abs() / truth
+    assert centred.max() < worst and centred.median() < 0.01
+    assert cancelled.median() > 100  # orders of magnitude off: why the op is centred
+
+
+@pytest.mark.parametrize("device", devices())
+def test_swag_moments_skip_and_empty_lists(device):
+    mean, variance, deviation, current = swag_lists(torch.float32, torch.bfloat16, device, shapes=[(100,), (7,)])
+    before = clones([mean, variance, deviation])
+    swa_fast.swag_moments_(mean, variance, deviation, current, 0.5, torch.tensor(True, device=device))
+    swa_fast.swag_moments_(mean, variance, [], current, 1.0, skip=torch.tensor(True, device=device))
+    assert_lists_equal([mean, variance, deviation], before)
+    swa_fast.swag_moments_(mean, variance, deviation, current, 0.5, skip=torch.tensor(False, device=device))
+    for m, v, e, old_m, old_v, x in zip(mean, variance, deviation, before[0], before[1], current):
+        assert_swag_close((m, v, e), (old_m, old_v), x, 0.5)
+    assert swa_fast.swag_moments_([], [], [], [], 0.5) is None
+    assert swa_fast.swag_moments_([], [], None, [], 0.5) is None
+
+
+def ring_columns(mean, columns, device):
+    """SWAG's deviation ring buffer: one block, and per column the views
+    block.as_strided(mean[i].shape, mean[i].stride(), offset), non-overlapping, sharing the storage."""
+    total = sum(m.numel() for m in mean)
+    block = torch.full((columns * total,), float("nan"), dtype=mean[0].dtype, device=device)
+    views, offset = [], 0
+    for _ in range(columns):
+        column = []
+        for m in mean:
+            column.append(block.as_strided(m.shape, m.stride(), offset))
+            offset += m.numel()
+        views.append(column)
+    return block, views
+
+
+@pytest.mark.parametrize("device", devices())
+def test_swag_moments_writes_ring_buffer_columns(device):
+    shapes = [(4, 3), (), (1000,), (2, 3, 4, 5)]
+    mean, variance, _, _ = swag_lists(torch.float32, torch.float32, device, shapes=shapes, seed=7)
+    mean[3] = mean[3].to(memory_format=torch.channels_last)
+    variance[3] = variance[3].to(memory_format=torch.channels_last)
+    block, columns = ring_columns(mean, 3, device)
+    separate = [torch.empty_like(m) for m in mean]
+    reference = clones([mean, variance])
+    for n in range(5):
+        current = [make(m.shape, torch.float32, device, 50 * n + i) for i, m in enumerate(mean)]
+        swa_fast.swag_moments_(mean, variance, columns[n % 3], current, 1 / (n + 1))
+        swa_fast.swag_moments_(reference[0], reference[1], separate, current, 1 / (n + 1))
+        assert_lists_equal([mean, variance, [c.contiguous() for c in columns[n % 3]]],
+                           reference + [[s.contiguous() for s in separate]])
+        assert torch.isnan(block).sum() == max(0, 2 - n) * block.numel() // 3  # columns not yet written
+    assert all(c.stride() == m.stride() for c, m in zip(columns[0], mean))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_swag_moments_in_place_rules(device):
+    mean, variance, deviation, current = swag_lists(torch.float32, torch.float32, device, shapes=[(4,), (2,)])
+    versions = [[t._version for t in ts] for ts in (mean, variance, deviation)]
+    swa_fast.swag_moments_(mean, variance, deviation, current, 0.5)
+    assert [[t._version for t in ts] for ts in (mean, variance, deviation)] == [[v + 1 for v in vs] for vs in versions]
+    assert all(c._version == 0 for c in current)
+    weight = torch.tensor(0.5, device=device)
+    for name, index in (("mean", 0), ("variance", 1), ("deviation", 2)):
+        lists = [list(mean), list(variance), list(deviation)]
+        leaf = make(2, torch.float32, device, 9).abs().requires_grad_()
+        lists[index][1] = leaf
+        before = leaf.detach().clone()
+        with pytest.raises(RuntimeError, match=rf"swag_moments_: {name}\[1\] is a leaf Variable that requires grad"):
+            torch.ops.swa_fast.swag_moments_(*lists, current, weight, None)
+        assert torch.equal(leaf.detach(), before)
+        swa_fast.swag_moments_(*lists, current, weight)  # the wrapper runs under no_grad: allowed
+    # A saved tensor modified in place: autograd notices.
+    w = make(4, torch.float32, device, 3).requires_grad_()
+    loss = (w * deviation[0]).sum()
+    swa_fast.swag_moments_(mean, variance, deviation, current, 0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_swag_moments_refuses_overlapping_memory(device):
+    mean, variance, deviation, current = swag_lists(torch.float32, torch.float32, device, shapes=[(12,), (6,)])
+    block = make(40, torch.float32, device, 11)
+    block[39] = 0.25  # a valid weight inside a written tensor
+    cases = [
+        ("deviation is mean", (mean, variance, [mean[0], deviation[1]], current),
+         r"mean\[0\] and deviation\[0\] share memory"),
+        ("variance is mean", (mean, [variance[0], mean[1]], deviation, current),
+         r"mean\[1\] and variance\[1\] share memory"),
+        ("two deviation views overlap",
+         (mean, variance, [block.as_strided((12,), (1,), 0), block.as_strided((6,), (1,), 8)], current),
+         r"deviation\[0\] and deviation\[1\] share memory"),
+        ("deviation overlaps current",
+         (mean, variance, [block.as_strided((12,), (1,), 0), deviation[1]],
+          [current[0], block.as_strided((6,), (1,), 11)]),
+         r"deviation\[0\] and current\[1\] share memory"),
+        ("mean is current", (mean, variance, deviation, [mean[0], current[1]]),
+         r"mean\[0\] and current\[0\] share memory"),
+        ("the weight inside the variance", (mean, [variance[0], block[34:40]], deviation, current),
+         r"variance\[1\] and weight share memory"),
+    ]
+    for what, args, message in cases:
+        snapshot = clones([mean, variance, deviation, current, [block]])
+        weight = block[39] if what.startswith("the weight") else torch.tensor(0.25, device=device)
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.swa_fast.swag_moments_(*(list(a) for a in args), weight, None)
+        assert_lists_equal([mean, variance, deviation, current, [block]], snapshot)
+    # Distinct views of one storage (ring columns) are not an overlap.
+    torch.ops.swa_fast.swag_moments_(
+        mean, variance, [block.as_strided((12,), (1,), 0), block.as_strided((6,), (1,), 12)], current,
+        torch.tensor(0.25, device=device), None)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_swag_moments_opcheck(device):
+    def sample(with_deviation):
+        mean = [make(33, torch.float32, device, 0), make(5, torch.float64, device, 1),
+                make((2, 3), torch.float16, device, 2)]
+        variance = [m.abs() for m in mean]
+        deviation = [torch.zeros_like(m) for m in mean] if with_deviation else []
+        current = [make(33, torch.bfloat16, device, 3), make(5, torch.float64, device, 4),
+                   make((2, 3), torch.float16, device, 5)]
+        return mean, variance, deviation, current
+
+    for with_deviation in (True, False):
+        for weight_dtype in (torch.float32, torch.float64):
+            weight = torch.tensor(0.25, dtype=weight_dtype, device=device)
+            for skip in (None, torch.tensor(False, device=device), torch.tensor(True, device=device)):
+                torch.library.opcheck(torch.ops.swa_fast.swag_moments_.default,
+                                      (*sample(with_deviation), weight, skip))
+
+
+def test_swag_moments_is_independent_of_the_thread_count():
+    shapes = [(300_000,), (70_001,), (5,), (2, 3, 4, 5)]  # enough elements for several threads
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            mean, variance, deviation, current = swag_lists(torch.float32, torch.bfloat16, "cpu", shapes=shapes)
+            swa_fast.swag_moments_(mean, variance, deviation, current, 0.3)
+            results.append([mean, variance, deviation])
+    finally:
+        torch.set_num_threads(threads)
+    assert_lists_equal(results[0], results[1])
+
+
+def round_to_float32(q: Fraction) -> float:
+    """The float32 nearest to the exact rational q (ties to even): one correct rounding, as a float32
+    operation (or fma) gives, without the double rounding of going through float64."""
+    if q == 0:
+        return 0.0
+    a = abs(q)
+    exponent = a.numerator.bit_length() - a.denominator.bit_length()
+    if Fraction(2) ** exponent > a:
+        exponent -= 1
+    ulp = Fraction(2) ** (max(exponent, -126) - 23)  # subnormals below 2^-126
+    units = a / ulp
+    whole = math.floor(units)
+    rest = units - whole
+    if rest > Fraction(1, 2) or (rest == Fraction(1, 2) and whole % 2 == 1):
+        whole += 1
+    return math.copysign(float(whole * ulp), q)
+
+
+def swag_as_written_float32(m: float, v: float, x: float, weight: float) -> tuple:
+    """One element of swag_moments_ with float32 arithmetic, every operation rounded once, exactly
+    as the schema comment writes it (the lerp as average_'s: fma(w, d, m) or fma(w - 1, d, x))."""
+    f = Fraction
+    w = round_to_float32(f(weight))
+    d = round_to_float32(f(x) - f(m))
+    if weight == 1.0:
+        mean = x
+    elif abs(w) < 0.5:
+        mean = round_to_float32(f(w) * f(d) + f(m))
+    else:
+        mean = round_to_float32(f(w - 1) * f(d) + f(x))
+    t = round_to_float32(f(w) * f(d))
+    variance = round_to_float32(f(round_to_float32(1 - f(w))) * f(round_to_float32(f(t) * f(d) + f(v))))
+    return mean, variance, round_to_float32(f(x) - f(mean))
+
+
+@pytest.mark.skipif(swa_fast.BUILD_INFO["cpu_capability"] != "avx2",
+                    reason="a default-ISA build rounds the multiply-adds without fma")
+@pytest.mark.parametrize("avg_dtype,cur_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                                  (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)])
+def test_swag_moments_rounds_exactly_as_written(avg_dtype, cur_dtype):
+    # Bitwise against an exact emulation of the fp32 arithmetic (each operation one rounding, the
+    # fma one), tails included: the kernel computes the formulas as written, nothing fused more or less.
+    size = 203
+    for weight in (1e-3, 1 / 7, 0.5, 0.8, 1.0):
+        mean, variance, deviation, current = swag_lists(avg_dtype, cur_dtype, "cpu", shapes=[(size,)], seed=5)
+        mean[0][:50] += 100  # large means: d loses bits to cancellation, as in real weights
+        old = [t[0].float().tolist() for t in (mean, variance, current)]
+        swa_fast.swag_moments_(mean, variance, deviation, current, weight)
+        emulated = [swag_as_written_float32(m, v, x, weight) for m, v, x in zip(*old)]
+        for got, want in zip((mean[0], variance[0], deviation[0]), zip(*emulated)):
+            assert torch.equal(bits(got), bits(torch.tensor(want, dtype=torch.float32).to(avg_dtype))), weight

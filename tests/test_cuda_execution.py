@@ -64,6 +64,17 @@ def moments_run(t):
     return t["mean"] + t["sq"]
 
 
+def swag_inputs(device, seed):
+    mean = lists(device, seed)
+    return {"mean": mean, "variance": [m.abs() for m in mean], "deviation": lists(device, seed + 20),
+            "current": lists(device, seed + 10, torch.bfloat16)}
+
+
+def swag_run(t):
+    swa_fast.swag_moments_(t["mean"], t["variance"], t["deviation"], t["current"], 0.3)
+    return t["mean"] + t["variance"] + t["deviation"]
+
+
 def nonfinite_inputs(device, seed):
     tensors = lists(device, seed)
     tensors[-1][seed % 1000] = float("nan") if seed % 2 == 0 else 1.0
@@ -106,6 +117,7 @@ def ghost_run(t):
 CASES = [
     OpCase("average_", average_inputs, average_run),
     OpCase("average_moments_", moments_inputs, moments_run),
+    OpCase("swag_moments_", swag_inputs, swag_run),
     OpCase("nonfinite_flag", nonfinite_inputs, nonfinite_run),
     OpCase("distance", distance_inputs, distance_run),
     OpCase("ghost_batch_norm", ghost_inputs, ghost_run),

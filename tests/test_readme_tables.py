@@ -48,6 +48,8 @@ def cpu_report():
                      "candidates": candidates(torch_emas=34.0, weight_averages=30.0, multi_average=22.0, copy=9.0)},
         "posthoc": {"suite": "posthoc", **resnet, "model_dtype": "float32", "avg_dtype": "float32",
                     "candidates": candidates(ema_pytorch_posthoc=20.0, swa_fast_power_ema=15.0, copy=9.5)},
+        "swag": {"suite": "swag", **resnet, "model_dtype": "float32", "avg_dtype": "float32", "max_rank": 20,
+                 "candidates": candidates(reference_swag=500.0, torch_foreach_swag=60.0, swa_fast_swag=20.0, copy=9.5)},
     }, loadavg_start=[0.5, 1.0, 1.0], loadavg_end=[1.75, 1.0, 1.0])
 
 
@@ -75,7 +77,7 @@ def test_readme_agrees_with_the_committed_results():
     done = subprocess.run([sys.executable, "benchmarks/readme_tables.py", "--check"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "5 tables agree" in done.stdout  # multi, posthoc, averaging, ghost_bn and distance of the CPU run
+    assert "6 tables agree" in done.stdout  # multi, posthoc, swag, averaging, ghost_bn and distance of the CPU run
 
 
 def test_formatter_on_a_cpu_report():
@@ -98,6 +100,8 @@ def test_formatter_on_a_cpu_report():
         "| ResNet-50 (25.6M fp32), K = 3 | 34.0 | 30.0 | 22.0 | 1.36x of 1.29x (106%) | 1.55x | 9.0 |", "", CPU_LINE]
     assert readme_tables.format_block(report, "posthoc", "cpu.json").splitlines()[2:] == [
         "| ResNet-50 (25.6M fp32), two profiles | 20.0 | 15.0 | 1.33x | 9.5 |", "", CPU_LINE]
+    assert readme_tables.format_block(report, "swag", "cpu.json").splitlines()[2:] == [
+        "| ResNet-50 (25.6M fp32), max_rank 20 | 500.0 | 60.0 | 20.0 | 25.0x / 3.0x | 9.5 |", "", CPU_LINE]
 
 
 def test_formatter_on_a_cuda_report():
@@ -116,13 +120,15 @@ def test_formatter_on_a_cuda_report():
 def test_check_fails_on_a_changed_figure_and_write_repairs_it(tmp_path, capsys):
     readme = tmp_path / "README.md"
     original = README.read_text()
-    changed = original.replace("| 53.8 |", "| 75.0 |", 1)
-    assert changed != original
+    row = "| ResNet-50 (161 tensors, 25.6M fp32) | "
+    figure = original.split(row, 1)[1].split(" |", 1)[0]  # torch SWA's time in the committed table
+    changed = original.replace(row + figure + " |", row + "75.0 |", 1)
+    assert changed != original and figure != "75.0"
     readme.write_text(changed)
     assert readme_tables.main(["--check", "--readme", str(readme)]) == 1
     out = capsys.readouterr().out
-    assert "-| ResNet-50 (161 tensors, 25.6M fp32) | 75.0 |" in out
-    assert "+| ResNet-50 (161 tensors, 25.6M fp32) | 53.8 |" in out
+    assert f"-{row}75.0 |" in out
+    assert f"+{row}{figure} |" in out
     assert readme.read_text() == changed  # --check writes nothing
     assert readme_tables.main(["--write", "--readme", str(readme)]) == 0
     assert readme.read_text() == original
@@ -145,9 +151,10 @@ def test_a_new_device_gets_tables_after_the_others_and_partial_runs_none(tmp_pat
     assert readme_tables.main(["--write", *args]) == 0
     text = readme.read_text()
     assert readme_tables.marker_keys(text) == [("multi", "cpu-intel-xeon-processor-2threads"),
-                                               ("posthoc", "cpu-intel-xeon-processor-2threads")] + [
+                                               ("posthoc", "cpu-intel-xeon-processor-2threads"),
+                                               ("swag", "cpu-intel-xeon-processor-2threads")] + [
         (suite, stem) for suite in ("averaging", "ghost_bn", "distance")
-        for stem in ("cpu-intel-xeon-processor-2threads", "nvidia-h200")]  # the GPU report has no multi/posthoc case
+        for stem in ("cpu-intel-xeon-processor-2threads", "nvidia-h200")]  # the GPU report has no multi/posthoc/swag case
     cpu_end = "<!-- tables:ghost_bn:cpu-intel-xeon-processor-2threads end -->\n"
     assert cpu_end + "\n<!-- tables:ghost_bn:nvidia-h200 begin -->\n" in text
     assert "| (2048, 64, 32, 32), 128, channels_last, bf16 |" in text

@@ -103,6 +103,12 @@ class Driver:
                 self.run("average_", name, lambda a=averaged, c=current: self.average_case(a, c, 0.3))
                 sq = [a * a for a in averaged]
                 self.run("average_moments_", name, lambda a=averaged, s=sq, c=current: self.moments_case(a, s, c))
+                variance = [a * a for a in averaged]
+                deviation = [torch.zeros_like(a) for a in averaged]
+                self.run("swag_moments_", name, lambda a=averaged, v=variance, d=deviation, c=current:
+                         self.swag_case(a, v, d, c))
+                self.run("swag_moments_", name + " no deviation", lambda a=averaged, v=variance, c=current:
+                         self.swag_case(a, v, [], c))
         # weight 1 (copy), skip true and false, integer and bool copies.
         ints = [self.tensor(9, torch.float32, 1).mul(40).round().to(dt) for dt in
                 (torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool)]
@@ -122,6 +128,11 @@ class Driver:
         self.run("average_moments_", f"{many} tensors",
                  lambda: self.moments_case(mean, [m * m for m in mean], [self.tensor(5, torch.float32, 7000 + i)
                                                                           for i in range(many)]))
+        many = self.max_tensors[3] + 5
+        mean = [self.tensor(5, torch.float32, i) for i in range(many)]
+        self.run("swag_moments_", f"{many} tensors",
+                 lambda: self.swag_case(mean, [m * m for m in mean], [torch.zeros_like(m) for m in mean],
+                                        [self.tensor(5, torch.float32, 8000 + i) for i in range(many)]))
         big = (self.max_blocks + 1) * self.chunk + 3
         averaged = [self.tensor(5, torch.float32, 1), self.tensor(big, torch.float32, 2), self.tensor(7, torch.float32, 3)]
         current = [self.tensor(5, torch.float32, 4), self.tensor(big, torch.float32, 5), self.tensor(7, torch.float32, 6)]
@@ -224,6 +235,14 @@ class Driver:
         for i, (got, ref) in enumerate(zip(mean + sq, want_mean + want_sq)):  # on the CPU: the op against itself
             tol = 1e-2 if got.element_size() == 2 else 1e-6
             self.check(got, ref, f"moments[{i}]", rtol=tol, atol=tol)
+
+    def swag_case(self, mean, variance, deviation, current) -> None:
+        lists = [self.on_cpu(mean), self.on_cpu(variance), self.on_cpu(deviation)]
+        swa_fast.swag_moments_(*lists, self.on_cpu(current), 0.4)
+        swa_fast.swag_moments_(mean, variance, deviation, current, 0.4)
+        for i, (got, ref) in enumerate(zip(mean + variance + deviation, lists[0] + lists[1] + lists[2])):
+            tol = 1e-2 if got.element_size() == 2 else 1e-6  # on the CPU: the op against itself
+            self.check(got, ref, f"swag[{i}]", rtol=tol, atol=tol)
 
     def nonfinite_case(self, tensors, poison) -> None:
         if poison is not None:

@@ -1,14 +1,16 @@
-// CPU kernels of average_, average_moments_, multi_average_ and nonfinite_flag.
+// CPU kernels of average_, average_moments_, multi_average_, swag_moments_ and nonfinite_flag.
 //
 // Structure (mirrored by csrc/cuda/average_cuda.cu):
-//   1. check_average_args / check_multi_average_args validate everything on the host;
+//   1. check_average_args / check_multi_average_args / check_swag_args validate everything on the host;
 //   2. the whole list is cut into fixed-size chunks (cpu::kChunk elements, cpu/chunks.h), each
 //      chunk one unit of at::parallel_for work, so one huge tensor and many
 //      tiny ones load the threads evenly;
 //   3. each chunk runs lerp_chunk<avg_t, cur_t, kMoments>, which converts
 //      current to the arithmetic type (fp32, fp64 for fp64) in small stack
 //      blocks, once for all the averages of it (multi_average_ has K), and
-//      applies torch's lerp formula with at::vec::Vectorized.
+//      applies torch's lerp formula with at::vec::Vectorized (swag_moments_:
+//      swag_chunk, the same blocks and the same lerp, plus the centred variance
+//      and the deviation).
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -216,6 +218,133 @@ void multi_average_cpu(
   average_lists_cpu<false>(averaged, {}, cur, read_weights(weights));
 }
 
+// ---------------------------------------------------------------------------
+// swag_moments_: the mean (average_'s lerp), the centred variance and the
+// deviation from one read of current (CUDA: SwagFunctor)
+// ---------------------------------------------------------------------------
+
+// One SWAG step on n elements in the arithmetic type T, in place (see
+// swag_moments_'s schema comment, csrc/average_args.cpp): with d = x - m,
+//     m'  = lerp(m, x, w)            lerp_in_place's formula, the same fmadd on the same d,
+//                                    or an exact copy of x when `copy` (w == 1), as lerp_block
+//     v'  = (1 - w) * fma(w * d, d, v)
+//     dev = x - m'                   (written only with kDeviation)
+// This is the weighted Welford recurrence: for w = 1/(n+1) exactly the
+// population variance of n+1 values, var_{n+1} = (1-w)(var_n + w d^2), and for
+// any w in [0, 1] the exponentially weighted variance (West 1979). Each
+// operation rounds once in T; tails run the same vector code on partial vectors.
+template <typename T, bool kDeviation>
+void swag_in_place(T* m, T* v, T* dev, const T* x, int64_t n, T w, bool copy) {
+  using Vec = at::vec::Vectorized<T>;
+  const bool small = std::abs(w) < T(0.5);
+  const Vec coeff(small ? w : w - T(1));
+  const Vec weight(w);
+  const Vec keep(T(1) - w);
+  const auto step = [&](int64_t i, int count) {
+    const Vec vm = count == Vec::size() ? Vec::loadu(m + i) : Vec::loadu(m + i, count);
+    const Vec vv = count == Vec::size() ? Vec::loadu(v + i) : Vec::loadu(v + i, count);
+    const Vec vx = count == Vec::size() ? Vec::loadu(x + i) : Vec::loadu(x + i, count);
+    const Vec d = vx - vm;
+    const Vec mean = copy ? vx : at::vec::fmadd(coeff, d, small ? vm : vx);
+    const Vec t = weight * d;
+    const Vec variance = keep * at::vec::fmadd(t, d, vv);
+    mean.store(m + i, count);
+    variance.store(v + i, count);
+    if constexpr (kDeviation) {
+      (vx - mean).store(dev + i, count);
+    }
+  };
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    step(i, Vec::size());
+  }
+  if (i < n) {  // the tail runs the same vector formula on a partial vector
+    step(i, static_cast<int>(n - i));
+  }
+}
+
+// One chunk [begin, end) of one (mean, variance, deviation, current) set:
+// 512-element blocks, each of current converted to the arithmetic type once
+// (as lerp_chunk), the three outputs rounded once to the averages' dtype.
+// `dev` is nullptr without kDeviation.
+template <typename avg_t, typename cur_t, bool kDeviation>
+void swag_chunk(avg_t* mean, avg_t* var, avg_t* dev, const cur_t* cur, double weight, int64_t begin, int64_t end) {
+  using opmath_t = at::opmath_type<avg_t>;
+  opmath_t mean_buffer[kBlock];
+  opmath_t var_buffer[kBlock];
+  opmath_t dev_buffer[kBlock];
+  opmath_t cur_buffer[kBlock];
+  // The weight as lerp_block takes it: w == 1 tested on the double, then converted.
+  const bool copy = weight == 1.0;
+  const auto w = static_cast<opmath_t>(weight);
+  for (int64_t start = begin; start < end; start += kBlock) {
+    const int64_t n = std::min(kBlock, end - start);
+    const opmath_t* x = load_as(cur + start, cur_buffer, n);
+    opmath_t* m = load_as(mean + start, mean_buffer, n);
+    opmath_t* v = load_as(var + start, var_buffer, n);
+    opmath_t* d = nullptr;
+    if constexpr (kDeviation) {
+      d = output_block(dev + start, dev_buffer);
+    }
+    swag_in_place<opmath_t, kDeviation>(m, v, d, x, n, w, copy);
+    store_from(m, mean + start, n);
+    store_from(v, var + start, n);
+    if constexpr (kDeviation) {
+      store_from(d, dev + start, n);
+    }
+  }
+}
+
+// The update itself, after the checks: chunks of the mean list, in parallel.
+// Every element is computed alone, so the result does not depend on the
+// number of threads.
+template <bool kDeviation>
+void swag_lists_cpu(
+    at::TensorList mean,
+    at::TensorList variance,
+    at::TensorList deviation,
+    const std::vector<at::Tensor>& cur,
+    double weight) {
+  const std::vector<Chunk> chunks = split_into_chunks(mean);
+  const int64_t grain = cpu::parallel_grain(chunks);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const Chunk& chunk = chunks[c];
+      const at::Tensor& m = mean[chunk.tensor];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "swa_fast_swag_avg", [&] {
+        using avg_t = scalar_t;
+        avg_t* dev = kDeviation ? deviation[chunk.tensor].mutable_data_ptr<avg_t>() : nullptr;
+        const at::Tensor& x = cur[chunk.tensor];
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "swa_fast_swag_cur", [&] {
+          swag_chunk<avg_t, scalar_t, kDeviation>(
+              m.mutable_data_ptr<avg_t>(), variance[chunk.tensor].mutable_data_ptr<avg_t>(), dev,
+              x.const_data_ptr<scalar_t>(), weight, chunk.begin, chunk.end);
+        });
+      });
+    }
+  });
+}
+
+void swag_moments_cpu(
+    at::TensorList mean,
+    at::TensorList variance,
+    at::TensorList deviation,
+    at::TensorList current,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& skip) {
+  const std::vector<at::Tensor> cur =
+      check_swag_args("swa_fast.swag_moments_", mean, variance, deviation, current, weight, skip);
+  if (mean.empty() || (skip.has_value() && skip->item<bool>())) {
+    return;
+  }
+  const double w = read_weights(weight)[0];
+  if (deviation.empty()) {
+    swag_lists_cpu<false>(mean, variance, deviation, cur, w);
+  } else {
+    swag_lists_cpu<true>(mean, variance, deviation, cur, w);
+  }
+}
+
 // x * 0 is NaN exactly when x is NaN or +-Inf, so one multiply-add per
 // element, vectorized, answers "any non-finite?" for a block.
 template <typename T>
@@ -265,6 +394,7 @@ TORCH_LIBRARY_IMPL(swa_fast, CPU, m) {
   m.impl("average_", &average_cpu);
   m.impl("average_moments_", &average_moments_cpu);
   m.impl("multi_average_", &multi_average_cpu);
+  m.impl("swag_moments_", &swag_moments_cpu);
   m.impl("nonfinite_flag", &nonfinite_flag_cpu);
 }
 

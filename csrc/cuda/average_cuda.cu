@@ -1,7 +1,7 @@
-// CUDA kernels of average_, average_moments_, multi_average_ and nonfinite_flag.
+// CUDA kernels of average_, average_moments_, multi_average_, swag_moments_ and nonfinite_flag.
 //
 // Structure (mirrors csrc/cpu/average_cpu.cpp section by section):
-//   1. check_average_args / check_multi_average_args validate everything on the host;
+//   1. check_average_args / check_multi_average_args / check_swag_args validate everything on the host;
 //   2. the tensor pairs are grouped by (averaged dtype, current dtype) and
 //      each group goes through multi_tensor_apply (multi_tensor_apply.cuh):
 //      fixed-size chunks, one CUDA block per chunk, many tensors per launch;
@@ -9,7 +9,8 @@
 //      more averages of each tensor, MultiLerpFunctor<avg_t, cur_t, kDepth>),
 //      which converts to the arithmetic type (fp32, fp64 for fp64) in
 //      registers and applies torch's lerp formula, with 16-byte vector
-//      accesses where aligned.
+//      accesses where aligned (swag_moments_: SwagFunctor, the same lerp plus
+//      the centred variance and the deviation).
 //
 // Unlike the CPU kernels, the host never reads weights or skip: every thread
 // reads them from device memory, so an update costs no sync and can be
@@ -56,7 +57,12 @@ struct Lerp {
       : coeff(fabs(w) < opmath_t(0.5) ? w : w - opmath_t(1)), small(fabs(w) < opmath_t(0.5)) {}
 
   __device__ __forceinline__ opmath_t operator()(opmath_t a, opmath_t b) const {
-    return fma_rn(coeff, b - a, small ? a : b);
+    return with_difference(a, b, b - a);
+  }
+
+  // The same, given d = b - a already rounded (swag_moments_ reuses its d).
+  __device__ __forceinline__ opmath_t with_difference(opmath_t a, opmath_t b, opmath_t d) const {
+    return fma_rn(coeff, d, small ? a : b);
   }
 };
 
@@ -561,6 +567,164 @@ void multi_average_cuda(
 }
 
 // ---------------------------------------------------------------------------
+// swag_moments_ (CPU: swag_in_place, swag_chunk, swag_lists_cpu, swag_moments_cpu)
+// ---------------------------------------------------------------------------
+
+// One SWAG step on one element in the arithmetic type, the CPU kernel's
+// swag_in_place with the rounding written out (see swag_moments_'s schema
+// comment, csrc/average_args.cpp): with d = x - m,
+//     m'  = lerp(m, x, w)            LerpFunctor's lerp_element on the same d: average_'s bits
+//     v'  = (1 - w) * fma(w * d, d, v)
+//     dev = x - m'
+// the weighted Welford recurrence (for w = 1/(n+1) the exact population
+// variance update var_{n+1} = (1-w)(var_n + w d^2); for any w in [0, 1] the
+// exponentially weighted variance, West 1979). mul_rn keeps w * d and the
+// final product from being contracted into anything; the fma is explicit.
+template <typename opmath_t>
+struct SwagStep {
+  Lerp<opmath_t> lerp;
+  opmath_t w;
+  opmath_t keep;  // 1 - w, rounded once
+  bool copy;      // w == 1: the mean is an exact copy of x, as average_'s
+
+  __device__ __forceinline__ explicit SwagStep(double weight)
+      : lerp(static_cast<opmath_t>(weight)),
+        w(static_cast<opmath_t>(weight)),
+        keep(opmath_t(1) - static_cast<opmath_t>(weight)),
+        copy(weight == 1.0) {}
+
+  // m and v in, m' and v' out; returns the deviation x - m'.
+  __device__ __forceinline__ opmath_t operator()(opmath_t x, opmath_t& m, opmath_t& v) const {
+    const opmath_t d = x - m;
+    const opmath_t mean = copy ? x : lerp.with_difference(m, x, d);
+    v = mul_rn(keep, fma_rn(mul_rn(w, d), d, v));
+    m = mean;
+    return x - mean;
+  }
+};
+
+// Lists: {mean, variance, deviation, current} (depth 4), or {mean, variance,
+// current} (depth 3) without deviation. Each element of current is loaded and
+// converted once; the three results are rounded once to the averages' dtype.
+template <typename avg_t, typename cur_t, bool kDeviation>
+struct SwagFunctor {
+  using opmath_t = at::opmath_type<avg_t>;
+  static constexpr int kDepth = kDeviation ? 4 : 3;
+  static constexpr int kCur = kDepth - 1;
+  static constexpr int kILP = vec::kVectorWidth<avg_t>;
+
+  const void* weight;
+  bool weight_is_double;
+  const bool* skip;  // nullptr: never skip
+
+  __device__ __forceinline__ void operator()(const mta::Chunk<kDepth>& chunk) const {
+    if (should_skip(skip)) {
+      return;
+    }
+    const SwagStep<opmath_t> step(read_weight(weight, weight_is_double));
+
+    avg_t* mean = chunk.template ptr<avg_t>(0);
+    avg_t* var = chunk.template ptr<avg_t>(1);
+    avg_t* dev = kDeviation ? chunk.template ptr<avg_t>(2) : nullptr;
+    const cur_t* cur = chunk.template ptr<cur_t>(kCur);
+
+    // One element; e is only written with kDeviation.
+    const auto update = [&](avg_t& m, avg_t& v, avg_t& e, cur_t c) {
+      opmath_t new_m = static_cast<opmath_t>(m);
+      opmath_t new_v = static_cast<opmath_t>(v);
+      const opmath_t deviation = step(static_cast<opmath_t>(c), new_m, new_v);
+      m = static_cast<avg_t>(new_m);
+      v = static_cast<avg_t>(new_v);
+      if constexpr (kDeviation) {
+        e = static_cast<avg_t>(deviation);
+      }
+    };
+
+    const bool aligned = vec::is_aligned<vec::kVectorBytes>(mean) && vec::is_aligned<vec::kVectorBytes>(var) &&
+        (!kDeviation || vec::is_aligned<vec::kVectorBytes>(dev)) && vec::is_aligned<kILP * sizeof(cur_t)>(cur);
+    mta::for_each_in_chunk<kILP>(
+        chunk.size, aligned,
+        [&](int v) {
+          auto m = vec::load_vector<kILP>(mean, v);
+          auto s = vec::load_vector<kILP>(var, v);
+          const auto c = vec::load_vector<kILP>(cur, v);
+          vec::AlignedVector<avg_t, kILP> e;
+#pragma unroll
+          for (int k = 0; k < kILP; ++k) {
+            update(m.val[k], s.val[k], e.val[k], c.val[k]);
+          }
+          vec::store_vector(mean, v, m);
+          vec::store_vector(var, v, s);
+          if constexpr (kDeviation) {
+            vec::store_vector(dev, v, e);
+          }
+        },
+        [&](int i) {
+          avg_t m = mean[i];
+          avg_t s = var[i];
+          avg_t e;
+          update(m, s, e, cur[i]);
+          mean[i] = m;
+          var[i] = s;
+          if constexpr (kDeviation) {
+            dev[i] = e;
+          }
+        });
+  }
+};
+
+template <bool kDeviation>
+void run_swag_group(const char* op, const Group& group, const void* weight, bool weight_is_double, const bool* skip) {
+  dispatch_floating_pair(op, group.key.first, group.key.second, [&](auto avg_tag, auto cur_tag) {
+    using Functor = SwagFunctor<typename decltype(avg_tag)::type, typename decltype(cur_tag)::type, kDeviation>;
+    mta::multi_tensor_apply<Functor::kDepth>(
+        group.lists, Functor::kDepth - 1, Functor{weight, weight_is_double, skip});
+  });
+}
+
+// Grouped by (averages' dtype, current's dtype), every group checked before
+// the first launch; weight and skip stay on the device (no host read).
+void swag_moments_cuda(
+    at::TensorList mean,
+    at::TensorList variance,
+    at::TensorList deviation,
+    at::TensorList current,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& skip) {
+  const char* op = "swa_fast.swag_moments_";
+  const std::vector<at::Tensor> cur = check_swag_args(op, mean, variance, deviation, current, weight, skip);
+  if (mean.empty()) {
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(mean[0].device());
+  const bool* skip_ptr = skip.has_value() ? skip->const_data_ptr<bool>() : nullptr;
+  const bool with_deviation = !deviation.empty();
+
+  std::vector<Group> groups;
+  for (size_t i = 0; i < mean.size(); ++i) {
+    const auto key = std::make_pair(mean[i].scalar_type(), cur[i].scalar_type());
+    const auto position = static_cast<int64_t>(i);
+    if (with_deviation) {
+      add_to_group(groups, key, position, {mean[i], variance[i], deviation[i], cur[i]});
+    } else {
+      add_to_group(groups, key, position, {mean[i], variance[i], cur[i]});
+    }
+  }
+  for (const Group& group : groups) {
+    check_group_has_kernel(op, group);
+  }
+  const void* weight_ptr = weight.const_data_ptr();
+  const bool weight_is_double = weight.scalar_type() == at::ScalarType::Double;
+  for (const Group& group : groups) {
+    if (with_deviation) {
+      run_swag_group<true>(op, group, weight_ptr, weight_is_double, skip_ptr);
+    } else {
+      run_swag_group<false>(op, group, weight_ptr, weight_is_double, skip_ptr);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
 // nonfinite_flag (CPU: block_has_nonfinite, nonfinite_flag_cpu)
 // ---------------------------------------------------------------------------
 
@@ -627,6 +791,7 @@ TORCH_LIBRARY_IMPL(swa_fast, CUDA, m) {
   m.impl("average_", &average_cuda);
   m.impl("average_moments_", &average_moments_cuda);
   m.impl("multi_average_", &multi_average_cuda);
+  m.impl("swag_moments_", &swag_moments_cuda);
   m.impl("nonfinite_flag", &nonfinite_flag_cuda);
 }
 

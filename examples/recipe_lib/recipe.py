@@ -57,6 +57,7 @@ __all__ = [
     "check_swa_start",
     "check_warmup",
     "check_within_epochs",
+    "describe_preset",
     "parse_recipe_args",
     "recipe_main",
     "recipe_parser",
@@ -67,6 +68,13 @@ def recipe_parser(doc: str, presets: Presets, name: str) -> tuple[argparse.Argum
     """The shared command line of recipe ``name`` (its first ``doc`` paragraph as the description),
     and the help builder for its preset-controlled options: ``h(key, text)`` says each preset's value."""
     return base_parser(doc.split("\n\n")[0], presets, name), partial(preset_help, presets)
+
+
+def describe_preset(parser: argparse.ArgumentParser, text: str) -> None:
+    """Add a preset of the recipe's own (``"medium = ..."``) to ``--preset``'s help, after the shared ones."""
+    for action in parser._actions:
+        if action.dest == "preset":
+            action.help = f"{action.help}; {text}"
 
 
 def parse_recipe_args(parser: argparse.ArgumentParser, presets: Presets,

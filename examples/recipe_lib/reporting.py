@@ -132,6 +132,7 @@ OUTPUT_NOTES = {
     "accuracy.png": "test accuracy and error per epoch",
     "distance.png": "||w_t - w_0|| against log t",
     "accuracy_vs_std.png": "test accuracy against the EMA's std, the tracked stds marked",
+    "reliability.png": "a reliability diagram per method, side by side (SWAG recipe)",
     "checkpoints": "--resume continues or reloads from them; delete the folder to free the space",
 }
 

@@ -27,6 +27,9 @@ from swa_fast.averaging.swap import holder_of, refuse_if_held_by_another, swappe
 
 Device = Union[int, str, torch.device]
 Step = Union[None, int, Tensor]
+# One update on a plan: work(plan, step, currents=None, skip=None); currents and skip are given when
+# the offload pipeline staged them.
+Work = Callable[..., None]
 
 
 def parse_device(device: Optional[Device], owner: str) -> Optional[torch.device]:
@@ -83,40 +86,51 @@ class AverageSet:
         """One update of the members ``indices`` (all by default) from ``model``; ``step``: the
         optimizer step (an int or a 0-dim integer tensor), for step-driven warm-ups."""
         who = name or self.owner
+        members = self.members
+        indices = list(range(len(members))) if indices is None else list(indices)
+        fused = [i for i in indices if members[i].fused is not None]
+        unfused = [i for i in indices if members[i].fused is None]
+        chosen = [members[i] for i in fused]
+
+        def update_fused(plan: UpdatePlan, step_tensor: Optional[Tensor], currents=None, skip=None) -> None:
+            fused_update(plan, chosen, fused, self.skip_nonfinite, step_tensor, currents, skip)
+
+        plan = self.apply(model, update_fused if fused else None, step, who)
+        for index in unfused:
+            self.synchronize()
+            unfused_update(plan, members[index], index, self.skip_nonfinite)
+
+    def apply(self, model: Module, work: Optional[Work], step: Step, who: str) -> UpdatePlan:
+        """Run one update ``work(plan, step, currents=None, skip=None)`` from ``model``: checked (open,
+        not from a model holding these averages or another average's), on the cached
+        plan, directly or through the offload pipeline (which stages the currents and the skip
+        flag and calls ``work`` with them on its worker). Returns the plan."""
         self._check_open(who, "update")
         if self._offload is not None:
             self._offload.raise_failures()
         if isinstance(self.store, NamedStore):
             model = unwrap(model, who)
-        members = self.members
-        indices = list(range(len(members))) if indices is None else list(indices)
-        self._refuse_if_model_holds_averages(model, indices, who)
+        self._refuse_if_model_holds_averages(model, who)
         plan = self._plan_for(model)
         step_tensor = self._step_tensor(step, who)
-        fused = [i for i in indices if members[i].fused is not None]
-        unfused = [i for i in indices if members[i].fused is None]
         self._updates += 1
-        if fused:
-            chosen = [members[i] for i in fused]
+        if work is not None:
             if self._plan_offloads:
-                self._submit(plan, chosen, fused, step_tensor)
+                self._submit(plan, work, step_tensor)
             else:
-                fused_update(plan, chosen, fused, self.skip_nonfinite, step_tensor)
-        for index in unfused:
-            self.synchronize()
-            unfused_update(plan, members[index], index, self.skip_nonfinite)
+                work(plan, step_tensor)
         self._fresh = False
+        return plan
 
-    def _submit(self, plan: UpdatePlan, chosen: List[Member], indices: List[int], step: Optional[Tensor]) -> None:
+    def _submit(self, plan: UpdatePlan, work: Work, step: Optional[Tensor]) -> None:
         if self._offload is None:
             self._offload = OffloadPipeline(self.owner)
         flag = None
         if self.skip_nonfinite:  # decided on the GPU (and across shards) here, staged with the copies
             sources = plan.current_sources()
             flag = skip_flag(plan, sources, next((t.device for t in sources if t.is_cuda), sources[0].device))
-        self._offload.submit(plan, lambda currents, scalars: fused_update(
-            plan, chosen, indices, self.skip_nonfinite, scalars[1], currents, scalars[0]),
-            f"update {self._updates} (the {_ordinal(self._updates)} call to update())", [flag, step])
+        self._offload.submit(plan, lambda currents, scalars: work(plan, scalars[1], currents, scalars[0]),
+                             f"update {self._updates} (the {_ordinal(self._updates)} call to update())", [flag, step])
         if self.synchronous:
             self._offload.wait()
 
@@ -169,7 +183,7 @@ class AverageSet:
         self.synchronize()
         self._plan = None
 
-    def _refuse_if_model_holds_averages(self, model: Module, indices: Sequence[int], who: str) -> None:
+    def _refuse_if_model_holds_averages(self, model: Module, who: str) -> None:
         members = self.members
         holder = holder_of(model)
         if any(holder is member for member in members):

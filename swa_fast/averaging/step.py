@@ -7,7 +7,7 @@ end here; nothing else computes an average.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -15,7 +15,7 @@ from torch import Tensor
 from swa_fast.averaging.plan import GroupCurrents, UpdatePlan, by_device, lerp_fallback
 from swa_fast.averaging.schedules import DEFAULT_SWA, FusedMultiAvgFn
 from swa_fast.averaging.sharding import any_across
-from swa_fast.ops.average import nonfinite_flag
+from swa_fast.ops.average import nonfinite_flag, swag_moments_
 
 MultiAvgFn = Callable[[List[Tensor], List[Tensor], Tensor], None]
 
@@ -186,3 +186,63 @@ def unfused_update(plan: UpdatePlan, member: Member, index: int, skip_nonfinite:
     for avg, cur in copied:
         lerp_fallback(avg, cur, None, None)
     n_averaged.add_(1)
+
+
+def moments_value(mean: Tensor, variance: Tensor, current: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``swag_moments_``'s arithmetic in torch, for the pairs the fused op does not take (a current
+    more precise than the averages, float8): the new mean, variance and deviation, in float64 and
+    rounded once to the averages' dtype."""
+    x, m, v = (t.to(device=mean.device, dtype=torch.float64) for t in (current, mean, variance))
+    w = weight.to(device=mean.device, dtype=torch.float64)
+    delta = x - m
+    new_mean = torch.lerp(m, x, w)
+    new_variance = (1 - w) * (v + w * delta * delta)
+    return new_mean.to(mean.dtype), new_variance.to(mean.dtype), (x - new_mean).to(mean.dtype)
+
+
+@torch.no_grad()
+def moments_update(
+    plan: UpdatePlan,
+    member: Member,
+    deviation: Optional[int],
+    currents: Optional[List[GroupCurrents]] = None,
+    skip: Optional[Tensor] = None,
+) -> None:
+    """One SWAG collection: the plan's averages 0 (the mean, ``member``'s: an equal-weight SWA
+    average) and 1 (the centred variance) updated from the current tensors, and ``x - mean`` written
+    into average ``deviation`` (a ring column; None: none), by ``swag_moments_``: one read of each
+    current tensor, the weight ``1/(n+1)`` computed on the device from ``member``'s count, no host
+    sync. ``currents``/``skip``: as for :func:`fused_update`. All or nothing, as there."""
+    if currents is None:
+        currents = [group.currents_here() for group in plan.groups]
+    commits = []
+    for group, ((fused, other), _) in zip(plan.groups, currents):
+        weight = member_weights([member], group.device, None)[0]
+        skip_here = None if skip is None else skip.to(group.device)
+        pairs = group.average
+        deviations = [] if deviation is None else pairs.averaged[deviation]
+        deviations_other = [] if deviation is None else pairs.averaged_other[deviation]
+        values = [moments_value(m, v, x, weight) for m, v, x in
+                  zip(pairs.averaged_other[0], pairs.averaged_other[1], other)]
+
+        def commit(pairs=pairs, fused=fused, deviations=deviations, deviations_other=deviations_other,
+                   values=values, weight=weight, skip_here=skip_here) -> None:
+            if fused:
+                swag_moments_(pairs.averaged[0], pairs.averaged[1], deviations, fused, weight, skip_here)
+            targets = zip(pairs.averaged_other[0], pairs.averaged_other[1],
+                          deviations_other or [None] * len(values), values)
+            for mean, variance, dev, (new_mean, new_variance, new_dev) in targets:
+                keep = (lambda old, new: torch.where(skip_here, old, new)) if skip_here is not None else \
+                    (lambda old, new: new)
+                for target, new in ((mean, new_mean), (variance, new_variance), (dev, new_dev)):
+                    if target is not None:
+                        target.copy_(keep(target, new))
+
+        commits.append(commit)
+    for commit in commits:
+        commit()
+    if skip is None:
+        member.n_averaged.add_(1)
+    else:
+        member.n_averaged.add_(skip.logical_not())
+        member.n_skipped.add_(skip)

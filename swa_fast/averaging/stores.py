@@ -2,9 +2,11 @@
 
 One update engine (``average_set.py``) serves two stores:
 
-* :class:`NamedStore` (``WeightAverage``, ``MultiAverage``): K averages per name, tensors of
-  their own keyed by the model's parameter (and, with ``use_buffers``, buffer) names; an FSDP2
-  parameter's averages are the size of its local shard. Buffers not averaged are not held.
+* :class:`NamedStore` (``WeightAverage``, ``MultiAverage``, ``SWAG``): K tensors per name, of
+  their own, keyed by the model's parameter (and, with ``use_buffers``, buffer) names; an FSDP2
+  parameter's are the size of its local shard. Buffers not averaged are not held. The K tensors
+  are copies of the model (the averages), then zero-filled ones (SWAG's variance), then columns
+  of one ring block per name (SWAG's deviations: ``blocks[name]``, ``(columns, numel)``).
   Until its first update or load a store follows the model's layout (:meth:`NamedStore.relayout`).
 * :class:`ModuleStore` (``AveragedModel``): one average, the tensors of a deep copy of the
   model, paired with the model's by position as torch pairs them; without ``use_buffers`` the
@@ -34,19 +36,31 @@ from swa_fast.averaging.slots import (
 )
 
 
-def new_average(tensor: Tensor, avg_dtype: Optional[torch.dtype], device: Optional[torch.device]) -> Tensor:
+def new_average(tensor: Tensor, avg_dtype: Optional[torch.dtype], device: Optional[torch.device],
+                zero: bool = False) -> Tensor:
     """A copy of ``tensor`` (a parameter or its local shard) to hold its average: ``avg_dtype``
-    for floating tensors, on ``device`` (default: the tensor's), never requiring grad."""
+    for floating tensors, on ``device`` (default: the tensor's), never requiring grad; with ``zero``
+    zero-filled instead of a copy."""
     dtype = avg_dtype if avg_dtype is not None and tensor.is_floating_point() else tensor.dtype
     with torch.no_grad():
         average = torch.empty_like(tensor, dtype=dtype, device=device or tensor.device, requires_grad=False)
-        if average.device.type != "meta" and tensor.device.type != "meta":
+        if average.device.type != "meta" and zero:
+            average.zero_()
+        elif average.device.type != "meta" and tensor.device.type != "meta":
             average.copy_(tensor.detach())
     return average
 
 
+def column_view(block: Tensor, like: Tensor, column: int) -> Tensor:
+    """Column ``column`` of a ring ``block`` (``(columns, like.numel())``) as a tensor with ``like``'s
+    shape and strides: ``like`` is dense (``empty_like`` keeps only dense strides), so its strides
+    address exactly ``numel`` consecutive elements, and the columns never overlap."""
+    return block.as_strided(like.shape, like.stride(), block.storage_offset() + column * like.numel())
+
+
 class NamedStore:
-    """K averages of a model's tensors by name: ``averages[k][name]``.
+    """K tensors per name of a model's tensors: ``averages[k][name]``; ``members`` copies of the
+    model, then ``zeroed`` zero-filled tensors, then the ``columns`` columns of ``blocks[name]``.
 
     ``names`` fixes the order (``named_parameters()`` then ``named_buffers()``), ``excluded`` the
     names ``include`` left out (they are neither averaged nor unexpected), ``layouts`` the FSDP2
@@ -55,12 +69,14 @@ class NamedStore:
     """
 
     def __init__(self, model: Module, members: int, use_buffers: bool, avg_dtype: Optional[torch.dtype],
-                 device: Optional[torch.device], include: Include, owner: str) -> None:
+                 device: Optional[torch.device], include: Include, owner: str, *, zeroed: int = 0,
+                 columns: int = 0) -> None:
         self.use_buffers = use_buffers
         self.avg_dtype = avg_dtype
         self.device = device
         self.owner = owner
-        self.members = members
+        self.copies, self.zeroed, self.columns = members, zeroed, columns
+        self.members = members + zeroed + columns  # tensors per name (a plan's K)
         self._lay_out(model, include_filter(include, owner), include)
 
     def _lay_out(self, model: Module, wanted, include: Include) -> None:
@@ -88,9 +104,24 @@ class NamedStore:
         # Averages of a meta-device model hold no values until the first update copies the model.
         self.from_meta = any(t.device.type == "meta" for t in firsts.values())
         self.averages: List[Dict[str, Tensor]] = [
-            {name: new_average(firsts[name], self.avg_dtype, self.device) for name in self.names}
-            for _ in range(self.members)
+            {name: new_average(firsts[name], self.avg_dtype, self.device, zero=k >= self.copies)
+             for name in self.names}
+            for k in range(self.copies + self.zeroed)
         ]
+        like = self.averages[0] if self.averages else {}
+        self.blocks: Dict[str, Tensor] = {}
+        if self.columns:
+            for name in self.names:
+                self.blocks[name] = torch.zeros((self.columns, like[name].numel()), dtype=like[name].dtype,
+                                                device=like[name].device)
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        """The column views of the ring blocks, after the copies and the zero-filled tensors."""
+        del self.averages[self.copies + self.zeroed:]
+        like = self.averages[0] if self.averages else {}
+        for column in range(self.columns):
+            self.averages.append({name: column_view(block, like[name], column) for name, block in self.blocks.items()})
 
     def home(self) -> torch.device:
         """Where the counts live: with the averages (the first one's device, CPU for an empty store)."""
@@ -152,10 +183,16 @@ class NamedStore:
 
     def to(self, device: Optional[torch.device], dtype: Optional[torch.dtype]) -> None:
         """Move the averages (and convert the floating ones), in place of the old tensors."""
-        for averages in self.averages:
+
+        def moved(tensor: Tensor) -> Tensor:
+            target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+            return tensor.to(device=device or tensor.device, dtype=target, copy=False)
+
+        for averages in self.averages[:self.copies + self.zeroed]:
             for name, average in averages.items():
-                target = dtype if dtype is not None and average.is_floating_point() else average.dtype
-                averages[name] = average.to(device=device or average.device, dtype=target, copy=False)
+                averages[name] = moved(average)
+        self.blocks = {name: moved(block) for name, block in self.blocks.items()}
+        self._add_columns()
         if device is not None:
             self.device = device
         if dtype is not None:

@@ -1,10 +1,10 @@
 """The averaging ops: fake kernels and Python wrappers of ``average_``, ``multi_average_``,
-``average_moments_`` and ``nonfinite_flag``.
+``average_moments_``, ``swag_moments_`` and ``nonfinite_flag``.
 
 Their schemas and checks are ``csrc/average_args.{h,cpp}``; their kernels
 ``csrc/cpu/average_cpu.cpp`` and ``csrc/cuda/average_cuda.cu``. The fake
 kernels run the same C++ checks on metadata (``_C.validate_average_args``,
-``_C.validate_multi_average_args``), so
+``_C.validate_multi_average_args``, ``_C.validate_swag_args``), so
 ``torch.compile`` reports bad arguments while tracing as eager mode would.
 """
 
@@ -32,6 +32,11 @@ def _multi_average_fake(averaged, current, weights, skip=None) -> None:
 @torch.library.register_fake("swa_fast::average_moments_")
 def _average_moments_fake(mean, sq_mean, current, weight, skip=None) -> None:
     _C.validate_average_args("swa_fast.average_moments_", mean, sq_mean, True, current, weight, skip)
+
+
+@torch.library.register_fake("swa_fast::swag_moments_")
+def _swag_moments_fake(mean, variance, deviation, current, weight, skip=None) -> None:
+    _C.validate_swag_args("swa_fast.swag_moments_", mean, variance, deviation, current, weight, skip)
 
 
 @torch.library.register_fake("swa_fast::nonfinite_flag")
@@ -184,6 +189,53 @@ def average_moments_(
     with torch.no_grad():
         torch.ops.swa_fast.average_moments_(
             list(mean), list(sq_mean), list(current), weight_tensor(weight, _device_of(mean)), skip
+        )
+
+
+def swag_moments_(
+    mean: Sequence[Tensor],
+    variance: Sequence[Tensor],
+    deviation: Optional[Sequence[Tensor]],
+    current: Sequence[Tensor],
+    weight: Weight,
+    skip: Optional[Tensor] = None,
+) -> None:
+    """One SWAG collection (Maddox et al. 2019) in one pass, with a centred variance: in place,
+    for every element of every i, with ``x = current[i]``, ``m = mean[i]``, ``v = variance[i]``
+    and ``w = weight``::
+
+        d             = x - m
+        mean[i]      <- lerp(m, x, w)                 bitwise what average_(mean, current, w) gives
+        variance[i]  <- (1 - w) * (v + (w * d) * d)   the last two terms one fused multiply-add
+        deviation[i] <- x - mean_new
+
+    computed in float32 (float64 for float64 averages), each result rounded once to the
+    averages' dtype. With ``w = 1/(n+1)`` (``n`` collections so far; the first weight is 1)
+    the variance is exactly the population variance of the collected values, updated by
+    Welford's recurrence ``var_{n+1} = (1 - w)(var_n + w d^2)``; for any ``w`` in [0, 1] it
+    is the exponentially weighted variance (West 1979). Unlike ``E[x^2] - E[x]^2``
+    (:func:`average_moments_`), it keeps its digits when the spread is tiny next to the mean.
+    With ``w = 1`` the mean is an exact copy of ``current`` and, for finite values, the
+    variance and the deviation are 0.
+
+    Args:
+        mean: the running means (fp32/fp64/fp16/bf16), updated in place.
+        variance: one tensor per mean tensor, matching it in shape, strides, dtype and device.
+        deviation: ``x - mean_new`` is written here: one tensor per mean tensor, matching it in
+            shape, strides, dtype and device (e.g. the columns of a ring buffer of SWAG's
+            low-rank deviations, non-overlapping views of one storage), or an empty list
+            (or None) to write no deviation (diagonal SWAG).
+        current: the new values; the averages' dtype or a lower-precision floating dtype.
+        weight: in [0, 1]; a float, or a 0-dim float32/float64 tensor on the averages' device
+            (then read on the device: no sync). SWAG uses ``1/(n+1)``.
+        skip: optional 0-dim bool tensor on the device; when true nothing is written.
+
+    No written tensor may share memory with another tensor of the call.
+    """
+    deviation = [] if deviation is None else list(deviation)
+    with torch.no_grad():
+        torch.ops.swa_fast.swag_moments_(
+            list(mean), list(variance), deviation, list(current), weight_tensor(weight, _device_of(mean)), skip
         )
 
 
