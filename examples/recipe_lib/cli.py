@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import shlex
 import sys
@@ -40,7 +41,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from recipe_lib.datasets import DATASET_NAMES, DatasetError, ImageDataset, load_dataset
-from recipe_lib.distributed import DistContext, barrier, init_distributed, shutdown
+from recipe_lib.distributed import DistContext, barrier, init_distributed, resolve_device, shutdown
 from recipe_lib.engine import Arm, ArmResult, RunSettings, StopRequested, run_all
 from recipe_lib.models import MODEL_NAMES, build_model
 from recipe_lib.outputs import check_out, start_run, write_atomic
@@ -426,6 +427,18 @@ def run_recipe(spec: RecipeSpec, args: argparse.Namespace) -> list[ArmResult] | 
         return _run(spec, args, ctx)
     finally:
         shutdown(ctx)
+
+
+def start_one_process(args: argparse.Namespace, name: str, why: str) -> tuple[DistContext, Callable[[str], None]]:
+    """The start of a recipe that runs in one process (``posthoc_ema.py``, ``swag.py``): torchrun refused
+    (``why`` says why), ``--out`` checked (reads only), ``--threads`` set; its context and its log."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(f"{name}.py runs in one process ({why}): launch it with python, not torchrun")
+    check_out(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ctx = DistContext(0, 1, resolve_device(args.device))
+    return ctx, _log(ctx)
 
 
 def _log(ctx: DistContext) -> Callable[[str], None]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -50,12 +49,12 @@ from recipe_lib.checkpoint import (
     optimizer_state,
     save_atomic,
 )
-from recipe_lib.cli import RunData, check_distinct, load_run_data, report_header
-from recipe_lib.distributed import DistContext, resolve_device
+from recipe_lib.cli import RunData, check_distinct, load_run_data, report_header, start_one_process
+from recipe_lib.distributed import DistContext
 from recipe_lib.engine import ArmResult, StopRequested, checkpoint_path, epoch_seed, progress_bar
 from recipe_lib.loader import BatchLoader
 from recipe_lib.models import build_model
-from recipe_lib.outputs import check_out, write_atomic
+from recipe_lib.outputs import write_atomic
 from recipe_lib.reporting import (
     _pyplot,
     _save_figure,
@@ -341,16 +340,7 @@ def run_posthoc(args: argparse.Namespace, title: str, measured: Mapping[str, Mea
     """Train every seed, reconstruct and test the sweep, write the report; the results (None when stopped by
     ``--stop-after``). Every option is checked before the data loads (the recipe's own checks first)."""
     check_distinct("--seeds", args.seeds)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit(f"{NAME}.py runs in one process (one model, its EMA and one series of snapshot files per "
-                         "seed): launch it with python, not torchrun")
-    check_out(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ctx = DistContext(0, 1, resolve_device(args.device))
-
-    def log(text: str) -> None:
-        print(text, flush=True)
+    ctx, log = start_one_process(args, NAME, "one model, its EMA and one series of snapshot files per seed")
 
     started = time.perf_counter()
     data = load_run_data(args, ctx, log, check=lambda train: check_schedule(args, len(train)))

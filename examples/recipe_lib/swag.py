@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
 import statistics
 import sys
 import time
@@ -79,12 +78,20 @@ from recipe_lib.checkpoint import (
     optimizer_state,
     save_atomic,
 )
-from recipe_lib.cli import RunData, check_distinct, check_epochs, check_swa_start, load_run_data, report_header
-from recipe_lib.distributed import DistContext, resolve_device
+from recipe_lib.cli import (
+    RunData,
+    check_distinct,
+    check_epochs,
+    check_swa_start,
+    load_run_data,
+    report_header,
+    start_one_process,
+)
+from recipe_lib.distributed import DistContext
 from recipe_lib.engine import ArmResult, StopRequested, checkpoint_path, epoch_seed, progress_bar
 from recipe_lib.loader import BatchLoader
 from recipe_lib.models import build_model, count_parameters
-from recipe_lib.outputs import check_out, write_atomic
+from recipe_lib.outputs import write_atomic
 from recipe_lib.reporting import _pyplot, _save_figure, final_rows, format_mean_std, outputs_lines, write_metrics
 from recipe_lib.training import EvalSet, Precision, evaluate, train_epoch
 from recipe_lib.verdict import MeasuredSpread, verdict_lines
@@ -446,16 +453,8 @@ def run_swag(args: argparse.Namespace, title: str,
              measured: Mapping[str, MeasuredSpread]) -> list[ArmResult] | None:
     """Train every seed's runs, score the rows, write the report; the results (None when stopped by
     ``--stop-after``). The recipe's own checks (:func:`check_options`) have run before this."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit(f"{NAME}.py runs in one process (its runs train one after another, and bma_predict samples "
-                         "into one model): launch it with python, not torchrun")
-    check_out(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ctx = DistContext(0, 1, resolve_device(args.device))
-
-    def log(text: str) -> None:
-        print(text, flush=True)
+    ctx, log = start_one_process(args, NAME, "its runs train one after another, and bma_predict samples into one "
+                                 "model")
 
     started = time.perf_counter()
     data = load_run_data(args, ctx, log, check=lambda train: check_batches(args, len(train)))
