@@ -8,7 +8,8 @@ model), :func:`average_moments_`, :func:`swag_moments_` (SWAG's mean, centred
 variance and deviation in one pass) and :func:`nonfinite_flag`.
 :class:`WeightAverage` is the averaging core for every model (plain, DDP,
 FSDP2-sharded, offloaded to host memory), with ``swapped_into`` for evaluation.
-``swa_fast.posthoc`` is post-hoc EMA (``PowerFunctionEMA``, ``reconstruct``).
+``swa_fast.parallel`` averages the replicas of a model across processes
+(``average_replicas_``) and holds SWAP's helpers. ``swa_fast.posthoc`` is post-hoc EMA (``PowerFunctionEMA``, ``reconstruct``).
 ``swa_fast.nn`` has ghost batch normalization (``GhostBatchNorm1d/2d/3d``,
 ``convert_ghost_batchnorm``). ``swa_fast.checkpoint_average.average_checkpoints``
 (``python -m swa_fast average``) averages saved checkpoints.
@@ -16,7 +17,7 @@ FSDP2-sharded, offloaded to host memory), with ``swapped_into`` for evaluation.
 
 __version__ = "0.1.0"
 
-from swa_fast import checkpoint_average, distance, nn, posthoc, regime, swa_utils  # noqa: E402
+from swa_fast import checkpoint_average, distance, nn, parallel, posthoc, regime, swa_utils  # noqa: E402
 from swa_fast.ops.average import average_, average_moments_, multi_average_, nonfinite_flag, swag_moments_  # noqa: E402
 from swa_fast.ops import BUILD_INFO  # noqa: E402  (loads _C and registers every op)
 from swa_fast.averaging import MultiAverage, WeightAverage  # noqa: E402
@@ -33,6 +34,7 @@ __all__ = [
     "multi_average_",
     "nn",
     "nonfinite_flag",
+    "parallel",
     "posthoc",
     "regime",
     "swa_utils",
