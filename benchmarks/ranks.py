@@ -1,4 +1,5 @@
-"""Start gloo ranks as subprocesses of this one: the sharded benchmark's ranks and the
+"""Start gloo ranks as subprocesses of this one: the gloo benchmarks' ranks
+(``benchmarks/gloo_bench.launch_workers``, for ``sharded.py`` and ``replicas.py``) and the
 distributed tests' (``tests/helpers.run_ranks``) go through :func:`launch_ranks`."""
 
 from __future__ import annotations

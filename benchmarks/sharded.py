@@ -46,13 +46,8 @@ fewer than ``harness.MIN_REPEATS`` rounds) to ``benchmarks/results/scratch/``;
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import os
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -60,20 +55,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 if __package__ in (None, ""):  # run as `python benchmarks/sharded.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import gloo_bench
 from benchmarks.cases import Shape, gpt_shapes
-from benchmarks.harness import (
-    MIN_REPEATS,
-    REPO_ROOT,
-    _cpu_model,
-    _slug,
-    fill_defaults,
-    git_commit,
-    loadavg,
-    results_folder,
-    run_facts,
-    save_report,
-)
-from benchmarks.ranks import launch_ranks
+from benchmarks.harness import loadavg, results_folder
 
 SCHEMA = "sharded-1"
 EMA_DECAY = 0.999
@@ -137,27 +121,16 @@ def _build_model(groups: Sequence[Sequence[Shape]], seed: int = 0):
     return ShardedSet()
 
 
-def _stats(samples: Sequence[float]) -> dict:
-    median = statistics.median(samples)
-    quartiles = statistics.quantiles(samples, n=4) if len(samples) > 1 else [median] * 3
-    return {"median_ms": median, "min_ms": min(samples), "max_ms": max(samples), "q1_ms": quartiles[0],
-            "q3_ms": quartiles[2], "repeats": len(samples)}
-
-
 def worker(config: dict) -> None:
     """One rank: shard the set, set up the candidates, time them; rank 0 writes the raw results."""
     import torch
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     from swa_fast import WeightAverage
     from swa_fast.swa_utils import get_ema_multi_avg_fn
 
-    torch.set_num_threads(config["threads"])
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=config["collective_timeout_s"]))
+    rank, world = gloo_bench.init_rank(config)
     begin = time.perf_counter()
     groups = group_shapes(**SETS[config["set"]][0])
     model = _build_model(groups)
@@ -247,43 +220,12 @@ def worker(config: dict) -> None:
     memory = {key: {"averages_bytes": nbytes(held[key]), "gathered_bytes_per_update": gathers.get(key, 0)}
               for key in chosen}
 
-    def barrier_ms(fn, inner: int) -> float:
-        dist.barrier()
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        return (time.perf_counter() - start) * 1e3 / inner
-
-    for _ in range(config["warmup"]):
-        for key in chosen:
-            fns[key]()
-    inner = {}
-    for key in chosen:
-        once = torch.tensor(barrier_ms(fns[key], 1), dtype=torch.float64)
-        dist.all_reduce(once, op=dist.ReduceOp.MAX)  # the same count on every rank: the collectives pair up
-        inner[key] = config["inner"] or max(1, min(1000, math.ceil(config["target_ms"] / max(once.item(), 1e-3))))
-    samples: Dict[str, List[float]] = {key: [] for key in chosen}
-    timed_begin = time.perf_counter()
-    for round_index in range(config["repeats"]):
-        if config["budget_s"] and round_index >= min(MIN_REPEATS, config["repeats"]):
-            over = torch.tensor(float(time.perf_counter() - timed_begin > config["budget_s"]))
-            dist.all_reduce(over, op=dist.ReduceOp.MAX)  # every rank stops after the same round
-            if over.item():
-                break
-        shift = round_index % len(chosen)
-        for key in chosen[shift:] + chosen[:shift]:
-            samples[key].append(barrier_ms(fns[key], inner[key]))
-
+    inner, samples = gloo_bench.time_rounds(fns, config)
     mine = {"rank": rank, "samples_ms": samples, "inner": inner, "check_max_abs_diff": check, "memory": memory,
             "setup_s": setup_s, "local_param_bytes": local_params, "full_param_bytes": full_params,
             "num_tensors": len(params), "num_params": sum(math.prod(p.shape) for p in params),
             "num_groups": len(groups), "threads": torch.get_num_threads()}
-    everyone: List[Optional[dict]] = [None] * world
-    dist.all_gather_object(everyone, mine)
-    if rank == 0:
-        Path(config["raw_output"]).write_text(json.dumps(everyone))
-    dist.barrier()
-    dist.destroy_process_group()
+    gloo_bench.finish_rank(mine, config)
 
 
 # ---------------------------------------------------------------------------
@@ -293,50 +235,28 @@ def worker(config: dict) -> None:
 
 def launch(config: dict, world: int, timeout_s: float) -> List[dict]:
     """Run ``world`` ranks of :func:`worker` and return every rank's raw results (rank order)."""
-    with tempfile.TemporaryDirectory(prefix="swa_fast-sharded-") as scratch:
-        raw = Path(scratch) / "raw.json"
-        config = {**config, "raw_output": str(raw)}
-        threads = str(config["threads"])
-        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-               "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-        command = [sys.executable, "-m", "benchmarks.sharded", "--worker", json.dumps(config)]
-        errors = launch_ranks(command, world, timeout_s, env, cwd=REPO_ROOT)
-        if errors:
-            raise RuntimeError("sharded benchmark failed:\n" + "\n".join(errors))
-        return json.loads(raw.read_text())
+    return gloo_bench.launch_workers("benchmarks.sharded", config, world, timeout_s, "sharded benchmark")
 
 
 def summarize(ranks: List[dict]) -> dict:
     """Per candidate: every rank's statistics, the slowest rank per round, memory; the speedups."""
     candidates = {}
     for key in ranks[0]["samples_ms"]:
-        per_rank = [r["samples_ms"][key] for r in ranks]
-        slowest = [max(values) for values in zip(*per_rank)]
+        per_rank, slowest = gloo_bench.rank_timings([r["rank"] for r in ranks], [r["samples_ms"][key] for r in ranks])
         candidates[key] = {
             "label": CANDIDATES[key],
             "inner": ranks[0]["inner"][key],
-            "per_rank": [{"rank": r["rank"], **_stats(r["samples_ms"][key]), "samples_ms": r["samples_ms"][key]}
-                         for r in ranks],
-            "slowest_rank": _stats(slowest),
+            "per_rank": per_rank,
+            "slowest_rank": slowest,
             "averages_bytes_per_rank": ranks[0]["memory"][key]["averages_bytes"],
             "gathered_bytes_per_update_per_rank": ranks[0]["memory"][key]["gathered_bytes_per_update"],
             "check_max_abs_diff_vs_weight_average": max(r["check_max_abs_diff"].get(key, 0.0) for r in ranks),
         }
-    speedups = {}
-    if FAST in candidates:
-        fast = candidates[FAST]
-        for key, other in candidates.items():
-            if key == FAST:
-                continue
-            speedups[f"{FAST} vs {key}"] = {
-                "candidate": FAST,
-                "baseline": key,
-                "slowest_rank_median": other["slowest_rank"]["median_ms"] / fast["slowest_rank"]["median_ms"],
-                "per_rank_median": [o["median_ms"] / f["median_ms"] for o, f in zip(other["per_rank"],
-                                                                                   fast["per_rank"])],
-                "averages_memory": other["averages_bytes_per_rank"] / fast["averages_bytes_per_rank"],
-            }
-    return {"candidates": candidates, "speedups": speedups}
+    faster = gloo_bench.speedups(candidates, FAST)
+    for speedup in faster.values():
+        speedup["averages_memory"] = (candidates[speedup["baseline"]]["averages_bytes_per_rank"]
+                                      / candidates[FAST]["averages_bytes_per_rank"])
+    return {"candidates": candidates, "speedups": faster}
 
 
 def megabytes(num_bytes: int) -> str:
@@ -365,12 +285,8 @@ def format_table(result: dict, world: int) -> List[str]:
     return lines
 
 
-def is_smoke_run(args: argparse.Namespace) -> bool:
-    return args.quick or args.repeats < MIN_REPEATS
-
-
 def default_output(args: argparse.Namespace, slug: str) -> Path:
-    return results_folder(is_smoke_run(args)) / f"{slug}-sharded-{args.set}-{args.world}ranks.json"
+    return results_folder(gloo_bench.is_smoke_run(args)) / f"{slug}-sharded-{args.set}-{args.world}ranks.json"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -382,81 +298,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--set", choices=list(SETS), default=None,
                         help="parameter set (default: transformer; small with --quick)")
     parser.add_argument("--world", type=int, default=2, help="ranks (processes), default 2")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
-    parser.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), default=list(CANDIDATES),
-                        help="default: all")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 15; 3 with --quick)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 2; 1 with --quick)")
-    parser.add_argument("--inner", type=int, default=None,
-                        help="updates per timed sample (default: so a sample lasts ~--target-ms)")
-    parser.add_argument("--target-ms", type=float, default=None, help="default 50; 5 with --quick")
-    parser.add_argument("--budget", type=float, default=None,
-                        help=f"seconds of timed rounds after which the run stops (after at least {MIN_REPEATS} "
-                             "rounds; default 300, 0 = none)")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before the ranks are killed")
-    parser.add_argument("--quick", action="store_true",
-                        help="small set, few rounds: a smoke run, its JSON goes to benchmarks/results/scratch/")
-    parser.add_argument("--output", type=Path, default=None, help="JSON path (default: see the module docstring)")
-    parser.add_argument("--no-save", action="store_true", help="print only, write no JSON")
-    parser.add_argument("--note", default="", help="free text stored in the JSON's machine field")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker is not None:
-        return args
-    fill_defaults(args, QUICK if args.quick else FULL)
-    if args.world < 1 or args.threads < 1 or args.repeats < 1 or args.warmup < 0 or (
-            args.inner is not None and args.inner < 1):
-        parser.error("--world, --threads, --repeats and --inner must be >= 1, --warmup >= 0")
-    return args
+    gloo_bench.add_run_arguments(parser, CANDIDATES, calls="updates", budget_stops="after which the run stops",
+                                 timeout_s=1800.0, timeout_help="seconds before the ranks are killed",
+                                 quick_help="small set, few rounds")
+    return gloo_bench.parse_run_args(parser, argv, FULL, QUICK, ["--world", "--threads", "--repeats", "--inner"])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     if args.worker is not None:
-        worker(json.loads(args.worker))
-        # The results are written and the process group destroyed: skip the interpreter's teardown. A rank
-        # once aborted at its end here ("terminate called without an active exception", 1 run in about 30
-        # on a busy machine), the way gloo's threads can at interpreter shutdown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    import torch
-
-    import swa_fast
-    from swa_fast.ops.build_facts import build_summary
-
-    config = {"set": args.set, "threads": args.threads, "candidates": args.candidates, "repeats": args.repeats,
-              "warmup": args.warmup, "inner": args.inner, "target_ms": args.target_ms, "budget_s": args.budget,
-              "collective_timeout_s": max(60, int(args.timeout))}
-    cpu = _cpu_model()
-    machine = {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "ranks": args.world,
-        "threads_per_rank": args.threads,
-        "backend": "gloo",
-        "description": f"{os.cpu_count()} logical CPUs ({cpu}), {args.world} gloo ranks (processes) on this one "
-                       f"machine, {args.threads} torch thread(s) each" + (f"; {args.note}" if args.note else ""),
-    }
-    slug = f"cpu-{_slug(cpu)}-{args.threads}threads"
+        gloo_bench.run_worker(worker, args.worker)
+    config = gloo_bench.run_config(args, {"set": args.set}, {})
     gpt_args, set_note = SETS[args.set]
-    commit = git_commit()
-    print(f"swa_fast {swa_fast.__version__} ({build_summary(swa_fast.BUILD_INFO)}), torch {torch.__version__}, "
-          f"commit {commit}", flush=True)
-    print(f"== sharded EMA update, set {args.set}: {set_note}; {machine['description']}", flush=True)
-    print(f"   rounds: {args.repeats} timed after {args.warmup} warm-up, candidates interleaved, a barrier before "
-          f"each sample; ms per update per rank; load average {loadavg()}", flush=True)
-    report = {
-        "schema": SCHEMA,
-        "machine": machine,
-        "device": {"type": "cpu", "name": cpu, "slug": slug, "threads": args.threads,
-                   "capability": torch.backends.cpu.get_cpu_capability()},
-        **run_facts(commit, " ".join([PROG, *(sys.argv[1:] if argv is None else list(argv))])),
-        "loadavg_start": loadavg(),
-        "settings": {**{k: v for k, v in config.items() if k != "collective_timeout_s"}, "world": args.world,
-                     "quick": args.quick, "ema_decay": EMA_DECAY,
-                     "timing": "host perf_counter around `inner` calls after a barrier, per rank"},
-    }
+    report = gloo_bench.open_report(
+        args, argv, config, schema=SCHEMA, prog=PROG, ranks={"ranks": args.world}, ranks_text=str(args.world),
+        title=f"sharded EMA update, set {args.set}: {set_note}", unit="ms per update per rank",
+        settings={"world": args.world, "quick": args.quick, "ema_decay": EMA_DECAY})
     begin = time.perf_counter()
     ranks = launch(config, args.world, args.timeout)
     report["wall_s"] = time.perf_counter() - begin
@@ -473,9 +330,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
           flush=True)
     print("\n".join(format_table(report, args.world)), flush=True)
     print(f"total {report['wall_s']:.1f} s", flush=True)
-    if not args.no_save:
-        save_report(report, args.output or default_output(args, slug),
-                    smoke_default=args.output is None and is_smoke_run(args))
+    gloo_bench.save(report, args, default_output(args, report["device"]["slug"]))
     return report
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 REPORT_FILES = ("results.md", "metrics.csv", "accuracy.png", "distance.png", "accuracy_vs_std.png", "reliability.png",
-                "results.json")
+                "accuracy_vs_time.png", "results.json")
 FINISHED = "results.json"  # written last: a run has finished when it is there
 OPTIONS_FILE = "options.json"  # in checkpoints/
 

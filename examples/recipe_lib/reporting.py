@@ -133,6 +133,7 @@ OUTPUT_NOTES = {
     "distance.png": "||w_t - w_0|| against log t",
     "accuracy_vs_std.png": "test accuracy against the EMA's std, the tracked stds marked",
     "reliability.png": "a reliability diagram per method, side by side (SWAG recipe)",
+    "accuracy_vs_time.png": "test accuracy against training time, SWAP's phases marked (SWAP recipe)",
     "checkpoints": "--resume continues or reloads from them; delete the folder to free the space",
 }
 
