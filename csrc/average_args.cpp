@@ -73,6 +73,28 @@ TORCH_LIBRARY_FRAGMENT(swa_fast, m) {
   m.def(
       "swag_moments_(Tensor(a!)[] mean, Tensor(b!)[] variance, Tensor(c!)[] deviation, Tensor[] current, "
       "Tensor weight, Tensor? skip=None) -> ()");
+  // average_ with stochastic rounding of float16/bfloat16 averages (timm's
+  // bf16 EMA): the lerp is computed exactly as average_ computes it, in float32
+  // (weight == 1: current's value itself), and the float32 result r is rounded
+  // to the average's 16-bit dtype stochastically: to the neighbour above r
+  // with probability (r - lo) / (hi - lo), else to the one below, so the
+  // rounded average equals r in expectation exactly (csrc/stochastic_rounding.h).
+  // Tiny updates (1 - decay far below the 16-bit spacing) then accumulate in
+  // expectation instead of rounding away. The random bits are counter-based:
+  // a function of (seed, counter, tensor, element), where `counter` is a 0-dim
+  // int64 tensor on the averaged device read there (pass the number of updates
+  // so far, e.g. n_averaged, so that each update draws new bits and a resumed
+  // run draws the same ones), and `tensor` is the pair's position among the
+  // pairs of its (averaged dtype, current dtype) in the call: the same bits on
+  // the CPU and on CUDA, for any thread count. float32/float64 averages are
+  // updated exactly as average_ updates them (nothing random); integer/bool
+  // tensors are copied. Pairs: a float16/bfloat16 average takes a float16,
+  // bfloat16 or float32 current (a float32 model into a bf16 EMA, the memory
+  // saving this exists for); float32/float64 averages as for average_.
+  // weight and skip as for average_.
+  m.def(
+      "average_stochastic_(Tensor(a!)[] averaged, Tensor[] current, Tensor weight, Tensor counter, int seed, "
+      "Tensor? skip=None) -> ()");
   // 0-dim bool on the tensors' device: true when any element of any floating
   // tensor is NaN or +-Inf. Pair with the skip argument above.
   m.def("nonfinite_flag(Tensor[] tensors) -> Tensor");
@@ -84,6 +106,7 @@ TORCH_LIBRARY_IMPL(swa_fast, Autograd, m) {
   m.impl("multi_average_", inplace::autograd_kernel());
   m.impl("average_moments_", inplace::autograd_kernel());
   m.impl("swag_moments_", inplace::autograd_kernel());
+  m.impl("average_stochastic_", inplace::autograd_kernel());
 }
 
 TORCH_LIBRARY_IMPL(swa_fast, ADInplaceOrView, m) {
@@ -91,6 +114,7 @@ TORCH_LIBRARY_IMPL(swa_fast, ADInplaceOrView, m) {
   m.impl("multi_average_", inplace::inplace_or_view_kernel());
   m.impl("average_moments_", inplace::inplace_or_view_kernel());
   m.impl("swag_moments_", inplace::inplace_or_view_kernel());
+  m.impl("average_stochastic_", inplace::inplace_or_view_kernel());
 }
 
 namespace {
@@ -162,7 +186,8 @@ void check_pair(
     const at::Tensor& cur,
     size_t i,
     c10::Device device,
-    const char* name = "averaged") {
+    const char* name = "averaged",
+    bool stochastic = false) {
   check_same_device(op, avg, name, i, device, name);
   check_same_device(op, cur, "current", i, device, name);
   TORCH_CHECK(
@@ -182,10 +207,18 @@ void check_pair(
       avg.scalar_type(), " but current[", i, "] is ", cur.scalar_type(),
       "; a running average needs a floating averaged tensor (integer/bool tensors are only copied, "
       "from a tensor of the same dtype)");
-  TORCH_CHECK(
-      is_supported_dtype_pair(avg.scalar_type(), cur.scalar_type()), op, ": ", name, "[", i, "] has dtype ",
-      avg.scalar_type(), " but current[", i, "] has dtype ", cur.scalar_type(),
-      "; current must have the averaged dtype or a lower-precision floating dtype");
+  if (stochastic) {
+    TORCH_CHECK(
+        is_stochastic_dtype_pair(avg.scalar_type(), cur.scalar_type()), op, ": ", name, "[", i, "] has dtype ",
+        avg.scalar_type(), " but current[", i, "] has dtype ", cur.scalar_type(),
+        "; a float16/bfloat16 average takes a float16, bfloat16 or float32 current, a float32/float64 one its "
+        "own dtype or a lower-precision floating one");
+  } else {
+    TORCH_CHECK(
+        is_supported_dtype_pair(avg.scalar_type(), cur.scalar_type()), op, ": ", name, "[", i, "] has dtype ",
+        avg.scalar_type(), " but current[", i, "] has dtype ", cur.scalar_type(),
+        "; current must have the averaged dtype or a lower-precision floating dtype");
+  }
   TORCH_CHECK(
       avg.is_non_overlapping_and_dense(), op, ": ", name, "[", i,
       "] is a strided view (not dense); averages must be whole tensors, e.g. parameters or .contiguous() copies");
@@ -235,6 +268,13 @@ bool is_supported_dtype_pair(c10::ScalarType averaged, c10::ScalarType current) 
   const int avg_rank = float_rank(averaged);
   const int cur_rank = float_rank(current);
   return avg_rank >= 2 && cur_rank > 0 && cur_rank < avg_rank;
+}
+
+bool is_stochastic_dtype_pair(c10::ScalarType averaged, c10::ScalarType current) {
+  if (is_reduced_float(averaged)) {
+    return is_reduced_float(current) || current == c10::ScalarType::Float;
+  }
+  return is_supported_dtype_pair(averaged, current);
 }
 
 bool is_fusable_pair(const at::Tensor& averaged, const at::Tensor& current) {
@@ -295,6 +335,42 @@ void validate_average_args(
         op, {{"averaged", averaged, true, true}, {"current", current, false, true},
              {"weight", weight, false, false, false}, {"skip", skip_list, false, false, false}});
   }
+}
+
+void validate_stochastic_args(
+    const char* op,
+    at::TensorList averaged,
+    at::TensorList current,
+    const at::Tensor& weight,
+    const at::Tensor& counter,
+    const std::optional<at::Tensor>& skip,
+    bool read_weight_value) {
+  TORCH_CHECK(
+      averaged.size() == current.size(), op, ": averaged has ", averaged.size(), " tensors but current has ",
+      current.size());
+  if (averaged.empty()) {
+    return;  // an empty update is a no-op, not an error
+  }
+  const c10::Device device = averaged[0].device();
+  check_weight(op, weight, device, read_weight_value);
+  check_skip(op, skip, device);
+  TORCH_CHECK(
+      counter.dim() == 0 && counter.scalar_type() == c10::ScalarType::Long, op,
+      ": counter must be a 0-dim int64 tensor (the number of updates so far), got dtype ", counter.scalar_type(),
+      " and shape ", counter.sizes());
+  TORCH_CHECK(
+      counter.device() == device, op, ": counter is on ", counter.device(), " but the averaged tensors are on ",
+      device, "; keep it with the averages (it is read there, without a sync)");
+  for (size_t i = 0; i < averaged.size(); ++i) {
+    check_pair(op, averaged[i], current[i], i, device, "averaged", /*stochastic=*/true);
+  }
+  // As average_: averaged[i] may be current[i] itself (lerp(a, a, w) = a, which
+  // rounds to itself); nothing else written may share memory with what is read.
+  const at::TensorList skip_list = skip.has_value() ? at::TensorList(*skip) : at::TensorList();
+  check_no_overlap(
+      op, {{"averaged", averaged, true, true}, {"current", current, false, true},
+           {"weight", weight, false, false, false}, {"counter", counter, false, false, false},
+           {"skip", skip_list, false, false, false}});
 }
 
 void validate_swag_args(
@@ -375,6 +451,17 @@ std::vector<at::Tensor> check_average_args(
     const at::Tensor& weight,
     const std::optional<at::Tensor>& skip) {
   validate_average_args(op, averaged, sq_mean, with_moments, current, weight, skip, /*read_weight_value=*/true);
+  return laid_out_like(averaged, current);
+}
+
+std::vector<at::Tensor> check_stochastic_args(
+    const char* op,
+    at::TensorList averaged,
+    at::TensorList current,
+    const at::Tensor& weight,
+    const at::Tensor& counter,
+    const std::optional<at::Tensor>& skip) {
+  validate_stochastic_args(op, averaged, current, weight, counter, skip, /*read_weight_value=*/true);
   return laid_out_like(averaged, current);
 }
 
@@ -535,6 +622,21 @@ void bind_average(pybind11::module_& m) {
             op.c_str(), mean, variance, deviation, current, weight, skip, /*read_weight_value=*/false);
       },
       "swag_moments_'s argument checks on metadata only (for its fake kernel)");
+  m.def(
+      "validate_stochastic_args",
+      [](const std::string& op, const std::vector<at::Tensor>& averaged, const std::vector<at::Tensor>& current,
+         const at::Tensor& weight, const at::Tensor& counter, const std::optional<at::Tensor>& skip) {
+        validate_stochastic_args(op.c_str(), averaged, current, weight, counter, skip, /*read_weight_value=*/false);
+      },
+      "average_stochastic_'s argument checks on metadata only (for its fake kernel)");
+  m.def(
+      "is_stochastic_pair",
+      [](const at::Tensor& averaged, const at::Tensor& current) {
+        return is_stochastic_dtype_pair(averaged.scalar_type(), current.scalar_type()) &&
+            averaged.is_non_overlapping_and_dense();
+      },
+      pybind11::arg("averaged"), pybind11::arg("current"),
+      "Whether average_stochastic_ takes this (averaged, current) pair as it is (dtypes and layout)");
   m.def(
       "check_nonfinite_args", [](const std::vector<at::Tensor>& tensors) { check_nonfinite_args(tensors); },
       "nonfinite_flag's argument checks (for its fake kernel)");

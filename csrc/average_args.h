@@ -22,6 +22,11 @@ bool has_average_kernel(c10::ScalarType dtype);
 // (has_average_kernel). Integer/bool pairs must match.
 bool is_supported_dtype_pair(c10::ScalarType averaged, c10::ScalarType current);
 
+// average_stochastic_'s pairs: a float16/bfloat16 average takes a float16,
+// bfloat16 or float32 current (computed in float32, rounded stochastically);
+// float32/float64 averages and integer/bool copies as is_supported_dtype_pair.
+bool is_stochastic_dtype_pair(c10::ScalarType averaged, c10::ScalarType current);
+
 // True when the fused ops take this pair as it is: a supported dtype pair and
 // a dense (non-overlapping) averaged tensor. Devices and shapes are not
 // considered. Python uses it to route the rare other pairs around the kernels.
@@ -105,6 +110,28 @@ std::vector<at::Tensor> check_swag_args(
     at::TensorList deviation,
     at::TensorList current,
     const at::Tensor& weight,
+    const std::optional<at::Tensor>& skip);
+
+// Every check of average_stochastic_: average_'s, with its own dtype pairs
+// (is_stochastic_dtype_pair), and `counter` a 0-dim int64 tensor on the
+// averaged device. Reads nothing but metadata unless `read_weight_value`.
+void validate_stochastic_args(
+    const char* op,
+    at::TensorList averaged,
+    at::TensorList current,
+    const at::Tensor& weight,
+    const at::Tensor& counter,
+    const std::optional<at::Tensor>& skip,
+    bool read_weight_value);
+
+// validate_stochastic_args, then current laid out like averaged (as
+// check_average_args does).
+std::vector<at::Tensor> check_stochastic_args(
+    const char* op,
+    at::TensorList averaged,
+    at::TensorList current,
+    const at::Tensor& weight,
+    const at::Tensor& counter,
     const std::optional<at::Tensor>& skip);
 
 // The values of a CPU float32/float64 weight tensor (0-dim or 1-D, any

@@ -1026,3 +1026,74 @@ def test_opcheck_swag_moments(with_deviation):
         for skip in (None, torch.tensor(False, device=DEVICE)):
             torch.library.opcheck(torch.ops.swa_fast.swag_moments_.default,
                                   (mean, variance, deviation, current, weight, skip))
+
+
+# ----------------------------------------------------------------- average_stochastic_
+
+
+@pytest.mark.parametrize("avg_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cur_dtype", [None, torch.float32])
+@pytest.mark.parametrize("weight", [1e-3, 0.3, 0.7, 1.0])
+def test_stochastic_rounding_equals_the_cpu_bitwise(avg_dtype, cur_dtype, weight):
+    """The same Philox words (by pair and element, not by launch layout) and the same rounding:
+    the CUDA result is the CPU's, bit for bit, across sizes around the vector width and chunks."""
+    averaged = [make(n, avg_dtype, i) for i, n in enumerate(SIZES)]
+    current = [make(n, cur_dtype or avg_dtype, 100 + i) for i, n in enumerate(SIZES)]
+    on_cpu = [a.cpu() for a in averaged]
+    counter = 2**33 + 9
+    swa_fast.average_stochastic_(on_cpu, [c.cpu() for c in current], weight, torch.tensor(counter), 2**40 + 1)
+    swa_fast.average_stochastic_(averaged, current, weight, torch.tensor(counter, device=DEVICE), 2**40 + 1)
+    for i, (got, want) in enumerate(zip(averaged, on_cpu)):
+        assert torch.equal(got.cpu(), want), f"size {SIZES[i]}"
+
+
+def test_stochastic_rounding_reads_the_counter_on_the_device_and_is_unbiased():
+    """A counter advanced on the device (no host value) draws new bits each update, captured in a
+    CUDA graph too; and the mean of many draws of one value is that value (5 sigma, as the CPU test)."""
+    n = 1 << 20
+    spacing = 2.0**-7
+    target = 1.0 + 0.3 * spacing
+    averaged = torch.ones(n, dtype=torch.bfloat16, device=DEVICE)
+    current = torch.full((n,), target, device=DEVICE)
+    counter = torch.zeros((), dtype=torch.long, device=DEVICE)
+    weight = torch.ones((), dtype=torch.float64, device=DEVICE)
+    seen = []
+    for _ in range(3):
+        averaged.fill_(1.0)
+        swa_fast.average_stochastic_([averaged], [current], weight, counter, 5)
+        seen.append(averaged.clone())
+        counter.add_(1)
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+    sigma = spacing * (0.3 * 0.7 / n) ** 0.5
+    assert abs(seen[0].double().mean().item() - target) < 5 * sigma
+
+    graph = torch.cuda.CUDAGraph()
+    counter.zero_()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        swa_fast.average_stochastic_([averaged], [current], weight, counter, 5)  # warm-up
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        swa_fast.average_stochastic_([averaged], [current], weight, counter, 5)
+        counter.add_(1)
+    counter.zero_()
+    averaged.fill_(1.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(averaged, seen[0])  # counter 0, as the first eager call
+
+
+def test_stochastic_rounding_mixed_call_and_many_tensors():
+    """fp32 averages (average_'s launch), integer copies and more bf16 pairs than one launch holds,
+    in one call: every part equals the CPU's."""
+    many = 150
+    averaged = [make(3 + i % 9, torch.bfloat16, i) for i in range(many)]
+    averaged += [make(33, torch.float32, 500), torch.zeros(4, dtype=torch.long, device=DEVICE)]
+    current = [make(3 + i % 9, torch.float32, 1000 + i) for i in range(many)]
+    current += [make(33, torch.bfloat16, 501), torch.arange(4, device=DEVICE)]
+    on_cpu = [a.cpu() for a in averaged]
+    swa_fast.average_stochastic_(on_cpu, [c.cpu() for c in current], 0.2, torch.tensor(7), 3)
+    swa_fast.average_stochastic_(averaged, current, 0.2, torch.tensor(7, device=DEVICE), 3)
+    for got, want in zip(averaged, on_cpu):
+        assert torch.equal(got.cpu(), want)

@@ -109,6 +109,19 @@ class Driver:
                          self.swag_case(a, v, d, c))
                 self.run("swag_moments_", name + " no deviation", lambda a=averaged, v=variance, c=current:
                          self.swag_case(a, v, [], c))
+        # Stochastic rounding: fp16/bf16 averages of fp16/bf16/fp32 values (the CPU's bits exactly), with
+        # fp32 averages and integer copies in the same call, misaligned views.
+        for avg_dtype in (torch.float16, torch.bfloat16):
+            for cur_dtype in (avg_dtype, torch.float32):
+                for offset in (0, 1):
+                    name = f"{avg_dtype}<-{cur_dtype} offset {offset}"
+                    averaged = [self.tensor(n, avg_dtype, i, offset) for i, n in enumerate(ODD_SIZES)]
+                    current = [self.tensor(n, cur_dtype, 70 + i, offset) for i, n in enumerate(ODD_SIZES)]
+                    counts = torch.zeros(3, dtype=torch.long, device=self.device)
+                    averaged += [self.tensor(17, torch.float32, 5), counts]
+                    current += [self.tensor(17, torch.float32, 6), counts + 1]
+                    self.run("average_stochastic_", name,
+                             lambda a=averaged, c=current: self.stochastic_case(a, c, 0.3))
         # weight 1 (copy), skip true and false, integer and bool copies.
         ints = [self.tensor(9, torch.float32, 1).mul(40).round().to(dt) for dt in
                 (torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool)]
@@ -235,6 +248,14 @@ class Driver:
         for i, (got, ref) in enumerate(zip(mean + sq, want_mean + want_sq)):  # on the CPU: the op against itself
             tol = 1e-2 if got.element_size() == 2 else 1e-6
             self.check(got, ref, f"moments[{i}]", rtol=tol, atol=tol)
+
+    def stochastic_case(self, averaged, current, weight) -> None:
+        on_cpu = self.on_cpu(averaged)
+        counter = 2**33 + 3
+        swa_fast.average_stochastic_(on_cpu, self.on_cpu(current), weight, torch.tensor(counter), 11)
+        swa_fast.average_stochastic_(averaged, current, weight, torch.tensor(counter, device=self.device), 11)
+        for i, (got, ref) in enumerate(zip(averaged, on_cpu)):
+            self.check(got, ref, f"stochastic[{i}]")  # the same words and rounding on both: bitwise
 
     def swag_case(self, mean, variance, deviation, current) -> None:
         lists = [self.on_cpu(mean), self.on_cpu(variance), self.on_cpu(deviation)]

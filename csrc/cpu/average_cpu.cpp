@@ -1,4 +1,5 @@
-// CPU kernels of average_, average_moments_, multi_average_, swag_moments_ and nonfinite_flag.
+// CPU kernels of average_, average_moments_, multi_average_, swag_moments_, average_stochastic_ and
+// nonfinite_flag.
 //
 // Structure (mirrored by csrc/cuda/average_cuda.cu):
 //   1. check_average_args / check_multi_average_args / check_swag_args validate everything on the host;
@@ -26,6 +27,8 @@
 #include "average_args.h"
 #include "cpu/chunks.h"
 #include "cpu/vec_load.h"
+#include "dtypes.h"
+#include "stochastic_rounding.h"
 
 namespace swa_fast {
 namespace {
@@ -390,11 +393,121 @@ at::Tensor nonfinite_flag_cpu(at::TensorList tensors) {
 
 }  // namespace
 
+// ---------------------------------------------------------------------------
+// average_stochastic_: average_'s lerp, then float16/bfloat16 averages rounded
+// stochastically (CUDA: StochasticLerpFunctor)
+// ---------------------------------------------------------------------------
+
+// One chunk [begin, end) of a float16/bfloat16 average: the lerp in float32
+// exactly as lerp_block computes it (weight == 1: x itself), then each value
+// rounded with its element's word (stochastic_rounding.h); a group of four
+// elements shares one Philox call.
+template <typename avg_t, typename cur_t>
+void stochastic_chunk(
+    avg_t* avg,
+    const cur_t* cur,
+    double weight,
+    const stochastic::Key& key,
+    int64_t stream,
+    int64_t begin,
+    int64_t end) {
+  float avg_buffer[kBlock];
+  float cur_buffer[kBlock];
+  for (int64_t start = begin; start < end; start += kBlock) {
+    const int64_t n = std::min(kBlock, end - start);
+    const float* x = load_as(cur + start, cur_buffer, n);
+    const float* r = x;
+    if (weight != 1.0) {
+      at::vec::convert(avg + start, avg_buffer, n);
+      lerp_in_place(avg_buffer, x, n, static_cast<float>(weight));
+      r = avg_buffer;
+    }
+    int64_t group = -1;
+    stochastic::Words words{};
+    for (int64_t e = 0; e < n; ++e) {
+      const int64_t j = start + e;
+      if ((j >> 2) != group) {
+        group = j >> 2;
+        words = stochastic::group_words(key, stream, group);
+      }
+      avg[j] = stochastic::round_stochastically<avg_t>(r[e], words.w[j & 3]);
+    }
+  }
+}
+
+// The stream of each pair: its position among the pairs of its (averaged
+// dtype, current dtype), as the CUDA kernel's launch groups number them.
+std::vector<int64_t> stochastic_streams(at::TensorList averaged, const std::vector<at::Tensor>& cur) {
+  std::vector<std::pair<at::ScalarType, at::ScalarType>> keys;
+  std::vector<int64_t> counts;
+  std::vector<int64_t> streams;
+  streams.reserve(cur.size());
+  for (size_t i = 0; i < cur.size(); ++i) {
+    const auto key = std::make_pair(averaged[i].scalar_type(), cur[i].scalar_type());
+    size_t k = 0;
+    while (k < keys.size() && keys[k] != key) {
+      ++k;
+    }
+    if (k == keys.size()) {
+      keys.push_back(key);
+      counts.push_back(0);
+    }
+    streams.push_back(counts[k]++);
+  }
+  return streams;
+}
+
+void average_stochastic_cpu(
+    at::TensorList averaged,
+    at::TensorList current,
+    const at::Tensor& weight,
+    const at::Tensor& counter,
+    int64_t seed,
+    const std::optional<at::Tensor>& skip) {
+  const char* op = "swa_fast.average_stochastic_";
+  const std::vector<at::Tensor> cur = check_stochastic_args(op, averaged, current, weight, counter, skip);
+  if (averaged.empty() || (skip.has_value() && skip->item<bool>())) {
+    return;
+  }
+  const double w = read_weights(weight)[0];
+  const stochastic::Key key{static_cast<uint64_t>(seed), static_cast<uint64_t>(counter.item<int64_t>())};
+  const std::vector<int64_t> streams = stochastic_streams(averaged, cur);
+  std::vector<void*> avg(averaged.size());
+  for (size_t i = 0; i < averaged.size(); ++i) {
+    avg[i] = averaged[i].mutable_data_ptr();
+  }
+  const std::vector<Chunk> chunks = split_into_chunks(averaged);
+  const int64_t grain = cpu::parallel_grain(chunks);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const Chunk& chunk = chunks[c];
+      const at::ScalarType avg_dtype = averaged[chunk.tensor].scalar_type();
+      if (!is_reduced_float(avg_dtype)) {  // float32/float64 or a copy: exactly average_
+        run_chunk<false>(avg_dtype, &avg[chunk.tensor], &w, 1, averaged[chunk.tensor], cur[chunk.tensor],
+                         chunk.begin, chunk.end);
+        continue;
+      }
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(avg_dtype, "swa_fast_average_stochastic_avg", [&] {
+        using avg_t = scalar_t;
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cur[chunk.tensor].scalar_type(),
+                                        "swa_fast_average_stochastic_cur", [&] {
+          if constexpr (!std::is_same_v<scalar_t, double>) {  // is_stochastic_dtype_pair refused float64
+            stochastic_chunk<avg_t, scalar_t>(static_cast<avg_t*>(avg[chunk.tensor]),
+                                              cur[chunk.tensor].const_data_ptr<scalar_t>(), w, key,
+                                              streams[chunk.tensor], chunk.begin, chunk.end);
+          }
+        });
+      });
+    }
+  });
+}
+
 TORCH_LIBRARY_IMPL(swa_fast, CPU, m) {
   m.impl("average_", &average_cpu);
   m.impl("average_moments_", &average_moments_cpu);
   m.impl("multi_average_", &multi_average_cpu);
   m.impl("swag_moments_", &swag_moments_cpu);
+  m.impl("average_stochastic_", &average_stochastic_cpu);
   m.impl("nonfinite_flag", &nonfinite_flag_cpu);
 }
 

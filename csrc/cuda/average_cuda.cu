@@ -1,4 +1,5 @@
-// CUDA kernels of average_, average_moments_, multi_average_, swag_moments_ and nonfinite_flag.
+// CUDA kernels of average_, average_moments_, multi_average_, swag_moments_, average_stochastic_ and
+// nonfinite_flag.
 //
 // Structure (mirrors csrc/cpu/average_cpu.cpp section by section):
 //   1. check_average_args / check_multi_average_args / check_swag_args validate everything on the host;
@@ -36,6 +37,7 @@
 #include "cuda/multi_tensor_apply.cuh"
 #include "cuda/tensor_groups.h"
 #include "rounding.h"  // fma_rn, mul_rn
+#include "stochastic_rounding.h"
 
 namespace swa_fast {
 namespace {
@@ -787,11 +789,137 @@ at::Tensor nonfinite_flag_cuda(at::TensorList tensors) {
 
 }  // namespace
 
+// ---------------------------------------------------------------------------
+// average_stochastic_ (CPU: stochastic_chunk, stochastic_streams,
+// average_stochastic_cpu)
+// ---------------------------------------------------------------------------
+
+// A float16/bfloat16 average of one (averaged dtype, current dtype) group:
+// LerpFunctor's lerp in float32 (weight == 1: x itself), then each value
+// rounded with its element's word (stochastic_rounding.h). The stream is the
+// pair's index in the group (chunk.tensor), the element its index in the
+// tensor (chunk.begin + i): the words the CPU kernel draws. Lists: {averaged,
+// current}. The counter is read on the device.
+template <typename avg_t, typename cur_t>
+struct StochasticLerpFunctor {
+  static constexpr int kDepth = 2;
+  static constexpr int kILP = vec::kVectorWidth<avg_t>;
+
+  const void* weight;
+  bool weight_is_double;
+  const int64_t* counter;
+  uint64_t seed;
+  const bool* skip;  // nullptr: never skip
+
+  __device__ __forceinline__ void operator()(const mta::Chunk<kDepth>& chunk) const {
+    if (should_skip(skip)) {
+      return;
+    }
+    const double w = read_weight(weight, weight_is_double);
+    const bool copy = w == 1.0;
+    const Lerp<float> lerp(static_cast<float>(w));
+    const stochastic::Key key{seed, static_cast<uint64_t>(*counter)};
+
+    avg_t* avg = chunk.template ptr<avg_t>(0);
+    const cur_t* cur = chunk.template ptr<cur_t>(1);
+
+    // Element i of the chunk: element chunk.begin + i of the tensor.
+    const auto update = [&](avg_t& a, cur_t c, int64_t element) {
+      const float x = static_cast<float>(c);
+      const float r = copy ? x : lerp(static_cast<float>(a), x);
+      a = stochastic::round_stochastically<avg_t>(r, stochastic::element_word(key, chunk.tensor, element));
+    };
+
+    const bool aligned = vec::is_aligned<vec::kVectorBytes>(avg) && vec::is_aligned<kILP * sizeof(cur_t)>(cur);
+    mta::for_each_in_chunk<kILP>(
+        chunk.size, aligned,
+        [&](int v) {
+          auto a = vec::load_vector<kILP>(avg, v);
+          const auto c = vec::load_vector<kILP>(cur, v);
+#pragma unroll
+          for (int k = 0; k < kILP; ++k) {
+            update(a.val[k], c.val[k], chunk.begin + static_cast<int64_t>(v) * kILP + k);
+          }
+          vec::store_vector(avg, v, a);
+        },
+        [&](int i) {
+          avg_t a = avg[i];
+          update(a, cur[i], chunk.begin + i);
+          avg[i] = a;
+        });
+  }
+};
+
+// Calls f(TypeTag<avg_t>{}, TypeTag<cur_t>{}) for the float16/bfloat16
+// averages is_stochastic_dtype_pair accepts (current float16, bfloat16 or
+// float32); only these are compiled.
+template <typename F>
+void dispatch_stochastic_pair(const char* op, at::ScalarType avg, at::ScalarType cur, F&& f) {
+  dispatch_kernel_float(op, avg, [&](auto avg_tag) {
+    using avg_t = typename decltype(avg_tag)::type;
+    dispatch_kernel_float(op, cur, [&](auto cur_tag) {
+      using cur_t = typename decltype(cur_tag)::type;
+      if constexpr (float_rank_of<avg_t>() == 1 && float_rank_of<cur_t>() <= 2) {
+        f(avg_tag, cur_tag);
+      } else {
+        TORCH_CHECK(false, op, ": stochastic rounding of ", cur, " into ", avg, " is not implemented on CUDA");
+      }
+    });
+  });
+}
+
+void average_stochastic_cuda(
+    at::TensorList averaged,
+    at::TensorList current,
+    const at::Tensor& weight,
+    const at::Tensor& counter,
+    int64_t seed,
+    const std::optional<at::Tensor>& skip) {
+  const char* op = "swa_fast.average_stochastic_";
+  const std::vector<at::Tensor> cur = check_stochastic_args(op, averaged, current, weight, counter, skip);
+  if (averaged.empty()) {
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(averaged[0].device());
+  const bool* skip_ptr = skip.has_value() ? skip->const_data_ptr<bool>() : nullptr;
+  const bool weight_is_double = weight.scalar_type() == at::ScalarType::Double;
+
+  // Groups as average_'s: a group's tensor index is the pair's stream.
+  std::vector<Group> groups;
+  for (size_t i = 0; i < averaged.size(); ++i) {
+    const at::ScalarType avg_dtype = averaged[i].scalar_type();
+    const auto key = at::isFloatingType(avg_dtype) ? std::make_pair(avg_dtype, cur[i].scalar_type())
+                                                   : std::make_pair(copy_key(avg_dtype), copy_key(avg_dtype));
+    add_to_group(groups, key, static_cast<int64_t>(i), {averaged[i], cur[i]});
+  }
+  for (const Group& group : groups) {
+    if (is_reduced_float(group.key.first)) {
+      dispatch_stochastic_pair(op, group.key.first, group.key.second, [](auto, auto) {});
+    } else {
+      check_group_has_kernel(op, group);
+    }
+  }
+  for (const Group& group : groups) {
+    if (!is_reduced_float(group.key.first)) {  // float32/float64 or a copy: exactly average_'s launch
+      run_group<false>(op, group, weight.const_data_ptr(), weight_is_double, skip_ptr);
+      continue;
+    }
+    dispatch_stochastic_pair(op, group.key.first, group.key.second, [&](auto avg_tag, auto cur_tag) {
+      using Functor = StochasticLerpFunctor<typename decltype(avg_tag)::type, typename decltype(cur_tag)::type>;
+      mta::multi_tensor_apply<Functor::kDepth>(
+          group.lists, 1,
+          Functor{weight.const_data_ptr(), weight_is_double, counter.const_data_ptr<int64_t>(),
+                  static_cast<uint64_t>(seed), skip_ptr});
+    });
+  }
+}
+
 TORCH_LIBRARY_IMPL(swa_fast, CUDA, m) {
   m.impl("average_", &average_cuda);
   m.impl("average_moments_", &average_moments_cuda);
   m.impl("multi_average_", &multi_average_cuda);
   m.impl("swag_moments_", &swag_moments_cuda);
+  m.impl("average_stochastic_", &average_stochastic_cuda);
   m.impl("nonfinite_flag", &nonfinite_flag_cuda);
 }
 

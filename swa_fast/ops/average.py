@@ -1,10 +1,10 @@
 """The averaging ops: fake kernels and Python wrappers of ``average_``, ``multi_average_``,
-``average_moments_``, ``swag_moments_`` and ``nonfinite_flag``.
+``average_moments_``, ``swag_moments_``, ``average_stochastic_`` and ``nonfinite_flag``.
 
 Their schemas and checks are ``csrc/average_args.{h,cpp}``; their kernels
 ``csrc/cpu/average_cpu.cpp`` and ``csrc/cuda/average_cuda.cu``. The fake
 kernels run the same C++ checks on metadata (``_C.validate_average_args``,
-``_C.validate_multi_average_args``, ``_C.validate_swag_args``), so
+``_C.validate_multi_average_args``, ``_C.validate_swag_args``, ``_C.validate_stochastic_args``), so
 ``torch.compile`` reports bad arguments while tracing as eager mode would.
 """
 
@@ -37,6 +37,11 @@ def _average_moments_fake(mean, sq_mean, current, weight, skip=None) -> None:
 @torch.library.register_fake("swa_fast::swag_moments_")
 def _swag_moments_fake(mean, variance, deviation, current, weight, skip=None) -> None:
     _C.validate_swag_args("swa_fast.swag_moments_", mean, variance, deviation, current, weight, skip)
+
+
+@torch.library.register_fake("swa_fast::average_stochastic_")
+def _average_stochastic_fake(averaged, current, weight, counter, seed, skip=None) -> None:
+    _C.validate_stochastic_args("swa_fast.average_stochastic_", averaged, current, weight, counter, skip)
 
 
 @torch.library.register_fake("swa_fast::nonfinite_flag")
@@ -236,6 +241,62 @@ def swag_moments_(
     with torch.no_grad():
         torch.ops.swa_fast.swag_moments_(
             list(mean), list(variance), deviation, list(current), weight_tensor(weight, _device_of(mean)), skip
+        )
+
+
+def is_stochastic_pair(averaged: Tensor, current: Tensor) -> bool:
+    """Whether :func:`average_stochastic_` takes this (averaged, current) pair as it is: a
+    float16/bfloat16 average of a float16, bfloat16 or float32 tensor, float32/float64 averages
+    as for :func:`average_` (``csrc/average_args.cpp``, ``is_stochastic_dtype_pair``), and a
+    dense averaged tensor."""
+    return _C.is_stochastic_pair(averaged, current)
+
+
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
+
+def average_stochastic_(
+    averaged: Sequence[Tensor],
+    current: Sequence[Tensor],
+    weight: Weight,
+    counter: Tensor,
+    seed: int,
+    *,
+    skip: Optional[Tensor] = None,
+) -> None:
+    """:func:`average_` with stochastic rounding of float16/bfloat16 averages (unbiased).
+
+    Each value is computed exactly as :func:`average_` computes it, in float32, and then
+    rounded to the average's 16-bit dtype stochastically: up with probability
+    ``(r - lo) / (hi - lo)`` (``lo``, ``hi`` the neighbours of the float32 result ``r``),
+    else down, so the stored average equals ``r`` in expectation, exactly. An EMA whose
+    per-step change ``(1 - decay) * (x - avg)`` is far below bf16's spacing then still moves
+    (round-to-nearest would drop every such step), at half the memory of a float32 EMA.
+    float32/float64 averages are updated exactly as :func:`average_` updates them.
+
+    The random bits are a pure function of ``(seed, counter, tensor, element)``
+    (Philox4x32-10): reproducible, the same on the CPU and on CUDA and for any thread count,
+    and a resumed run draws what the uninterrupted one would have. ``tensor`` is the pair's
+    position among the pairs of its (averaged dtype, current dtype) in the call.
+
+    Args:
+        averaged: the running averages, updated in place (fp16/bf16 rounded stochastically;
+            fp32/fp64 as :func:`average_`; integer/bool copied).
+        current: the new values, same shapes. A fp16/bf16 average takes fp16, bf16 or fp32
+            values (e.g. a float32 model into a bf16 EMA); fp32/fp64 averages as for
+            :func:`average_`.
+        weight: in [0, 1]; a float, or a 0-dim float32/float64 tensor on the averaged device.
+        counter: 0-dim int64 tensor on the averaged device, read there (no sync): which update
+            this is; pass a new value each update (e.g. the number of updates so far).
+        seed: the stream's seed, any 64-bit integer.
+        skip: optional 0-dim bool tensor on the device; when true nothing is written.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not \
+            SEED_RANGE[0] <= int(seed) <= SEED_RANGE[1]:
+        raise TypeError(f"seed must be a 64-bit integer, got {type(seed).__name__} {seed!r}")
+    with torch.no_grad():
+        torch.ops.swa_fast.average_stochastic_(
+            list(averaged), list(current), weight_tensor(weight, _device_of(averaged)), counter, int(seed), skip
         )
 
 
