@@ -280,3 +280,30 @@ def test_host_averages_of_a_gpu_sharded_model_gather_on_the_host():
             assert torch.equal(average.full_tensor(), dict(model.named_parameters())[name].full_tensor().cpu())
     finally:
         dist.destroy_process_group()
+
+
+def test_stochastic_rounding_on_the_device_and_offloaded_equals_the_cpu():
+    """A bf16 EMA with stochastic rounding of a CUDA model, on the device and offloaded to host
+    memory, bitwise equal to the same EMA of a CPU copy of the model (the op draws the same bits on
+    both devices; the counter is each average's update count, wherever it lives)."""
+    from helpers import bn_net
+
+    def make(model, **kwargs):
+        return WeightAverage(model, swa_utils.get_ema_multi_avg_fn(0.99), use_buffers=True, avg_dtype=torch.bfloat16,
+                                      stochastic_rounding=True, stochastic_rounding_seed=5, **kwargs)
+
+    cpu_model = bn_net()
+    gpu_model = bn_net().cuda()
+    on_cpu, on_gpu, offloaded = make(cpu_model), make(gpu_model), make(gpu_model, device="cpu")
+    for step in range(4):
+        with torch.no_grad():
+            for p_cpu, p_gpu in zip(cpu_model.parameters(), gpu_model.parameters()):
+                p_cpu.add_(torch.randn(p_cpu.shape, generator=torch.Generator().manual_seed(step)) * 0.01)
+                p_gpu.copy_(p_cpu)
+        on_cpu.update(cpu_model)
+        on_gpu.update(gpu_model)
+        offloaded.update(gpu_model)
+    offloaded.synchronize()
+    for key, value in on_cpu.module_state_dict().items():
+        assert torch.equal(on_gpu.module_state_dict()[key].cpu(), value), key
+        assert torch.equal(offloaded.module_state_dict()[key], value), key

@@ -59,8 +59,10 @@ class AverageSet:
     """K averages of one model's tensors (see the module docstring)."""
 
     def __init__(self, store: Union[NamedStore, ModuleStore],
-                 members: Union[List[Member], Callable[[], List[Member]]], skip_nonfinite: bool, owner: str) -> None:
+                 members: Union[List[Member], Callable[[], List[Member]]], skip_nonfinite: bool, owner: str,
+                 rounding_seed: Optional[int] = None) -> None:
         self.store = store
+        self.rounding_seed = rounding_seed  # fp16/bf16 averages rounded stochastically (None: to nearest)
         # A list, or (AveragedModel, whose .to() replaces its count buffers) what reads them.
         self._members = members
         self.skip_nonfinite = skip_nonfinite
@@ -156,7 +158,7 @@ class AverageSet:
             store = self.store
             if isinstance(store, NamedStore):
                 self._fit_layout(model)
-            plan = self._plan = build_plan(model, store.entries(model), self.owner)
+            plan = self._plan = build_plan(model, store.entries(model), self.owner, self.rounding_seed)
             self._plan_offloads = self._force_offload or any(
                 group.device.type == "cpu" and any(t.is_cuda for t in group.current_tensors())
                 for group in plan.groups)

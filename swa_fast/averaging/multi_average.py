@@ -31,6 +31,10 @@ class MultiAverage(MappingABC):
             :func:`get_ema_multi_avg_fn`) share one pass; a custom function runs as torch runs it.
         use_buffers, avg_dtype, device, skip_nonfinite, include: as for ``WeightAverage``, for
             every average (they share one layout).
+        stochastic_rounding, stochastic_rounding_seed: as for ``WeightAverage``; average ``k`` (in
+            ``multi_avg_fns``' order) draws with seed ``stochastic_rounding_seed + k``, so it is
+            bitwise a ``WeightAverage`` with that seed. Each average is then its own pass over the
+            model (one ``average_stochastic_`` call each) instead of one pass for all.
 
     ``multi[name]`` is that average as a :class:`~swa_fast.WeightAverage` (``swapped_into``,
     ``copy_to``, ``averaged_copy``, ``state_dict``, ``n_averaged``; its ``update`` updates it
@@ -60,6 +64,8 @@ class MultiAverage(MappingABC):
         device: Optional[Device] = None,
         skip_nonfinite: bool = False,
         include: Include = None,
+        stochastic_rounding: bool = False,
+        stochastic_rounding_seed: int = 0,
     ) -> None:
         if not isinstance(multi_avg_fns, Mapping) or not multi_avg_fns:
             raise TypeError("MultiAverage: multi_avg_fns must be a non-empty dict {name: multi_avg_fn}, got "
@@ -69,7 +75,8 @@ class MultiAverage(MappingABC):
             raise TypeError(f"MultiAverage: the averages' names must be non-empty strings, got {names!r}")
         self._names = names
         self._set = new_named_set(model, [multi_avg_fns[n] for n in names], use_buffers, avg_dtype, device,
-                                  skip_nonfinite, include, "MultiAverage")
+                                  skip_nonfinite, include, "MultiAverage", stochastic_rounding,
+                                  stochastic_rounding_seed)
         self._views = {name: WeightAverage._member(self._set, k, f"MultiAverage[{name!r}]")
                        for k, name in enumerate(names)}
 

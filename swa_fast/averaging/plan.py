@@ -37,7 +37,13 @@ from torch.nn import Module
 
 from swa_fast.averaging.sharding import is_dtensor, local_tensor, meshes_of
 from swa_fast.averaging.slots import Slot, modules_writing_parameters_in_forward, submodule_slots
-from swa_fast.ops.average import dtypes_and_devices, is_fusable_pair, multi_average_
+from swa_fast.ops.average import (
+    average_stochastic_,
+    dtypes_and_devices,
+    is_fusable_pair,
+    is_stochastic_pair,
+    multi_average_,
+)
 
 Entry = Tuple[Slot, Tensor]
 
@@ -47,6 +53,7 @@ class Pairs:
     """(K averages, current) pairs, split into those the fused op takes and the rest."""
 
     members: int
+    stochastic: bool = False  # the fused op is average_stochastic_ (its pairs: a fp32 current into bf16 too)
     averaged: List[List[Tensor]] = field(default_factory=list)  # averaged[k][i]: average k of current[i]
     current: List[Tensor] = field(default_factory=list)
     averaged_other: List[List[Tensor]] = field(default_factory=list)  # e.g. complex, float8, current more precise
@@ -58,7 +65,7 @@ class Pairs:
 
     def add(self, averages: Sequence[Tensor], current: Tensor) -> None:
         # Every member of a pair has the same dtype and layout, so the first one decides for all.
-        fused = is_fusable_pair(averages[0], current)
+        fused = (is_stochastic_pair if self.stochastic else is_fusable_pair)(averages[0], current)
         for k, average in enumerate(averages):
             (self.averaged if fused else self.averaged_other)[k].append(average)
         (self.current if fused else self.current_other).append(current)
@@ -72,13 +79,15 @@ class DeviceGroup:
 
     device: torch.device
     members: int
+    # Stochastic rounding of fp16/bf16 averages: member k's seed is rounding_seed + k (None: round to nearest).
+    rounding_seed: Optional[int] = None
     average: Pairs = None  # lerped with each member's weight
     copy: Pairs = None  # buffers copied each update (AveragedModel without use_buffers)
     transfer: bool = False  # current tensors live on another device
     is_buffer: Dict[int, bool] = field(default_factory=dict)  # id(current) -> it is a buffer
 
     def __post_init__(self) -> None:
-        self.average = Pairs(self.members)
+        self.average = Pairs(self.members, stochastic=self.rounding_seed is not None)
         self.copy = Pairs(self.members)
 
     def add(self, pairs: Pairs, averages: Sequence[Tensor], current: Tensor, buffer: bool) -> None:
@@ -107,11 +116,14 @@ class DeviceGroup:
         return self.split(flat)
 
     def prepare(self, currents: "GroupCurrents", weights: Tensor, members: Sequence[int],
-                skip: Optional[Tensor]) -> Callable[[], None]:
+                skip: Optional[Tensor], counters: Sequence[Tensor] = ()) -> Callable[[], None]:
         """Everything of one update of this group that can fail, done before anything is written:
         the new values of the pairs torch's lerp handles. Returns what writes the update (the fused
         calls, the prepared values), which cannot fail once the arguments passed the checks.
-        ``weights[j]`` is the weight of member ``members[j]``; copied pairs take weight 1."""
+        ``weights[j]`` is the weight of member ``members[j]``; copied pairs take weight 1. With
+        stochastic rounding, ``counters[j]`` is member ``members[j]``'s update count on this device
+        (its random stream's counter) and each member is one ``average_stochastic_`` call (one
+        read of the currents per member, where ``multi_average_`` reads them once for all)."""
         (average_current, average_other), (copy_current, copy_other) = currents
         averaged = [self.average.averaged[k] for k in members]
         copied = [self.copy.averaged[k] for k in members]
@@ -122,8 +134,17 @@ class DeviceGroup:
         others += [(target, lerp_value(target, cur, None, skip))
                    for k in members for target, cur in zip(self.copy.averaged_other[k], copy_other)]
 
+        stochastic = self.rounding_seed is not None
+        if stochastic and len(counters) != len(members):
+            raise RuntimeError("stochastic rounding needs each member's update counter")
+
         def commit() -> None:
-            multi_average_(averaged, average_current, weights, skip=skip)
+            if stochastic:
+                for j, k in enumerate(members):
+                    average_stochastic_(averaged[j], average_current, weights[j], counters[j],
+                                        member_seed(self.rounding_seed, k), skip=skip)
+            else:
+                multi_average_(averaged, average_current, weights, skip=skip)
             multi_average_(copied, copy_current, ones, skip=skip)  # buffers copied, as torch does
             for target, value in others:
                 target.copy_(value)
@@ -132,6 +153,13 @@ class DeviceGroup:
 
 
 GroupCurrents = Tuple[Tuple[List[Tensor], List[Tensor]], Tuple[List[Tensor], List[Tensor]]]
+
+
+def member_seed(seed: int, index: int) -> int:
+    """Member ``index``'s stochastic-rounding seed: ``seed + index``, wrapped into int64 (distinct
+    seeds give independent Philox streams)."""
+    value = (seed + index) % 2**64
+    return value - 2**64 if value >= 2**63 else value
 
 
 @dataclass
@@ -201,9 +229,10 @@ class UpdatePlan:
         return [group.is_buffer.get(id(t), False) for group in self.groups for t in group.current_tensors()]
 
 
-def build_plan(model: Module, entries: PlanEntries, owner: str) -> UpdatePlan:
+def build_plan(model: Module, entries: PlanEntries, owner: str, rounding_seed: Optional[int] = None) -> UpdatePlan:
     """The plan for one update of the averages from ``model``, as ``entries`` pairs them
-    (``zip``: pairs beyond the shorter list are ignored, as torch ignores them).
+    (``zip``: pairs beyond the shorter list are ignored, as torch ignores them); ``rounding_seed``:
+    fp16/bf16 averages rounded stochastically with this seed (None: to nearest).
 
     Raises:
         ValueError: a tensor of the model is on the meta device (it has no values to average).
@@ -213,7 +242,7 @@ def build_plan(model: Module, entries: PlanEntries, owner: str) -> UpdatePlan:
 
     def group_for(tensor: Tensor) -> DeviceGroup:
         if tensor.device not in groups:
-            groups[tensor.device] = DeviceGroup(tensor.device, members)
+            groups[tensor.device] = DeviceGroup(tensor.device, members, rounding_seed)
         return groups[tensor.device]
 
     for pairs_of, averaged, current in (

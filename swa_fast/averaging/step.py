@@ -142,7 +142,10 @@ def fused_update(
     for group, group_currents in zip(plan.groups, currents):
         weights = member_weights(members, group.device, step)
         skip_here = None if skip is None else skip.to(group.device)
-        commits.append(group.prepare(group_currents, weights, indices, skip_here))
+        # Stochastic rounding's counters: each member's updates so far (a new stream each update,
+        # the same after a resume).
+        counters = [m.n_averaged.to(group.device) for m in members] if group.rounding_seed is not None else ()
+        commits.append(group.prepare(group_currents, weights, indices, skip_here, counters))
     for commit in commits:
         commit()
     advance_last_steps(members, step, skip)

@@ -21,13 +21,30 @@ from torch.nn.modules.module import _IncompatibleKeys
 from swa_fast.averaging.average_set import AverageSet, Device, Step, check_avg_dtype, parse_device
 from swa_fast.averaging.sharding import is_dtensor, reshard
 from swa_fast.averaging.slots import Include, unwrap
-from swa_fast.averaging.step import Member, MultiAvgFn
+from swa_fast.averaging.step import Member, MultiAvgFn, fused_fn
 from swa_fast.averaging.stores import ModuleStore, NamedStore
+
+
+def rounding_seed(stochastic_rounding: bool, seed: int, fns: Sequence[Optional[MultiAvgFn]],
+                  owner: str) -> Optional[int]:
+    """The seed of the set's stochastic rounding (None: round to nearest), arguments checked."""
+    if not isinstance(stochastic_rounding, bool):
+        raise TypeError(f"{owner}: stochastic_rounding must be a bool, got {stochastic_rounding!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63:
+        raise TypeError(f"{owner}: stochastic_rounding_seed must be a 64-bit integer, got {seed!r}")
+    if not stochastic_rounding:
+        return None
+    if any(fn is not None and fused_fn(fn) is None for fn in fns):
+        raise ValueError(f"{owner}: stochastic_rounding needs the fused averaging functions (None, "
+                         "get_ema_multi_avg_fn, get_swa_multi_avg_fn, ...): a function of your own writes the "
+                         "averages itself")
+    return seed
 
 
 def new_named_set(model: Module, fns: Sequence[Optional[MultiAvgFn]], use_buffers: bool,
                   avg_dtype: Optional[torch.dtype], device: Optional[Device], skip_nonfinite: bool,
-                  include: Include, owner: str) -> AverageSet:
+                  include: Include, owner: str, stochastic_rounding: bool = False,
+                  stochastic_rounding_seed: int = 0) -> AverageSet:
     """The set behind ``WeightAverage`` (one function) and ``MultiAverage`` (several), arguments checked."""
     if not isinstance(model, Module):
         raise TypeError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -39,6 +56,7 @@ def new_named_set(model: Module, fns: Sequence[Optional[MultiAvgFn]], use_buffer
     if not isinstance(skip_nonfinite, bool):
         raise TypeError(f"{owner}: skip_nonfinite must be a bool, got {skip_nonfinite!r}")
     check_avg_dtype(avg_dtype, owner)
+    seed = rounding_seed(stochastic_rounding, stochastic_rounding_seed, fns, owner)
     parsed = parse_device(device, owner)
     model = unwrap(model, owner)
     with torch.no_grad():
@@ -46,7 +64,7 @@ def new_named_set(model: Module, fns: Sequence[Optional[MultiAvgFn]], use_buffer
         store = NamedStore(model, len(fns), use_buffers, avg_dtype, parsed, include, owner)
     home = store.home()
     members = [Member.new(fn, home) for fn in fns]
-    return AverageSet(store, members, skip_nonfinite, owner)
+    return AverageSet(store, members, skip_nonfinite, owner, seed)
 
 
 class WeightAverage:
@@ -75,6 +93,15 @@ class WeightAverage:
         include: keyword-only; which tensors to average: parameter (and buffer) names, or a
             predicate ``include(name, tensor) -> bool`` evaluated once, here (e.g.
             ``lambda name, p: p.requires_grad`` leaves a frozen base out). Default: all.
+        stochastic_rounding: keyword-only; round fp16/bf16 averages stochastically
+            (:func:`swa_fast.average_stochastic_`: unbiased, so an EMA whose steps are far below
+            bf16's spacing still moves; e.g. ``avg_dtype=torch.bfloat16`` for an fp32 model: half
+            the memory of an fp32 EMA). fp32/fp64 averages are unaffected. Needs a fused
+            ``multi_avg_fn``. Default: round to nearest.
+        stochastic_rounding_seed: keyword-only; the random stream's seed (any 64-bit integer). The
+            bits are a function of the seed, the update count, the tensor and the element: the
+            same on every rank of DDP (identical averages), on the CPU and on CUDA, and after a
+            resume.
 
     The averages start as a copy of the model, so :meth:`swapped_into` before any update
     leaves the model's values in place. Until the first update (or load) they follow the
@@ -96,9 +123,11 @@ class WeightAverage:
         device: Optional[Device] = None,
         skip_nonfinite: bool = False,
         include: Include = None,
+        stochastic_rounding: bool = False,
+        stochastic_rounding_seed: int = 0,
     ) -> None:
         self._set = new_named_set(model, [multi_avg_fn], use_buffers, avg_dtype, device, skip_nonfinite, include,
-                                  "WeightAverage")
+                                  "WeightAverage", stochastic_rounding, stochastic_rounding_seed)
         self._index = 0
         self._name = "WeightAverage"
 
