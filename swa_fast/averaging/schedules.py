@@ -36,6 +36,11 @@ class FusedMultiAvgFn:
     #: (the set then keeps it: ``last_step`` in the average's state dict).
     uses_last_step = False
 
+    #: Whether a member's first update copies the model (weight 1, as torch's ``AveragedModel``
+    #: does). ``False``: the first update is a lerp with :meth:`weight` like any other, from the
+    #: copy of the model the average was made from (timm's and diffusers' EMAs).
+    first_update_copies = True
+
     def weight(self, num_averaged: Tensor, step: Optional[Tensor] = None) -> Tensor:
         """The float64 lerp weight of an update after ``num_averaged`` > 0 others (a long tensor, any
         shape); ``step``, when the caller gives one, is the optimizer step of the update."""
@@ -143,6 +148,66 @@ class EMAMultiAvgFn(FusedMultiAvgFn):
         warmup = "" if self._warmup_gamma is None else \
             f", warmup_gamma={self._warmup_gamma}, warmup_power={self._warmup_power}"
         return f"EMAMultiAvgFn(decay={self._decay}{warmup})"
+
+
+WARMUPS = (None, "power", "inverse")
+
+
+class ScheduledEMAMultiAvgFn(FusedMultiAvgFn):
+    """An EMA whose decay follows the optimizer step, computed on the device in float64: timm's
+    ``ModelEmaV3.get_decay`` and diffusers' ``EMAModel.get_decay`` (no first-update copy: the
+    average starts as the model it was made from, as theirs do).
+
+    With ``s = step - update_after_step - 1``:
+
+    * ``s <= 0``: decay 0 (the update copies the model);
+    * ``warmup="power"``: ``1 - (1 + s / warmup_gamma) ** -warmup_power``, clamped to
+      ``[min_decay, decay]`` (timm with ``use_warmup``, diffusers with ``use_ema_warmup``, whose
+      ``inv_gamma`` is ``warmup_gamma``);
+    * ``warmup="inverse"``: ``(1 + s) / (10 + s)``, clamped to ``[min_decay, decay]`` (diffusers
+      without warm-up);
+    * ``warmup=None``: ``decay`` (timm without warm-up).
+
+    An update given no step uses ``decay`` (timm's ``update(model)`` without a step). The lerp
+    weight is ``1 - decay_t``.
+    """
+
+    first_update_copies = False
+
+    def __init__(self, decay: float, min_decay: float = 0.0, update_after_step: int = 0,
+                 warmup: Optional[str] = None, warmup_gamma: float = 1.0, warmup_power: float = 2 / 3) -> None:
+        self.decay = _check_decay(decay)
+        self.min_decay = _check_decay(min_decay)
+        if isinstance(update_after_step, bool) or not isinstance(update_after_step, int):
+            raise TypeError(f"update_after_step must be an int, got {update_after_step!r}")
+        self.update_after_step = update_after_step
+        if warmup not in WARMUPS:
+            raise ValueError(f"warmup must be one of {WARMUPS}, got {warmup!r}")
+        self.warmup = warmup
+        self.warmup_gamma = _check_positive("warmup_gamma", warmup_gamma, optional=False)
+        self.warmup_power = _check_positive("warmup_power", warmup_power, optional=False)
+
+    def decay_at(self, step: Tensor) -> Tensor:
+        """The float64 decay of an update at optimizer step ``step`` (a tensor, any shape), on its device."""
+        s = step.to(torch.float64) - (self.update_after_step + 1)
+        if self.warmup == "power":
+            value = 1 - (1 + s / self.warmup_gamma).pow(-self.warmup_power)
+        elif self.warmup == "inverse":
+            value = (1 + s) / (10 + s)
+        else:
+            return torch.where(s <= 0, 0.0, torch.full_like(s, self.decay))
+        value = value.clamp(max=self.decay).clamp(min=self.min_decay)
+        return torch.where(s <= 0, 0.0, value)
+
+    def weight(self, num_averaged: Tensor, step: Optional[Tensor] = None) -> Tensor:
+        if step is None:
+            return torch.full_like(num_averaged, 1 - self.decay, dtype=torch.float64)
+        return 1 - self.decay_at(step)
+
+    def __repr__(self) -> str:
+        return (f"ScheduledEMAMultiAvgFn(decay={self.decay}, min_decay={self.min_decay}, "
+                f"update_after_step={self.update_after_step}, warmup={self.warmup!r}, "
+                f"warmup_gamma={self.warmup_gamma}, warmup_power={self.warmup_power})")
 
 
 def get_ema_multi_avg_fn(

@@ -79,7 +79,8 @@ def skip_flag(plan: UpdatePlan, tensors: Sequence[Tensor], device: torch.device)
 def member_weights(members: Sequence[Member], device: torch.device, step: Optional[Tensor]) -> Tensor:
     """The float64 weights of ``members`` on ``device``, each from its own count (and the step,
     when given, and the step of its previous update, for a function that asks for it); a member's
-    first update copies (weight 1), as torch's does. No host sync."""
+    first update copies (weight 1), as torch's does, unless its function says otherwise
+    (``first_update_copies``: timm's and diffusers' EMAs). No host sync."""
     weights = []
     step_here = None if step is None else step.to(device)
     for member in members:
@@ -91,7 +92,8 @@ def member_weights(members: Sequence[Member], device: torch.device, step: Option
             weight = fn.weight(count)
         else:
             weight = fn.weight(count, step_here)
-        weights.append(weight.to(torch.float64).masked_fill(count == 0, 1.0))
+        weight = weight.to(torch.float64)
+        weights.append(weight.masked_fill(count == 0, 1.0) if fn.first_update_copies else weight)
     return torch.stack(weights)
 
 
