@@ -108,6 +108,20 @@ def run_ranks(script: Path, args: Sequence[str], world: int, timeout: float = 12
     assert not errors, "\n".join(errors)
 
 
+# ----------------------------------------------------------------- recipe results
+
+
+def results_md_std(label: str) -> list[float]:
+    """The ``± std`` of ``label``'s rows in docs/RESULTS.md's three-seed tables (the first column
+    is the label, the second ``mean ± std``)."""
+    found = []
+    for line in (ROOT / "docs" / "RESULTS.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == label and " ± " in cells[1]:
+            found.append(float(cells[1].split(" ± ")[1]))
+    return found
+
+
 # ----------------------------------------------------------------- recipe data sets on disk
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import load_recipe
+from helpers import load_recipe, results_md_std
 from recipe_lib.cli import preset_help
 from recipe_lib.engine import ArmResult
 from recipe_lib.reporting import averaging_table, human_size, outputs_lines
@@ -119,16 +119,6 @@ def test_baseline_only_needs_no_swa_start():
 
 
 # ------------------------------------------------------------------------------------ measured spread
-
-def results_md_std(label: str) -> list[float]:
-    """The ``± std`` of ``label``'s rows in docs/RESULTS.md's three-seed tables."""
-    found = []
-    for line in (ROOT / "docs" / "RESULTS.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0] == label and " ± " in cells[1]:
-            found.append(float(cells[1].split(" ± ")[1]))
-    return found
-
 
 # posthoc_ema's table is by std and source, not by row label: tests/test_recipe_posthoc.py checks its spread.
 @pytest.mark.parametrize("name", [name for name in RECIPES if name != "posthoc_ema"])

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import EXAMPLES, ROOT, ending, load_recipe
+from helpers import EXAMPLES, ROOT, ending, load_recipe, results_md_std
 from recipe_lib.cli import Number
 from recipe_lib.datasets import write_synthetic_fashion_mnist
 
@@ -139,6 +139,13 @@ def test_the_verdict_answers_the_question(smoke):
     assert "![accuracy_vs_time](accuracy_vs_time.png)" in (out / "results.md").read_text() and "![" not in printed
     for name in ("results.md", "results.json", "metrics.csv", "accuracy_vs_time.png"):
         assert any(f"{out / name} (" in line for line in outputs), name
+
+
+def test_measured_spread_is_results_md():
+    """The spread the verdict quotes for a one-seed quick run is docs/RESULTS.md's (2 workers, 3 seeds)."""
+    assert list(swap.MEASURED_SPREAD) == ["quick"]
+    for label, std in swap.MEASURED_SPREAD["quick"].std_points.items():
+        assert results_md_std(label) == [std], label
 
 
 # ------------------------------------------------------------------------------------ in process: option checks
