@@ -140,15 +140,18 @@ class WeightAverage:
 
     @classmethod
     def _over_module(cls, module: Module, multi_avg_fn: Optional[MultiAvgFn], use_buffers: bool,
-                     skip_nonfinite: bool, counts) -> "WeightAverage":
-        """The engine of an ``AveragedModel``: the averages are ``module``'s own tensors (paired with a
-        model's by position, as torch pairs them) and the counts are the shell's buffers, read
-        through ``counts`` at every update (the shell's ``.to()`` replaces them). Its updates are
-        complete when they return, as torch's are, also with host averages of a CUDA model."""
+                     skip_nonfinite: bool, counts, rounding_seed: Optional[int] = None,
+                     owner: str = "AveragedModel") -> "WeightAverage":
+        """The engine of an ``AveragedModel`` (and of ``integrations.timm.ModelEmaV3``): the averages
+        are ``module``'s own tensors (paired with a model's by position, as torch pairs them) and the
+        counts are the shell's buffers, read through ``counts`` at every update (the shell's ``.to()``
+        replaces them). Its updates are complete when they return, as torch's are, also with host
+        averages of a CUDA model. ``rounding_seed``: fp16/bf16 averages rounded stochastically with
+        this seed (None: to nearest; ``AverageSet.rounding_seed``); ``owner``: the name in errors."""
         average_set = AverageSet(ModuleStore(module, use_buffers), _ShellMembers(multi_avg_fn, counts),
-                                 skip_nonfinite, "AveragedModel")
+                                 skip_nonfinite, owner, rounding_seed)
         average_set.synchronous = True
-        return cls._member(average_set, 0, "AveragedModel")
+        return cls._member(average_set, 0, owner)
 
     # -- what it is -------------------------------------------------------------------
 
