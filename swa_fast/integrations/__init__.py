@@ -5,6 +5,7 @@
 * :mod:`swa_fast.integrations.timm`: timm's ``ModelEmaV3``;
 * :mod:`swa_fast.integrations.diffusers`: diffusers' ``EMAModel``.
 
-Each module imports its package when it is imported itself (nothing here does), so swa_fast
-needs none of them.
+The Lightning and diffusers modules import their package when they are imported themselves
+(nothing here does); the timm drop-in needs only torch (its state dict is timm's layout). So
+swa_fast itself needs none of these packages.
 """
