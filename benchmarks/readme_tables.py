@@ -6,7 +6,8 @@ Usage (from the repository root)::
     python benchmarks/readme_tables.py --write    # rewrite README.md's table blocks in place
     python benchmarks/readme_tables.py --check    # exit 1 with a diff when README.md differs
 
-One table per suite (``averaging``, ``multi``, ``posthoc``, ``swag``, ``ghost_bn``, ``distance``) per results file,
+One table per suite (``averaging``, ``multi``, ``posthoc``, ``swag``, ``integrations``, ``ghost_bn``, ``distance``)
+per results file,
 each followed by a line naming the device, torch, commit and date of its run.
 In README.md a table lives between two marker comments named by the suite and
 the results file's stem::
@@ -308,8 +309,48 @@ SWAG = SuiteTable(
     ],
 )
 
+# Per integrations case (its ``package``): the row's label, the package's own candidates, swa_fast's.
+INTEGRATION_ROWS = {
+    "timm": ("timm `ModelEmaV3.update(model, step)`, fp32 EMA, warm-up", ("timm",), "swa_fast_timm"),
+    "timm_bf16": ("timm `ModelEmaV3`, bf16 EMA, stochastic rounding", ("timm_bf16",), "swa_fast_timm_bf16"),
+    "diffusers": ("diffusers `EMAModel.step(params)`, warm-up (foreach False / True)",
+                  ("diffusers", "diffusers_foreach"), "swa_fast_diffusers"),
+    "lightning": ("Lightning `EMAWeightAveraging`, one `on_train_batch_end`", ("lightning",), "swa_fast_lightning"),
+}
+
+
+def integration_label(case: Case) -> str:
+    label = INTEGRATION_ROWS[case["package"]][0]
+    return f"{label} ({model_name(case)}, {param_count(case['num_params'])} {short_dtype(case['model_dtype'])})"
+
+
+def integration_theirs(case: Case) -> str:
+    return " / ".join(format_ms(median_ms(case, key)) for key in INTEGRATION_ROWS[case["package"]][1])
+
+
+def integration_ours(case: Case) -> str:
+    return format_ms(median_ms(case, INTEGRATION_ROWS[case["package"]][2]))
+
+
+def integration_speedup(case: Case) -> str:
+    _, theirs, ours = INTEGRATION_ROWS[case["package"]]
+    return " / ".join(format_ratio(ratio(case, ours, key), 2) for key in theirs)
+
+
+INTEGRATIONS = SuiteTable(
+    "the package's class, per training step",
+    integration_label,
+    [
+        Column("the package's own", integration_theirs),
+        Column("swa_fast's drop-in (`swa_fast.integrations`)", integration_ours),
+        Column("speedup", integration_speedup),
+        Column("memcpy of the model", ms_cell("copy")),
+    ],
+)
+
 # In README order; a suite of run.py without an entry here gets no table.
-TABLES: Dict[str, SuiteTable] = {"multi": MULTI, "posthoc": POSTHOC, "swag": SWAG, "averaging": AVERAGING,
+TABLES: Dict[str, SuiteTable] = {"multi": MULTI, "posthoc": POSTHOC, "swag": SWAG, "integrations": INTEGRATIONS,
+                                  "averaging": AVERAGING,
                                   "ghost_bn": GHOST_BN,
                                   "distance": DISTANCE}
 

@@ -56,7 +56,7 @@ import torch
 import swa_fast
 from swa_fast.ops.build_facts import build_summary
 
-from benchmarks import averaging, distance, ghost_bn, multi, posthoc, swag
+from benchmarks import averaging, distance, ghost_bn, integrations, multi, posthoc, swag
 from benchmarks.harness import (
     MIN_REPEATS,
     device_info,
@@ -78,6 +78,7 @@ SUITES: Dict[str, ModuleType] = {
     "averaging": averaging,
     "multi": multi,
     "posthoc": posthoc,
+    "integrations": integrations,
     "swag": swag,
     "ghost_bn": ghost_bn,
     "distance": distance,

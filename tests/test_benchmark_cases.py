@@ -210,3 +210,25 @@ def test_posthoc_suite_candidates_on_a_tiny_set():
         candidate.fn()
     assert found["swa_fast_power_ema"].bytes_per_update == 17 * 4 * 5
     assert found["ema_pytorch_posthoc"].bytes_per_update == 17 * 4 * 6
+
+
+@pytest.mark.parametrize("package, keys", [
+    ("timm", ["swa_fast_timm", "timm"]),
+    ("timm_bf16", ["swa_fast_timm_bf16", "timm_bf16"]),
+    ("diffusers", ["swa_fast_diffusers", "diffusers", "diffusers_foreach"]),
+    ("lightning", ["swa_fast_lightning", "lightning"]),
+])
+def test_integrations_suite_candidates_on_a_tiny_set(package, keys):
+    """Each package's own class and swa_fast's drop-in run side by side (the packages are
+    development dependencies), and count the bytes of an EMA step."""
+    from benchmarks import integrations
+
+    avg_dtype = torch.bfloat16 if package == "timm_bf16" else None
+    case = integrations.IntegrationCase("tiny", ((3, 4), (5,)), avg_dtype=avg_dtype, package=package)
+    found = {c.key: c for c in integrations.build_candidates(case, "cpu")}
+    assert list(found) == keys + ["copy"]
+    for candidate in found.values():
+        candidate.fn()
+    averaged = 2 if package == "timm_bf16" else 4
+    assert all(found[key].bytes_per_update == 17 * (4 + 2 * averaged) for key in keys)
+    assert {c.package for c in integrations.CASES.values()} == {"timm", "timm_bf16", "diffusers", "lightning"}

@@ -12,6 +12,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 README = REPO_ROOT / "README.md"
 CPU_RESULTS = REPO_ROOT / "benchmarks" / "results" / "cpu-intel-xeon-processor-2threads.json"
+# A partial run (run.py --suites integrations) the README has markers for.
+CPU_INTEGRATIONS = REPO_ROOT / "benchmarks" / "results" / "cpu-intel-xeon-processor-2threads-integrations.json"
 
 CPU = {"type": "cpu", "name": "Test CPU", "threads": 4, "capability": "AVX2", "slug": "cpu-test-cpu-4threads",
        "label": "CPU Test CPU, 4 threads (copy = CPU memcpy in the same run)"}
@@ -77,7 +79,8 @@ def test_readme_agrees_with_the_committed_results():
     done = subprocess.run([sys.executable, "benchmarks/readme_tables.py", "--check"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "6 tables agree" in done.stdout  # multi, posthoc, swag, averaging, ghost_bn and distance of the CPU run
+    # multi, posthoc, swag, averaging, ghost_bn and distance of the CPU run, and its integrations run
+    assert "7 tables agree" in done.stdout
 
 
 def test_formatter_on_a_cpu_report():
@@ -138,6 +141,7 @@ def test_a_new_device_gets_tables_after_the_others_and_partial_runs_none(tmp_pat
     results = tmp_path / "results"
     results.mkdir()
     shutil.copy(CPU_RESULTS, results)
+    shutil.copy(CPU_INTEGRATIONS, results)
     (results / "nvidia-h200.json").write_text(json.dumps(cuda_report()))
     # A partial run (run.py --suites averaging) without markers is left out.
     (results / "nvidia-h200-averaging.json").write_text(json.dumps(cuda_report()))
@@ -152,7 +156,8 @@ def test_a_new_device_gets_tables_after_the_others_and_partial_runs_none(tmp_pat
     text = readme.read_text()
     assert readme_tables.marker_keys(text) == [("multi", "cpu-intel-xeon-processor-2threads"),
                                                ("posthoc", "cpu-intel-xeon-processor-2threads"),
-                                               ("swag", "cpu-intel-xeon-processor-2threads")] + [
+                                               ("swag", "cpu-intel-xeon-processor-2threads"),
+                                               ("integrations", "cpu-intel-xeon-processor-2threads-integrations")] + [
         (suite, stem) for suite in ("averaging", "ghost_bn", "distance")
         for stem in ("cpu-intel-xeon-processor-2threads", "nvidia-h200")]  # the GPU report has no multi/posthoc/swag case
     cpu_end = "<!-- tables:ghost_bn:cpu-intel-xeon-processor-2threads end -->\n"
