@@ -46,6 +46,17 @@ class Candidate:
     samples_ms: List[float] = field(default_factory=list)  # per call, one per round
 
 
+class Steps:
+    """The step counter a training loop passes to an update: one more per call."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def next(self) -> int:
+        self.step += 1
+        return self.step
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 

@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from benchmarks.cases import Case, make_model, resnet50_shapes
-from benchmarks.harness import Candidate, copy_candidate, dtype_name
+from benchmarks.harness import Candidate, Steps, copy_candidate, dtype_name
 
 __all__ = ["CASES", "SPEEDUPS", "build_candidates", "describe", "header_lines"]
 
@@ -81,17 +81,6 @@ def timm_model_ema() -> Optional[ModuleType]:
     return module
 
 
-class _Steps:
-    """The step counter a training loop passes: one more per call."""
-
-    def __init__(self) -> None:
-        self.step = 0
-
-    def next(self) -> int:
-        self.step += 1
-        return self.step
-
-
 class _Trainer:
     """What the callbacks' ``setup``, ``on_fit_start`` and ``on_train_batch_end`` read of a trainer:
     a single-device strategy and the step (advanced per call)."""
@@ -110,14 +99,14 @@ def _timm(case: IntegrationCase, model, bf16: bool) -> List[Candidate]:
         kwargs.update(dtype=torch.bfloat16, stochastic_rounding=True)
     suffix = "_bf16" if bf16 else ""
     what = "bf16 EMA, stochastic rounding" if bf16 else "fp32 EMA"
-    steps = _Steps()
+    steps = Steps()
     ours = ModelEmaV3(model, **kwargs)
     candidates = [Candidate(f"swa_fast_timm{suffix}", f"swa_fast ModelEmaV3.update(model, step), {what}",
                             lambda: ours.update(model, steps.next()), _bytes(case), "swa_fast")]
     module = timm_model_ema()
     if module is not None:
         theirs = module.ModelEmaV3(model, **kwargs)
-        their_steps = _Steps()
+        their_steps = Steps()
         candidates.append(Candidate(f"timm{suffix}", f"timm ModelEmaV3.update(model, step), {what}",
                                     lambda: theirs.update(model, their_steps.next()), _bytes(case), "torch"))
     return candidates

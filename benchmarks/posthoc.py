@@ -25,7 +25,7 @@ import torch
 from swa_fast.posthoc import PowerFunctionEMA
 
 from benchmarks.cases import Case, make_model, resnet50_shapes
-from benchmarks.harness import Candidate, copy_candidate, dtype_name
+from benchmarks.harness import Candidate, Steps, copy_candidate, dtype_name
 
 __all__ = ["CASES", "SPEEDUPS", "build_candidates", "describe", "header_lines"]
 
@@ -44,24 +44,13 @@ CASES: Dict[str, PosthocCase] = {
 }
 
 
-class _Steps:
-    """The step counter a training loop passes to update: one more per call."""
-
-    def __init__(self) -> None:
-        self.step = 0
-
-    def next(self) -> int:
-        self.step += 1
-        return self.step
-
-
 def build_candidates(case: PosthocCase, device, *, seed: int = 0) -> List[Candidate]:
     device = torch.device(device)
     model = make_model(case, device, seed=seed)
     fused_bytes = case.model_bytes + 2 * 2 * case.averaged_bytes
     separate_bytes = 2 * 3 * case.model_bytes
     ours = PowerFunctionEMA(model, stds=STDS, use_buffers=False)
-    steps = _Steps()
+    steps = Steps()
     ours.update(model, steps.next())  # the first update copies: done before timing
     candidates = [Candidate("swa_fast_power_ema", "swa_fast PowerFunctionEMA.update(model, step), 2 profiles",
                             lambda: ours.update(model, steps.next()), fused_bytes, "swa_fast")]
