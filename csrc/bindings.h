@@ -15,5 +15,6 @@ void bind_average(pybind11::module_& m);   // average_args.cpp
 void bind_ghost_bn(pybind11::module_& m);  // ghost_bn_args.cpp
 void bind_distance(pybind11::module_& m);  // distance_args.cpp
 void bind_launch_plan(pybind11::module_& m);  // launch_plan.cpp
+void bind_stochastic_block(pybind11::module_& m);  // cpu/stochastic_block.cpp
 
 }  // namespace swa_fast

@@ -69,4 +69,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   swa_fast::bind_ghost_bn(m);
   swa_fast::bind_distance(m);
   swa_fast::bind_launch_plan(m);
+  swa_fast::bind_stochastic_block(m);
 }

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import swa_fast
 from swa_fast import average_, average_stochastic_
 
 from helpers import devices
@@ -34,10 +35,10 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
     return np.stack(c)
 
 
-def element_words(seed, counter, stream, numel):
-    """The 32-bit word of every element of one tensor (stochastic_rounding.h: element j takes word
-    j % 4 of the Philox call for group j // 4)."""
-    j = np.arange(numel, dtype=np.uint64)
+def element_words(seed, counter, stream, numel, first=0):
+    """The 32-bit words of elements first .. first + numel - 1 of one tensor (stochastic_rounding.h:
+    element j takes word j % 4 of the Philox call for group j // 4)."""
+    j = np.arange(first, first + numel, dtype=np.uint64)
     group = j >> np.uint64(2)
     seed &= (1 << 64) - 1
     counter &= (1 << 64) - 1
@@ -74,6 +75,9 @@ def emulate(avg, cur, weight, seed, counter, stream=0):
     p = (r - lo) / (hi - lo)
     rounded = torch.where(u < p, hi, lo)
     finite = torch.isfinite(r)
+    # A finite r beyond the largest finite value rounds to that value, whatever its sign.
+    largest = torch.finfo(avg.dtype).max
+    rounded = torch.where(torch.isinf(rounded) & finite, torch.sign(r) * largest, rounded)
     return torch.where(exact | ~finite, r.to(avg.dtype).float(), rounded).to(avg.dtype)
 
 
@@ -94,6 +98,54 @@ def test_equals_the_emulation_bitwise(dtype, cur_dtype, weight):
     average_stochastic_(averaged, current, weight, counter(2**33 + 5), 2**40 + 17)
     for i, (a, e) in enumerate(zip(averaged, expected)):
         assert torch.equal(a.view(torch.int16), e.view(torch.int16)), f"tensor {i}"
+
+
+PHILOX_PATHS = [pytest.param(False, id="portable"),
+                pytest.param(True, id="simd", marks=pytest.mark.skipif(
+                    not swa_fast._C.has_simd_philox, reason="this build has no SIMD Philox"))]
+
+
+@pytest.mark.parametrize("simd", PHILOX_PATHS)
+@pytest.mark.parametrize("first, count", [
+    (0, 512), (0, 1), (0, 37), (3, 509), (1, 1500), (4 * 16 - 1, 2 + 4 * 16),  # starts inside a group, tails
+    (4 * (2**32 - 5), 64),  # the group index crosses 2^32 inside one set of lanes: its high word changes
+])
+def test_cpu_words_equal_the_emulation(simd, first, count):
+    """The CPU kernel's block words, from each Philox path it has (the AVX2 one runs only in AVX2
+    builds, the portable one on the last groups of a block and in other builds)."""
+    for seed, count_value, stream in [(0, 0, 0), (2**40 + 17, 2**33 + 5, 3), (2**64 - 1, 2**63 - 1, 2**31 - 1)]:
+        words = swa_fast._C.stochastic_words(seed, count_value, stream, first, count, simd)
+        expected = element_words(seed, count_value, stream, count, first=first)
+        assert np.array_equal(np.asarray(words, dtype=np.uint64), expected), (seed, count_value, stream)
+
+
+def hostile_values(dtype):
+    """float32 values at every edge of a 16-bit rounding: exact values, both zeros, the smallest
+    subnormals and what lies below them (for float16, below 2^-25 too), the largest finite values
+    and beyond, halfway points, Inf and NaN, each with both signs."""
+    info = torch.finfo(dtype)
+    tiny_sub = info.smallest_normal * 2.0**-(7 if dtype == torch.bfloat16 else 10)  # smallest subnormal
+    magnitudes = [0.0, 1.0, 1.0 + 2**-20, 3.0e-3, tiny_sub, tiny_sub * 0.3, tiny_sub * 1.5, tiny_sub * 2**-3,
+                  tiny_sub * 2**-20, 1e-45, info.smallest_normal, info.smallest_normal * (1 - 2**-12),
+                  info.max, info.max * (1 + 2**-12), info.max * 1.004, 3.4e38, 1.0 + 2**-8, 1.0 + 2**-11,
+                  float("inf"), float("nan")]
+    values = torch.tensor([m for m in magnitudes] + [-m for m in magnitudes], dtype=torch.float32)
+    generator = torch.Generator().manual_seed(7)
+    # Repeated with random scalings within the spacing, in a length that is no multiple of a SIMD width.
+    noise = 1 + torch.rand(values.numel() * 41, generator=generator) * 2**-9
+    return values.repeat(41) * noise
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hostile_values_equal_the_emulation_bitwise(dtype):
+    r = hostile_values(dtype)
+    a = torch.zeros(r.numel(), dtype=dtype)
+    expected = emulate(a, r, 1.0, seed=11, counter=4)
+    average_stochastic_([a], [r], 1.0, counter(4), 11)
+    nan = torch.isnan(r)
+    assert bool(torch.isnan(a.float())[nan].all())
+    assert torch.equal(a.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
+    assert bool(torch.isfinite(a.float())[torch.isfinite(r)].all())  # beyond the largest: rounded to it
 
 
 def test_every_result_is_a_neighbour_of_the_float32_lerp():
@@ -177,6 +229,9 @@ def test_exact_values_and_non_finite_values_are_kept():
     assert a[3] == float("inf") and a[4] == float("-inf") and torch.isnan(a[5])
     assert torch.isfinite(a[6])  # beyond bf16's largest finite value: that value, not Inf
     assert a[6].item() == torch.finfo(torch.bfloat16).max
+    b = torch.zeros(64, dtype=torch.bfloat16)  # and of either sign, for any word
+    average_stochastic_([b], [torch.full((64,), -3.4e38)], 1.0, counter(0), 0)
+    assert bool((b.float() == -torch.finfo(torch.bfloat16).max).all())
     assert a[7].item() in (1.0, 1.0 + 2**-7)
 
 

@@ -26,9 +26,9 @@
 
 #include "average_args.h"
 #include "cpu/chunks.h"
+#include "cpu/stochastic_block.h"
 #include "cpu/vec_load.h"
 #include "dtypes.h"
-#include "stochastic_rounding.h"
 
 namespace swa_fast {
 namespace {
@@ -400,8 +400,7 @@ at::Tensor nonfinite_flag_cpu(at::TensorList tensors) {
 
 // One chunk [begin, end) of a float16/bfloat16 average: the lerp in float32
 // exactly as lerp_block computes it (weight == 1: x itself), then each value
-// rounded with its element's word (stochastic_rounding.h); a group of four
-// elements shares one Philox call.
+// rounded with its element's word, a block at a time (cpu/stochastic_block.h).
 template <typename avg_t, typename cur_t>
 void stochastic_chunk(
     avg_t* avg,
@@ -411,27 +410,21 @@ void stochastic_chunk(
     int64_t stream,
     int64_t begin,
     int64_t end) {
+  static_assert(kBlock <= stochastic::cpu::kMaxBlock, "a block's words are generated in one go");
   float avg_buffer[kBlock];
   float cur_buffer[kBlock];
+  float uniforms[kBlock];
   for (int64_t start = begin; start < end; start += kBlock) {
     const int64_t n = std::min(kBlock, end - start);
     const float* x = load_as(cur + start, cur_buffer, n);
     const float* r = x;
     if (weight != 1.0) {
-      at::vec::convert(avg + start, avg_buffer, n);
+      widen_to_float(avg + start, avg_buffer, n);
       lerp_in_place(avg_buffer, x, n, static_cast<float>(weight));
       r = avg_buffer;
     }
-    int64_t group = -1;
-    stochastic::Words words{};
-    for (int64_t e = 0; e < n; ++e) {
-      const int64_t j = start + e;
-      if ((j >> 2) != group) {
-        group = j >> 2;
-        words = stochastic::group_words(key, stream, group);
-      }
-      avg[j] = stochastic::round_stochastically<avg_t>(r[e], words.w[j & 3]);
-    }
+    stochastic::cpu::block_uniforms(key, stream, start, n, uniforms);
+    stochastic::cpu::round_block(r, uniforms, avg + start, n);
   }
 }
 

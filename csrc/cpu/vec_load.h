@@ -1,15 +1,41 @@
 // Loading reduced-precision values into the arithmetic type, shared by the
 // CPU kernels: fp16/bf16 are converted in small caller-provided blocks with
-// at::vec::convert; values already in the arithmetic type are used in place.
+// at::vec::convert (float16 widened by widen_to_float); values already in the
+// arithmetic type are used in place.
 #pragma once
 
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 
 namespace swa_fast {
+
+// dst[0..n) = src[0..n) widened to float32. float16 goes through
+// at::vec::load_to_float (F16C, a vector at a time): at::vec has no float16 ->
+// float32 specialization of convert, whose generic loop converts one value at
+// a time (0.51 against 0.36 ns a value measured on AVX2). Others (bfloat16,
+// which convert's loop handles as fast) through at::vec::convert.
+template <typename T>
+void widen_to_float(const T* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    using Vec = at::vec::Vectorized<float>;
+    int64_t i = 0;
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      Vec v;
+      at::vec::load_to_float(src + i, v);
+      v.store(dst + i);
+    }
+    for (; i < n; ++i) {
+      dst[i] = static_cast<float>(src[i]);
+    }
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
 
 // Converts n values to the arithmetic type into `buffer`; returns src itself
 // (no copy) when it already has that type. Keeps src's constness.
@@ -18,6 +44,9 @@ auto load_as(T* src, opmath_t* buffer, int64_t n) {
   using result_t = std::conditional_t<std::is_const_v<T>, const opmath_t*, opmath_t*>;
   if constexpr (std::is_same_v<std::remove_const_t<T>, opmath_t>) {
     return static_cast<result_t>(src);
+  } else if constexpr (std::is_same_v<opmath_t, float>) {
+    widen_to_float(static_cast<const std::remove_const_t<T>*>(src), buffer, n);
+    return static_cast<result_t>(buffer);
   } else {
     at::vec::convert(src, buffer, n);
     return static_cast<result_t>(buffer);

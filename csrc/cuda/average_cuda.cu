@@ -824,10 +824,10 @@ struct StochasticLerpFunctor {
     const cur_t* cur = chunk.template ptr<cur_t>(1);
 
     // Element i of the chunk: element chunk.begin + i of the tensor.
-    const auto update = [&](avg_t& a, cur_t c, int64_t element) {
+    const auto update = [&](avg_t& a, cur_t c, uint32_t word) {
       const float x = static_cast<float>(c);
       const float r = copy ? x : lerp(static_cast<float>(a), x);
-      a = stochastic::round_stochastically<avg_t>(r, stochastic::element_word(key, chunk.tensor, element));
+      a = stochastic::round_stochastically<avg_t>(r, word);
     };
 
     const bool aligned = vec::is_aligned<vec::kVectorBytes>(avg) && vec::is_aligned<kILP * sizeof(cur_t)>(cur);
@@ -836,15 +836,32 @@ struct StochasticLerpFunctor {
         [&](int v) {
           auto a = vec::load_vector<kILP>(avg, v);
           const auto c = vec::load_vector<kILP>(cur, v);
+          // A thread's kILP consecutive elements share their groups' Philox
+          // calls (one per four elements, as the CPU's block_words) when
+          // they start a group, as they do in every chunk (chunks and
+          // vectors are multiples of four elements); the word indices are
+          // then compile-time, so the words stay in registers.
+          const int64_t first = chunk.begin + static_cast<int64_t>(v) * kILP;
+          if (kILP % 4 == 0 && first % 4 == 0) {
 #pragma unroll
-          for (int k = 0; k < kILP; ++k) {
-            update(a.val[k], c.val[k], chunk.begin + static_cast<int64_t>(v) * kILP + k);
+            for (int g = 0; g < kILP / 4; ++g) {
+              const stochastic::Words words = stochastic::group_words(key, chunk.tensor, (first >> 2) + g);
+#pragma unroll
+              for (int j = 0; j < 4; ++j) {
+                update(a.val[4 * g + j], c.val[4 * g + j], words.w[j]);
+              }
+            }
+          } else {
+#pragma unroll
+            for (int k = 0; k < kILP; ++k) {
+              update(a.val[k], c.val[k], stochastic::element_word(key, chunk.tensor, first + k));
+            }
           }
           vec::store_vector(avg, v, a);
         },
         [&](int i) {
           avg_t a = avg[i];
-          update(a, cur[i], chunk.begin + i);
+          update(a, cur[i], stochastic::element_word(key, chunk.tensor, chunk.begin + i));
           avg[i] = a;
         });
   }
