@@ -8,7 +8,9 @@ Cases and candidates (every candidate of a case in the same interleaved rounds, 
   timm 1.0.31's own class (``timm/utils/model_ema.py`` loaded by file path: timm itself imports
   torchvision, which this environment does not install) against ``swa_fast.integrations.timm``'s;
 * ``timm_bf16_resnet50``: the same with ``dtype=torch.bfloat16`` and stochastic rounding (timm's
-  default for bf16 EMAs): half the EMA's memory;
+  default for bf16 EMAs): half the EMA's memory; and, to show what the stochastic rounding itself
+  costs, the op alone on bf16 copies of the EMA (``swa_fast.average_stochastic_``) and
+  ``swa_fast.average_`` into an fp32 EMA (the alternative with twice the memory);
 * ``diffusers_resnet50``: ``EMAModel(params, decay=0.9999, use_ema_warmup=True).step(params)``,
   diffusers 0.42.1's own (``foreach=False``, its default, and ``foreach=True``) against
   ``swa_fast.integrations.diffusers``'s;
@@ -109,7 +111,30 @@ def _timm(case: IntegrationCase, model, bf16: bool) -> List[Candidate]:
         their_steps = Steps()
         candidates.append(Candidate(f"timm{suffix}", f"timm ModelEmaV3.update(model, step), {what}",
                                     lambda: theirs.update(model, their_steps.next()), _bytes(case), "torch"))
+    if bf16:
+        candidates += _rounding_ops(case, model)
     return candidates
+
+
+def _rounding_ops(case: IntegrationCase, model) -> List[Candidate]:
+    """The EMA's update as the bare ops: into a bf16 EMA with stochastic rounding, and into an
+    fp32 EMA (what the rounding costs against the plain memory-bound lerp it replaces)."""
+    import swa_fast
+
+    params = [p.detach() for p in model.parameters()]
+    stochastic = [p.to(torch.bfloat16) for p in params]
+    full = [p.clone() for p in params]
+    weight = torch.tensor(2e-4, device=params[0].device)
+    counter = torch.zeros((), dtype=torch.long, device=params[0].device)
+
+    def stochastic_update() -> None:
+        swa_fast.average_stochastic_(stochastic, params, weight, counter, 0)
+        counter.add_(1)
+
+    return [Candidate("average_stochastic_bf16", "swa_fast.average_stochastic_ alone (bf16 EMA, fp32 model)",
+                      stochastic_update, _bytes(case), "swa_fast"),
+            Candidate("average_fp32", "swa_fast.average_ alone (fp32 EMA, fp32 model)",
+                      lambda: swa_fast.average_(full, params, weight), 3 * case.model_bytes, "swa_fast")]
 
 
 def _diffusers(case: IntegrationCase, model) -> List[Candidate]:

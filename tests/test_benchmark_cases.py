@@ -214,7 +214,7 @@ def test_posthoc_suite_candidates_on_a_tiny_set():
 
 @pytest.mark.parametrize("package, keys", [
     ("timm", ["swa_fast_timm", "timm"]),
-    ("timm_bf16", ["swa_fast_timm_bf16", "timm_bf16"]),
+    ("timm_bf16", ["swa_fast_timm_bf16", "timm_bf16", "average_stochastic_bf16", "average_fp32"]),
     ("diffusers", ["swa_fast_diffusers", "diffusers", "diffusers_foreach"]),
     ("lightning", ["swa_fast_lightning", "lightning"]),
 ])
@@ -230,5 +230,6 @@ def test_integrations_suite_candidates_on_a_tiny_set(package, keys):
     for candidate in found.values():
         candidate.fn()
     averaged = 2 if package == "timm_bf16" else 4
-    assert all(found[key].bytes_per_update == 17 * (4 + 2 * averaged) for key in keys)
+    assert all(found[key].bytes_per_update == 17 * (4 + 2 * (4 if key == "average_fp32" else averaged))
+               for key in keys)
     assert {c.package for c in integrations.CASES.values()} == {"timm", "timm_bf16", "diffusers", "lightning"}
