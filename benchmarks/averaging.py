@@ -33,7 +33,7 @@ from swa_fast import swa_utils as fast_swa_utils
 from swa_fast.ops.average import weight_tensor
 
 from benchmarks.cases import CASES, Case, make_model
-from benchmarks.harness import Candidate, copy_candidate, dtype_name
+from benchmarks.harness import Candidate, case_facts, copy_candidate, dtype_name
 
 __all__ = ["CASES", "SPEEDUPS", "build_candidates", "describe", "header_lines"]
 
@@ -164,16 +164,7 @@ def build_candidates(case: Case, device, *, seed: int = 0) -> List[Candidate]:
 
 def describe(case: Case) -> dict:
     """The case's facts stored beside its timings in the JSON."""
-    return {
-        "note": case.note,
-        "num_tensors": case.num_tensors,
-        "num_params": case.num_params,
-        "model_dtype": dtype_name(case.dtype),
-        "avg_dtype": dtype_name(case.averaged_dtype),
-        "model_bytes": case.model_bytes,
-        "averaged_bytes": case.averaged_bytes,
-        "ema_decay": EMA_DECAY,
-    }
+    return case_facts(case, averaged_bytes=case.averaged_bytes, ema_decay=EMA_DECAY)
 
 
 def header_lines(case: Case, device_label: str) -> List[str]:

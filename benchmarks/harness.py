@@ -61,6 +61,29 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def case_facts(case: Any, **extra: Any) -> dict:
+    """What every averaging suite stores beside a case's timings in the JSON (a
+    :class:`benchmarks.cases.Case`), plus the suite's own ``extra`` facts."""
+    return {"note": case.note, "num_tensors": case.num_tensors, "num_params": case.num_params,
+            "model_dtype": dtype_name(case.dtype), "avg_dtype": dtype_name(case.averaged_dtype),
+            "model_bytes": case.model_bytes, **extra}
+
+
+def case_header(case: Any, device_label: str, detail: str = "") -> List[str]:
+    """The two lines a suite prints above a case's table; ``detail`` goes before the device."""
+    detail = f"; {detail}" if detail else ""
+    return [f"== {case.name}: {case.note}",
+            f"   {case.num_tensors} tensors, {case.num_params:,} parameters, {case.model_bytes / 1e6:.1f} MB "
+            f"{dtype_name(case.dtype)}{detail}; {device_label}"]
+
+
+@torch.no_grad()
+def move_model_away(model: torch.nn.Module) -> None:
+    """Move the model away from the averages its first update copied, as training would, so the
+    timed updates average two different sets of values."""
+    torch._foreach_add_([p.detach() for p in model.parameters()], 0.01)
+
+
 def copy_candidate(num_bytes: int, device: torch.device) -> Candidate:
     """``dst.copy_(src)`` of ``num_bytes``: the copy bandwidth measured in the same rounds."""
     src = torch.ones(num_bytes, dtype=torch.uint8, device=device)

@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from benchmarks.cases import Case, make_model, resnet50_shapes
-from benchmarks.harness import Candidate, Steps, copy_candidate, dtype_name
+from benchmarks.harness import Candidate, Steps, case_facts, case_header, copy_candidate, move_model_away
 
 __all__ = ["CASES", "SPEEDUPS", "build_candidates", "describe", "header_lines"]
 
@@ -203,18 +203,13 @@ def build_candidates(case: IntegrationCase, device, *, seed: int = 0) -> List[Ca
     for candidate in candidates:  # the first update (a copy for some): done before timing
         candidate.fn()
     candidates.append(copy_candidate(case.model_bytes, device))
-    with torch.no_grad():  # move the model away from the averages it was copied into, as training would
-        torch._foreach_add_([p.detach() for p in model.parameters()], 0.01)
+    move_model_away(model)
     return candidates
 
 
 def describe(case: IntegrationCase) -> dict:
-    return {"note": case.note, "num_tensors": case.num_tensors, "num_params": case.num_params,
-            "model_dtype": dtype_name(case.dtype), "avg_dtype": dtype_name(case.averaged_dtype),
-            "model_bytes": case.model_bytes, "package": case.package}
+    return case_facts(case, package=case.package)
 
 
 def header_lines(case: IntegrationCase, device_label: str) -> List[str]:
-    return [f"== {case.name}: {case.note}",
-            f"   {case.num_tensors} tensors, {case.num_params:,} parameters, {case.model_bytes / 1e6:.1f} MB "
-            f"{dtype_name(case.dtype)}; {device_label}"]
+    return case_header(case, device_label)

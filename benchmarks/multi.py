@@ -28,7 +28,7 @@ from swa_fast import MultiAverage, WeightAverage
 from swa_fast.swa_utils import get_ema_multi_avg_fn
 
 from benchmarks.cases import Case, gpt_shapes, make_model, resnet50_shapes
-from benchmarks.harness import Candidate, copy_candidate, dtype_name
+from benchmarks.harness import Candidate, case_facts, case_header, copy_candidate, move_model_away
 
 __all__ = ["CASES", "SPEEDUPS", "build_candidates", "byte_ratio", "describe", "header_lines"]
 
@@ -101,31 +101,14 @@ def build_candidates(case: MultiCase, device, *, seed: int = 0) -> List[Candidat
                   fused_bytes, "swa_fast"),
         copy_candidate(case.model_bytes, device),
     ]
-    # Move the model away from the averages it was copied into, as training would.
-    with torch.no_grad():
-        torch._foreach_add_([p.detach() for p in model.parameters()], 0.01)
+    move_model_away(model)
     return candidates
 
 
 def describe(case: MultiCase) -> dict:
     """The case's facts stored beside its timings in the JSON."""
-    return {
-        "note": case.note,
-        "k": case.k,
-        "num_tensors": case.num_tensors,
-        "num_params": case.num_params,
-        "model_dtype": dtype_name(case.dtype),
-        "avg_dtype": dtype_name(case.averaged_dtype),
-        "model_bytes": case.model_bytes,
-        "byte_ratio": byte_ratio(case.k),
-        "decays": list(DECAYS[:case.k]),
-    }
+    return case_facts(case, k=case.k, byte_ratio=byte_ratio(case.k), decays=list(DECAYS[:case.k]))
 
 
 def header_lines(case: MultiCase, device_label: str) -> List[str]:
-    return [
-        f"== {case.name}: {case.note}",
-        f"   {case.num_tensors} tensors, {case.num_params:,} parameters, {case.model_bytes / 1e6:.1f} MB "
-        f"{dtype_name(case.dtype)}; K = {case.k}; byte-count ratio 12K/(4+8K) = {byte_ratio(case.k):.3f}; "
-        f"{device_label}",
-    ]
+    return case_header(case, device_label, f"K = {case.k}; byte-count ratio 12K/(4+8K) = {byte_ratio(case.k):.3f}")

@@ -25,7 +25,7 @@ import torch
 from swa_fast.posthoc import PowerFunctionEMA
 
 from benchmarks.cases import Case, make_model, resnet50_shapes
-from benchmarks.harness import Candidate, Steps, copy_candidate, dtype_name
+from benchmarks.harness import Candidate, Steps, case_facts, case_header, copy_candidate, move_model_away
 
 __all__ = ["CASES", "SPEEDUPS", "build_candidates", "describe", "header_lines"]
 
@@ -66,18 +66,13 @@ def build_candidates(case: PosthocCase, device, *, seed: int = 0) -> List[Candid
         candidates.append(Candidate("ema_pytorch_posthoc", "ema-pytorch PostHocEMA.update(), 2 profiles",
                                     theirs.update, separate_bytes, "torch"))
     candidates.append(copy_candidate(case.model_bytes, device))
-    with torch.no_grad():  # move the model away from the profiles it was copied into, as training would
-        torch._foreach_add_([p.detach() for p in model.parameters()], 0.01)
+    move_model_away(model)
     return candidates
 
 
 def describe(case: PosthocCase) -> dict:
-    return {"note": case.note, "num_tensors": case.num_tensors, "num_params": case.num_params,
-            "model_dtype": dtype_name(case.dtype), "avg_dtype": dtype_name(case.averaged_dtype),
-            "model_bytes": case.model_bytes, "stds": list(STDS)}
+    return case_facts(case, stds=list(STDS))
 
 
 def header_lines(case: PosthocCase, device_label: str) -> List[str]:
-    return [f"== {case.name}: {case.note}",
-            f"   {case.num_tensors} tensors, {case.num_params:,} parameters, {case.model_bytes / 1e6:.1f} MB "
-            f"{dtype_name(case.dtype)}; {device_label}"]
+    return case_header(case, device_label)

@@ -29,7 +29,7 @@ import torch
 from swa_fast.swag import SWAG
 
 from benchmarks.cases import Case, make_model, resnet50_shapes
-from benchmarks.harness import Candidate, copy_candidate, dtype_name
+from benchmarks.harness import Candidate, case_facts, case_header, copy_candidate
 
 __all__ = ["CASES", "MAX_RANK", "SPEEDUPS", "build_candidates", "describe", "header_lines"]
 
@@ -122,12 +122,8 @@ def build_candidates(case: SwagCase, device, *, seed: int = 0) -> List[Candidate
 
 
 def describe(case: SwagCase) -> dict:
-    return {"note": case.note, "num_tensors": case.num_tensors, "num_params": case.num_params,
-            "model_dtype": dtype_name(case.dtype), "avg_dtype": dtype_name(case.averaged_dtype),
-            "model_bytes": case.model_bytes, "max_rank": MAX_RANK}
+    return case_facts(case, max_rank=MAX_RANK)
 
 
 def header_lines(case: SwagCase, device_label: str) -> List[str]:
-    return [f"== {case.name}: {case.note}",
-            f"   {case.num_tensors} tensors, {case.num_params:,} parameters, {case.model_bytes / 1e6:.1f} MB "
-            f"{dtype_name(case.dtype)}; {device_label}"]
+    return case_header(case, device_label)
